@@ -1,0 +1,238 @@
+"""`saelab demo`, `saelab train CONFIG` and `saelab eval PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.errors import ConfigError
+from saelab.io.atomic import save_figure, write_json, write_text
+from saelab.report import markdown_table, text_table
+
+LEADERBOARD_COLUMNS = [
+    "architecture", "l0", "fvu", "dead_fraction", "dense_fraction", "shrinkage",
+    "mmcs_decoder", "mmcs_encoder", "recovered_fraction", "train_seconds",
+]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="Train every architecture on a ground-truth toy world and compare them.")
+    p.add_argument("--out", default="runs/demo", help="Run folder (default: runs/demo).")
+    p.add_argument("--steps", type=int, default=1500, help="Training steps per SAE (default: 1500).")
+    p.add_argument("--quick", action="store_true", help="A tiny run for smoke tests (about 10 s).")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_demo)
+
+    p = subparsers.add_parser("train", help="Train SAEs from a YAML or JSON config.")
+    p.add_argument("config", help="YAML/JSON with `sae` (or `saes`), `train` and `source` sections.")
+    p.add_argument("--out", help="Run folder (overrides `out` in the config). Resumes if it has a checkpoint.")
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser("eval", help="Metrics of a saved SAE on a source.")
+    p.add_argument("path", help="SAE folder (SAELens layout).")
+    p.add_argument("--source", help="YAML/JSON source config (default: the source the SAE was trained on).")
+    p.add_argument("--batches", type=int, default=8, help="Evaluation batches (default: 8).")
+    p.add_argument("--out", help="Folder for results.json.")
+    p.set_defaults(func=run_eval)
+
+
+# ---------------------------------------------------------------------------- config files
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with `sae`, `train` and `source` sections")
+    return data
+
+
+# ---------------------------------------------------------------------------- shared pieces
+def eval_batches(source, n: int) -> list:
+    """Fresh held-out batches: a copy of the source's generator state is never reused for training."""
+    return [next(source) for _ in range(n)]
+
+
+def train_and_evaluate(sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = 8) -> dict:
+    from saelab.activations.factory import build_source
+    from saelab.evals.summary import evaluate
+    from saelab.io.saelens import save
+    from saelab.sae.registry import create
+    from saelab.train.trainer import Trainer
+
+    sae = create(sae_values)
+    source = build_source(source_spec)
+    trainer = Trainer(sae, source, train_values, out_dir)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    sae.fold_input_scale(result.input_scale)
+    held_out = build_source({**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
+    world = getattr(held_out, "world", None)
+    record = {
+        "architecture": sae.architecture,
+        **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),
+        **evaluate(sae, eval_batches(held_out, eval_n), world.directions if world is not None else None),
+        "train_seconds": seconds,
+        "train_steps": result.steps,
+        "train_tokens": result.tokens,
+    }
+    save(sae, out_dir / "sae", sparsity=result.latent_stats.frequencies().float(), metadata={"saelab_source": source_spec})
+    return record
+
+
+def plot_frontier(records: list[dict], path: Path, title: str) -> None:
+    from saelab.plotting import new_figure
+
+    fig, axes = new_figure(ncols=2, size=(5.0, 4.0))
+    by_arch: dict[str, list[dict]] = {}
+    for r in records:
+        by_arch.setdefault(r["architecture"], []).append(r)
+    for arch, rs in sorted(by_arch.items()):
+        rs = sorted(rs, key=lambda r: r["l0"])
+        axes[0][0].plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", label=arch)
+        if "recovered_fraction" in rs[0]:
+            axes[0][1].plot([r["l0"] for r in rs], [r["recovered_fraction"] for r in rs], "o-", label=arch)
+    axes[0][0].set(xlabel="L0 (active latents per token)", ylabel="FVU (lower is better)", title=title, yscale="log")
+    axes[0][1].set(xlabel="L0", ylabel="true features recovered (cos >= 0.9)", title="ground-truth recovery", ylim=(0, 1.02))
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+# ---------------------------------------------------------------------------- demo
+def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict]]:
+    """The default world, training settings and one run per (architecture, sparsity setting)."""
+    from saelab.sae.registry import get_class, list_architectures
+    from saelab.toys.features import ToyWorldConfig, firing_probabilities
+
+    world = {"n_features": 256, "d": 64, "firing_prob": 0.02, "magnitude_std": 0.2, "seed": seed}
+    if quick:
+        world.update(n_features=64, d=32, firing_prob=0.05)
+    true_l0 = float(firing_probabilities(ToyWorldConfig(**world)).sum())
+    source = {"type": "toy", "world": world, "batch_size": 256 if quick else 1024, "seed": seed}
+    train = {"steps": 60 if quick else steps, "progress": not quick, "lr_warmup_steps": 10 if quick else 50,
+             "sparsity_warmup_steps": 10 if quick else 200, "seed": seed}
+    runs = []
+    for arch in list_architectures():
+        cls = get_class(arch)
+        base = {"architecture": arch, "d_in": world["d"], "d_sae": world["n_features"], "seed": seed}
+        knob = cls.sweep_parameter
+        if knob == "k":
+            settings = [max(1, round(true_l0 * m)) for m in (0.5, 1.0, 2.0)]
+        elif knob is not None:
+            default = cls.Config.model_fields[knob].default
+            settings = [default * m for m in (0.5, 1.0, 2.0)]
+        else:
+            settings = [None]
+        if quick:
+            settings = settings[1:2]
+        for i, value in enumerate(settings):
+            cfg = dict(base) if value is None else {**base, knob: value}
+            runs.append({"sae": cfg, "default": value is None or len(settings) == 1 or i == 1})
+    return source, train, runs
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from saelab.sae.registry import get_class
+
+    out = Path(args.out)
+    source, train, runs = demo_plan(args.steps, args.quick, args.seed)
+    t0 = time.perf_counter()
+    all_records = []
+    print(f"saelab demo: {len(runs)} SAEs on a toy world of {source['world']['n_features']} true features "
+          f"in {source['world']['d']} dimensions -> {out}")
+    for run in runs:
+        sae = run["sae"]
+        knob = get_class(sae["architecture"]).sweep_parameter
+        knob = knob if knob in sae else None
+        name = sae["architecture"] + (f"_{knob}{sae[knob]:g}" if knob else "")
+        record = train_and_evaluate(sae, train, source, out / "runs" / name)
+        record["run"] = name
+        record["default_setting"] = run["default"]
+        all_records.append(record)
+        print(f"  {name:28s} L0 {record['l0']:6.2f}  FVU {record['fvu']:.4f}  recovered {record['recovered_fraction']:.2f}"
+              f"  ({record['train_seconds']:.1f}s)")
+    leaderboard = sorted((r for r in all_records if r["default_setting"]), key=lambda r: r["fvu"])
+    wall = time.perf_counter() - t0
+    write_json(out / "results.json", leaderboard)
+    write_json(out / "sweep.json", all_records)
+    plot_frontier(all_records, out / "frontier.png", "sparsity / fidelity frontier")
+    md = (
+        "# saelab demo\n\n"
+        f"Toy world: `{json.dumps(source['world'])}`.\n\n"
+        "## Leaderboard (default setting of each architecture, sorted by FVU)\n\n"
+        + markdown_table(leaderboard, LEADERBOARD_COLUMNS)
+        + "\n## All runs (sparsity sweep)\n\n"
+        + markdown_table(all_records, ["run"] + LEADERBOARD_COLUMNS[1:])
+        + f"\nWall time: {wall:.1f} s. Frontier plot: `frontier.png`.\n"
+    )
+    write_text(out / "leaderboard.md", md)
+    print()
+    print(text_table(leaderboard, LEADERBOARD_COLUMNS))
+    print(f"wrote {out}/results.json, leaderboard.md, frontier.png ({wall:.1f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- train / eval
+def run_train(args: argparse.Namespace) -> int:
+    cfg = read_config_file(args.config)
+    unknown = set(cfg) - {"sae", "saes", "train", "source", "out"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; valid: sae, saes, train, source, out")
+    saes = cfg.get("saes") or ([cfg["sae"]] if "sae" in cfg else None)
+    if not saes:
+        raise ConfigError("the config needs an `sae` mapping (or an `saes` list) with at least `architecture`")
+    out = Path(args.out or cfg.get("out") or "runs/train")
+    source = cfg.get("source") or {"type": "toy"}
+    records = []
+    for i, sae in enumerate(saes):
+        if not isinstance(sae, dict):
+            raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`")
+        run_dir = out if len(saes) == 1 else out / f"{i:02d}_{sae.get('architecture', 'sae')}"
+        record = train_and_evaluate(sae, cfg.get("train") or {}, source, run_dir)
+        record["path"] = str(run_dir / "sae")
+        records.append(record)
+    write_json(out / "results.json", records)
+    print(text_table(records, [c for c in LEADERBOARD_COLUMNS if c in records[0]]))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from saelab.activations.factory import build_source
+    from saelab.evals.summary import evaluate
+    from saelab.io.saelens import load, read_config
+
+    sae = load(args.path)
+    if args.source:
+        spec = read_config_file(args.source)
+        spec = spec.get("source", spec)
+    else:
+        spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
+        if spec is None:
+            raise ConfigError(f"{args.path} does not record its source; pass --source CONFIG")
+        spec = {**spec, "seed": int(spec.get("seed", 0)) + 104729}  # unseen batches
+    source = build_source(spec)
+    if source.d_in != sae.cfg.d_in:
+        raise ConfigError(f"the source has d_in={source.d_in} but the SAE has d_in={sae.cfg.d_in}")
+    world = getattr(source, "world", None)
+    record = {"path": str(args.path), "architecture": sae.architecture,
+              **evaluate(sae, eval_batches(source, args.batches), world.directions if world is not None else None)}
+    if args.out:
+        write_json(Path(args.out) / "results.json", record)
+    printable = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}
+    print(text_table([printable]))
+    return 0

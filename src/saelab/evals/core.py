@@ -1,0 +1,171 @@
+"""Metrics as plain functions returning dataclasses; reports and the CLI only format them.
+
+Every function takes an SAE and an iterable of batches (or `Batch`es) and runs the SAE in eval
+mode without gradients, accumulating sums so any number of batches can be used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from saelab.activations.base import Batch
+from saelab.errors import ConfigError
+from saelab.sae.base import SAE
+
+
+def _batches(batches: Iterable) -> Iterable[Batch]:
+    for b in batches:
+        yield b if isinstance(b, Batch) else Batch(x=torch.as_tensor(b))
+
+
+@dataclass
+class ReconstructionMetrics:
+    l0: float  # mean number of non-zero latents per token
+    mse: float  # mean over tokens of ||x - x_hat||^2
+    fvu: float  # fraction of variance unexplained, ||x - x_hat||^2 / ||x - mean(x)||^2
+    explained_variance: float  # 1 - fvu
+    cosine_similarity: float  # mean cos(x, x_hat)
+    shrinkage: float  # relative reconstruction bias gamma* = E||x_hat||^2 / E[x_hat . x]; < 1 means shrinkage
+    norm_ratio: float  # E||x_hat|| / E||x||, a cheaper shrinkage proxy
+    tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics:
+    was_training = sae.training
+    sae.eval()
+    n = 0
+    sums = dict(l0=0.0, sq_err=0.0, cos=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
+    x_sum = x_sq_sum = None
+    try:
+        for batch in _batches(batches):
+            x = batch.x.to(sae.W_enc.device, torch.float32)
+            f = sae.encode(x)
+            x_hat = sae.decode(f)
+            n += x.shape[0]
+            sums["l0"] += float((f != 0).sum())
+            sums["sq_err"] += float((x - x_hat).pow(2).sum())
+            sums["cos"] += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
+            sums["xhat_sq"] += float(x_hat.pow(2).sum())
+            sums["xhat_dot_x"] += float((x_hat * x).sum())
+            sums["xhat_norm"] += float(x_hat.norm(dim=-1).sum())
+            sums["x_norm"] += float(x.norm(dim=-1).sum())
+            xs = x.double()
+            x_sum = xs.sum(0) if x_sum is None else x_sum + xs.sum(0)
+            x_sq_sum = xs.pow(2).sum(0) if x_sq_sum is None else x_sq_sum + xs.pow(2).sum(0)
+    finally:
+        sae.train(was_training)
+    if n == 0:
+        raise ConfigError("no batches to evaluate on; give at least one batch")
+    total_var = float((x_sq_sum - x_sum.pow(2) / n).sum())
+    fvu = sums["sq_err"] / max(total_var, 1e-30)
+    return ReconstructionMetrics(
+        l0=sums["l0"] / n,
+        mse=sums["sq_err"] / n,
+        fvu=fvu,
+        explained_variance=1.0 - fvu,
+        cosine_similarity=sums["cos"] / n,
+        shrinkage=sums["xhat_sq"] / sums["xhat_dot_x"] if sums["xhat_dot_x"] != 0 else float("nan"),
+        norm_ratio=sums["xhat_norm"] / max(sums["x_norm"], 1e-30),
+        tokens=n,
+    )
+
+
+@dataclass
+class DensityMetrics:
+    dead_fraction: float  # latents that never fired on the evaluation tokens
+    dense_fraction: float  # latents firing on more than `dense_threshold` of tokens
+    dense_threshold: float
+    histogram_edges: list[float]  # log10 firing-frequency bin edges
+    histogram_counts: list[int]  # latents per bin (dead latents excluded)
+    frequencies: list[float] = field(repr=False, default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def latent_density(sae: SAE, batches: Iterable, dense_threshold: float = 0.1, bins: int = 20) -> DensityMetrics:
+    was_training = sae.training
+    sae.eval()
+    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    n = 0
+    try:
+        for batch in _batches(batches):
+            f = sae.encode(batch.x.to(sae.W_enc.device, torch.float32))
+            counts += (f != 0).sum(0).double().cpu()
+            n += f.shape[0]
+    finally:
+        sae.train(was_training)
+    if n == 0:
+        raise ConfigError("no batches to evaluate on; give at least one batch")
+    freq = counts / n
+    alive = freq[freq > 0]
+    low = np.floor(np.log10(max(1.0 / n, 1e-12)))
+    edges = np.linspace(low, 0.0, bins + 1)
+    hist, _ = np.histogram(np.log10(alive.numpy()), bins=edges) if alive.numel() else (np.zeros(bins, int), edges)
+    return DensityMetrics(
+        dead_fraction=float((freq == 0).double().mean()),
+        dense_fraction=float((freq > dense_threshold).double().mean()),
+        dense_threshold=dense_threshold,
+        histogram_edges=edges.tolist(),
+        histogram_counts=[int(c) for c in hist],
+        frequencies=freq.tolist(),
+    )
+
+
+@dataclass
+class RecoveryMetrics:
+    mmcs_decoder: float  # mean over true features of the max cosine with any decoder row
+    mmcs_encoder: float  # the same with encoder directions (columns of W_enc)
+    recovered_fraction: float  # true features matched one-to-one to a latent with decoder cosine >= threshold
+    threshold: float
+    matched_cosines: list[float] = field(repr=False, default_factory=list)  # per true feature, its match's cosine
+    matched_latents: list[int] = field(repr=False, default_factory=list)  # per true feature, its latent (-1: none)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def ground_truth_recovery(sae: SAE, true_directions: torch.Tensor, threshold: float = 0.9) -> RecoveryMetrics:
+    """Compare the SAE's dictionary with known feature directions `[n_features, d_in]`.
+
+    Matching is one-to-one (Hungarian assignment on decoder cosines), so one latent cannot
+    claim two features and duplicated latents do not inflate recovery.
+    """
+    if true_directions.shape[1] != sae.cfg.d_in:
+        raise ConfigError(
+            f"true directions have dimension {true_directions.shape[1]} but the SAE has d_in={sae.cfg.d_in}"
+        )
+    truth = _unit_rows(true_directions.float().cpu())
+    dec = _unit_rows(sae.W_dec.detach().float().cpu())
+    enc = _unit_rows(sae.W_enc.detach().float().cpu().t())
+    cos_dec = truth @ dec.t()  # [n_features, d_sae]
+    cos_enc = truth @ enc.t()
+    rows, cols = linear_sum_assignment(-cos_dec.numpy())
+    matched = torch.full((truth.shape[0],), float("nan"))
+    latents = torch.full((truth.shape[0],), -1, dtype=torch.int64)
+    matched[rows] = cos_dec[rows, cols]
+    latents[rows] = torch.as_tensor(cols)
+    recovered = (matched.nan_to_num(-1.0) >= threshold).float().mean()
+    return RecoveryMetrics(
+        mmcs_decoder=float(cos_dec.max(1).values.mean()),
+        mmcs_encoder=float(cos_enc.max(1).values.mean()),
+        recovered_fraction=float(recovered),
+        threshold=threshold,
+        matched_cosines=matched.tolist(),
+        matched_latents=latents.tolist(),
+    )

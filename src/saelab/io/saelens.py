@@ -1,0 +1,177 @@
+"""Save and load SAEs in the SAELens v6 on-disk layout, so they move between tools.
+
+A folder holds `cfg.json` (SAELens keys plus saelab's own config under `metadata`),
+`sae_weights.safetensors` (SAELens tensor names and orientation) and optionally
+`sparsity.safetensors` (`sparsity`: log10 firing frequency per latent). Each file is written
+atomically. Loading validates the key set and every shape before building the SAE, and never
+unpickles anything.
+
+Name mapping: saelab `relu` <-> SAELens `standard`; `batchtopk` is written as `jumprelu` with a
+shared threshold (its inference form) and therefore loads back as a JumpReLU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import saelab
+from saelab.errors import ConfigError, FileFormatError
+from saelab.io.atomic import write_json, write_safetensors
+from saelab.sae.base import SAE
+from saelab.sae.registry import get_class, make_config
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+
+_TO_SAELENS = {"relu": "standard"}
+_FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
+# SAELens cfg keys that change what encode computes; anything else is informational.
+_SUPPORTED_NORMALIZATION = {"none", "expected_average_only_in"}
+
+
+def save(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None, metadata: dict[str, Any] | None = None) -> Path:
+    """Write `sae` to folder `path` in the SAELens v6 layout. `sparsity`: per-latent firing frequency."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileFormatError(f"{path} exists and is not a folder; choose a folder path for the SAE")
+    architecture = sae.saved_architecture()
+    tensors = {k: v.float() for k, v in sae.saved_state().items()}
+    cfg: dict[str, Any] = {
+        "architecture": _TO_SAELENS.get(architecture, architecture),
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": "6.0.0",
+            "saelab_version": saelab.__version__,
+            "saelab_config": sae.cfg.model_dump(),
+            **(metadata or {}),
+        },
+    }
+    if architecture == "topk":
+        cfg["k"] = sae.cfg.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / WEIGHTS_FILE, tensors)
+    if sparsity is not None:
+        if sparsity.shape != (sae.cfg.d_sae,):
+            raise ConfigError(f"sparsity must have shape [{sae.cfg.d_sae}] (got {tuple(sparsity.shape)})")
+        write_safetensors(path / SPARSITY_FILE, {"sparsity": torch.log10(sparsity.double() + 1e-10).float()})
+    write_json(path / CFG_FILE, cfg)
+    return path
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileFormatError(f"{path} is not a folder; give the folder that holds {CFG_FILE} and {WEIGHTS_FILE}")
+    cfg_path = path / CFG_FILE
+    if not cfg_path.exists():
+        raise FileFormatError(f"{cfg_path} is missing; an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileFormatError(f"{cfg_path} is not valid JSON ({exc}); the file may be truncated") from None
+    if not isinstance(cfg, dict):
+        raise FileFormatError(f"{cfg_path} must hold a JSON object")
+    return cfg
+
+
+def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    for key in ("d_in", "d_sae"):
+        if not isinstance(cfg.get(key), int):
+            raise FileFormatError(f"cfg.json needs an integer '{key}' (got {cfg.get(key)!r})")
+    disk_arch = cfg.get("architecture", "standard")
+    architecture = _FROM_SAELENS.get(disk_arch, disk_arch)
+    get_class(architecture)  # unknown architectures fail here with the valid list
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in _SUPPORTED_NORMALIZATION:
+        raise FileFormatError(
+            f"cfg.json has normalize_activations={norm!r}, which saelab cannot apply inside the SAE; "
+            f"supported: {sorted(_SUPPORTED_NORMALIZATION)} (fold the normalisation into the weights first)"
+        )
+    values: dict[str, Any] = {}
+    own = (cfg.get("metadata") or {}).get("saelab_config")
+    if isinstance(own, dict) and own.get("architecture") == architecture:
+        values.update(own)  # keeps training settings (coefficients, seeds) of saelab-written files
+    values.update(
+        architecture=architecture,
+        d_in=cfg["d_in"],
+        d_sae=cfg["d_sae"],
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+    )
+    if architecture == "topk":
+        values["k"] = int(cfg.get("k", values.get("k", 100)))
+    return values
+
+
+def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
+    """Load an SAE folder written by saelab or SAELens. `d_in`, if given, must match the file."""
+    path = Path(path)
+    cfg = read_config(path)
+    values = _saelab_config(cfg)
+    if d_in is not None and values["d_in"] != d_in:
+        raise ConfigError(
+            f"{path} holds an SAE with d_in={values['d_in']} but d_in={d_in} was expected; "
+            "load the SAE trained on this hookpoint"
+        )
+    sae_cfg = make_config(values)
+    sae = get_class(sae_cfg.architecture)(sae_cfg)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.exists():
+        raise FileFormatError(f"{weights_path} is missing; the SAE folder is incomplete")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FileFormatError(f"{weights_path} cannot be read ({exc}); the file may be truncated") from None
+    tensors = {k: v.float() for k, v in tensors.items()}
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        tensors = _fold_decoder_norm(tensors)
+    expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise FileFormatError(
+            f"{weights_path} does not match architecture '{cfg.get('architecture')}': "
+            f"missing {missing}, unexpected {extra}"
+        )
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise FileFormatError(
+                f"{weights_path}: '{key}' has shape {tuple(tensors[key].shape)} but cfg.json "
+                f"(d_in={values['d_in']}, d_sae={values['d_sae']}) implies {shape}"
+            )
+    sae.load_saved_state(tensors)
+    return sae.to(device).eval()
+
+
+def _fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAELens' TopK `rescale_acts_by_decoder_norm`: fold the norms so plain TopK computes the same."""
+    tensors = dict(tensors)
+    norms = tensors["W_dec"].norm(dim=1)
+    tensors["W_enc"] = tensors["W_enc"] * norms
+    tensors["b_enc"] = tensors["b_enc"] * norms
+    tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+    return tensors
+
+
+def load_sparsity(path: str | Path) -> torch.Tensor | None:
+    """Per-latent firing frequency from `sparsity.safetensors`, or None when absent."""
+    p = Path(path) / SPARSITY_FILE
+    if not p.exists():
+        return None
+    try:
+        return torch.pow(10.0, load_file(str(p))["sparsity"].double()).float()
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise FileFormatError(f"{p} cannot be read ({exc})") from None

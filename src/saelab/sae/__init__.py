@@ -1,0 +1,19 @@
+"""SAE architectures. Importing this package registers every built-in architecture."""
+
+from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput
+from saelab.sae.registry import create, get_class, list_architectures, make_config, register
+
+# Each import registers its architectures.
+from saelab.sae import relu, gated, jumprelu, topk  # noqa: E402,F401
+
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "StepContext",
+    "TrainOutput",
+    "create",
+    "get_class",
+    "list_architectures",
+    "make_config",
+    "register",
+]

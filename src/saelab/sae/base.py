@@ -1,0 +1,180 @@
+"""The SAE base class: orientation, encode/decode/forward, named loss terms and trainer hooks.
+
+Orientation follows SAELens so files interoperate: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`,
+`b_enc [d_sae]`, `b_dec [d_in]`. An architecture subclasses `SAE`, declares its `Config`, and
+overrides `activation` (pre-activations to latents) and `loss_terms`. The trainer only calls the
+hooks defined here and never branches on the architecture's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from saelab.errors import ConfigError
+
+
+class SAEConfig(BaseModel):
+    """Settings shared by every architecture. Unknown keys are rejected, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    architecture: str = Field(description="Registered architecture name (see saelab.list_architectures()).")
+    d_in: PositiveInt = Field(description="Width of the activations the SAE reads.")
+    d_sae: PositiveInt = Field(description="Number of latents (dictionary size).")
+    apply_b_dec_to_input: bool = Field(True, description="Subtract b_dec from x before encoding.")
+    decoder_norm: Literal["unit", "penalty"] = Field(
+        "unit",
+        description="'unit': decoder rows held at unit norm (renormalised each step, parallel "
+        "gradient removed); 'penalty': rows free, the sparsity penalty is weighted by their norms.",
+    )
+    seed: int = Field(0, description="Seed for weight initialisation.")
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> "SAEConfig":
+        """Validate `values`, turning pydantic's report into a ConfigError that names each field."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, cls)) from None
+
+
+def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(model.model_fields))
+            lines.append(f"unknown key '{where}' for {model.__name__}; valid keys: {valid}")
+        else:
+            lines.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+@dataclass
+class StepContext:
+    """What the trainer tells an architecture at each step."""
+
+    sparsity_scale: float = 1.0  # warm-up multiplier on the sparsity coefficient, in [0, 1]
+    dead_mask: torch.Tensor | None = None  # [d_sae] bool, latents that have not fired for long
+
+
+@dataclass
+class TrainOutput:
+    """One training forward pass: reconstruction, latents and every loss term by name."""
+
+    x_hat: torch.Tensor
+    feature_acts: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return torch.stack(list(self.losses.values())).sum()
+
+
+def mse_per_token(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over the activation dimension, averaged over the batch."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+class SAE(torch.nn.Module):
+    """Base sparse autoencoder. Subclasses set `architecture`, `Config` and `activation`."""
+
+    architecture: ClassVar[str] = ""
+    Config: ClassVar[type[SAEConfig]] = SAEConfig
+    # The config field that trades sparsity for fidelity (a sparsity coefficient, or k);
+    # sweeps and frontier plots vary it without knowing the architecture.
+    sweep_parameter: ClassVar[str | None] = None
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        # Kaiming-uniform decoder rows, rescaled to unit norm; encoder tied to decoder^T at init.
+        w_dec = torch.empty(cfg.d_sae, cfg.d_in).uniform_(-1, 1, generator=gen)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = torch.nn.Parameter(w_dec)
+        self.W_enc = torch.nn.Parameter(w_dec.t().clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in))
+
+    # ------------------------------------------------------------------ inference
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ConfigError(
+                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
+                "pass activations from the hookpoint the SAE was trained on"
+            )
+
+    # ------------------------------------------------------------------ training
+    def decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
+
+    def sparsity_weights(self) -> torch.Tensor | float:
+        """Per-latent weight on the sparsity penalty: decoder norms in 'penalty' mode, else 1."""
+        return self.decoder_norms() if self.cfg.decoder_norm == "penalty" else 1.0
+
+    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        """The training forward: reconstruction plus every loss term, by name."""
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x)})
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """With unit-norm decoder rows, remove the gradient component parallel to each row."""
+        if self.cfg.decoder_norm == "unit" and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            g = self.W_dec.grad
+            g -= (g * w).sum(dim=1, keepdim=True) * w
+
+    @torch.no_grad()
+    def after_optimizer_step(self, out: TrainOutput) -> None:
+        """Hold decoder rows at unit norm ('unit' mode); subclasses add their own updates."""
+        if self.cfg.decoder_norm == "unit":
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ------------------------------------------------------------------ saving
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make the SAE take raw inputs when it was trained on `x * scale`.
+
+        encode: (x*s - b_dec) W_enc = (x - b_dec/s)(s W_enc); decode: (f W_dec + b_dec)/s.
+        Pre-activations (and hence thresholds and latents) are unchanged.
+        """
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale
+
+    def saved_architecture(self) -> str:
+        """The architecture name written to disk (BatchTopK saves as JumpReLU)."""
+        return self.architecture
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Tensors written to disk under SAELens names; override to transform at save time."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def load_saved_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `saved_state`."""
+        self.load_state_dict(tensors)

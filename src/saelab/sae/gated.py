@@ -1,0 +1,74 @@
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014).
+
+A gate path decides which latents fire, a magnitude path how large they are; the two share
+W_enc up to a per-latent rescaling, W_mag = exp(r_mag) * W_gate. The L1 penalty acts only on
+the gate, and an auxiliary loss reconstructs x from ReLU(pi_gate) through a frozen copy of the
+decoder, so the gate gets a reconstruction signal without pulling the decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, NonNegativeFloat
+
+from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
+from saelab.sae.registry import register
+
+
+class GatedConfig(SAEConfig):
+    architecture: str = "gated"
+    decoder_norm: Literal["unit", "penalty"] = Field("penalty", description="See SAEConfig.decoder_norm.")
+    l1_coefficient: NonNegativeFloat = Field(5.0, description="lambda on the L1 of ReLU(pi_gate).")
+
+
+@register
+class GatedSAE(SAE):
+    architecture = "gated"
+    Config = GatedConfig
+    sweep_parameter = "l1_coefficient"
+
+    def __init__(self, cfg: GatedConfig):
+        super().__init__(cfg)
+        del self.b_enc  # the gate and magnitude paths have their own biases
+        self.b_gate = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_mag = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+        self.r_mag = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pi_gate = x @ self.W_enc + self.b_gate
+        pi_mag = x @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        return pi_gate, pi_mag
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate pre-activations decide firing, so they play the role of pre-activations."""
+        return self._paths(x)[0]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pi_gate, pi_mag = self._paths(x)
+        return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+
+    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        pi_gate, pi_mag = self._paths(x)
+        f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+        x_hat = self.decode(f)
+        gate_acts = torch.relu(pi_gate)
+        l1 = (gate_acts * self.sparsity_weights()).sum(-1).mean()
+        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        return TrainOutput(
+            x_hat,
+            f,
+            {
+                "mse": mse_per_token(x_hat, x),
+                "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1,
+                "aux": mse_per_token(x_hat_frozen, x),
+            },
+        )
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)  # W_mag = exp(r_mag) * W_enc scales with W_enc

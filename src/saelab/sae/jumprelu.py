@@ -1,0 +1,117 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope).
+
+f_i = pi_i * H(pi_i - theta_i) with a learnable per-latent threshold theta = exp(log_threshold),
+trained on ||x - x_hat||^2 + lambda * L0. The step function has no useful gradient, so theta
+gets straight-through pseudo-derivatives from a rectangle kernel of width `bandwidth`:
+  d/dtheta JumpReLU(z) = -(theta/eps) K((z - theta)/eps),  d/dtheta H(z - theta) = -(1/eps) K(.)
+On disk the threshold is stored as `threshold` (SAELens), in memory as `log_threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, NonNegativeFloat, PositiveFloat
+
+from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
+from saelab.sae.registry import register
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u) = 1 on |u| <= 1/2."""
+    return (u.abs() <= 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * (z > threshold).to(z.dtype)
+        grad_threshold = -(threshold / eps) * rectangle((z - threshold) / eps) * grad_out
+        return grad_z, _sum_to(grad_threshold, threshold.shape), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = -(1.0 / eps) * rectangle((z - threshold) / eps) * grad_out
+        return torch.zeros_like(z), _sum_to(grad_threshold, threshold.shape), None
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return grad.reshape(-1, *shape).sum(0) if grad.dim() > len(shape) else grad
+
+
+def jumprelu(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _JumpReLU.apply(z, threshold, bandwidth)
+
+
+def step(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    return _Step.apply(z, threshold, bandwidth)
+
+
+class JumpReLUConfig(SAEConfig):
+    architecture: str = "jumprelu"
+    l0_coefficient: NonNegativeFloat = Field(0.5, description="lambda on the L0 penalty.")
+    bandwidth: PositiveFloat = Field(
+        0.05, description="Width eps of the rectangle kernel in the threshold's pseudo-derivative "
+        "(paper: 1e-3 with long training; wider learns thresholds in fewer steps)."
+    )
+    init_threshold: PositiveFloat = Field(0.1, description="Initial threshold for every latent.")
+
+
+@register
+class JumpReLUSAE(SAE):
+    architecture = "jumprelu"
+    Config = JumpReLUConfig
+    sweep_parameter = "l0_coefficient"
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return jumprelu(pre, self.threshold, self.cfg.bandwidth)
+
+    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        pre = self.pre_acts(x)
+        threshold = self.threshold
+        f = jumprelu(pre, threshold, self.cfg.bandwidth)
+        x_hat = self.decode(f)
+        l0 = step(pre, threshold, self.cfg.bandwidth).sum(-1).mean()
+        return TrainOutput(
+            x_hat,
+            f,
+            {"mse": mse_per_token(x_hat, x), "l0": self.cfg.l0_coefficient * ctx.sparsity_scale * l0},
+        )
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        state = super().saved_state()
+        state["threshold"] = state.pop("log_threshold").exp()
+        return state
+
+    def load_saved_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold")
+        tensors["log_threshold"] = threshold.clamp_min(torch.finfo(threshold.dtype).tiny).log()
+        super().load_saved_state(tensors)

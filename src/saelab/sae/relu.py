@@ -1,0 +1,41 @@
+"""ReLU / L1 SAE (Cunningham et al. 2023; Bricken et al. 2023; Anthropic's April-2024 update).
+
+Loss: ||x - x_hat||^2 + lambda * sum_i f_i * w_i, where w_i = ||d_i|| in 'penalty' mode (decoder
+free) or 1 in 'unit' mode (decoder rows renormalised, parallel gradient removed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, NonNegativeFloat
+
+from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
+from saelab.sae.registry import register
+
+
+class ReLUConfig(SAEConfig):
+    architecture: str = "relu"
+    decoder_norm: Literal["unit", "penalty"] = Field("penalty", description="See SAEConfig.decoder_norm.")
+    l1_coefficient: NonNegativeFloat = Field(5.0, description="lambda on the (decoder-norm-weighted) L1 penalty.")
+
+
+@register
+class ReLUSAE(SAE):
+    architecture = "relu"
+    Config = ReLUConfig
+    sweep_parameter = "l1_coefficient"
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        l1 = (f * self.sparsity_weights()).sum(-1).mean()
+        return TrainOutput(
+            x_hat,
+            f,
+            {"mse": mse_per_token(x_hat, x), "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1},
+        )

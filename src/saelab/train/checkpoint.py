@@ -1,0 +1,138 @@
+"""Checkpoints that resume exactly: weights, Adam state, latent statistics, source position and
+every RNG state, in safetensors plus JSON (never pickle). Each checkpoint is a folder written
+under a temporary name and renamed into place, so a kill mid-write leaves the previous one intact.
+
+Layout: OUT/checkpoints/step_000100/{state.json, tensors.safetensors}; OUT/checkpoints/latest
+names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from saelab.errors import FileFormatError
+from saelab.io.atomic import write_json, write_safetensors, write_text
+
+_STATE = "state.json"
+_TENSORS = "tensors.safetensors"
+
+
+def _checkpoint_root(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def latest(out_dir: str | Path) -> Path | None:
+    pointer = _checkpoint_root(Path(out_dir)) / "latest"
+    if not pointer.exists():
+        return None
+    path = _checkpoint_root(Path(out_dir)) / pointer.read_text().strip()
+    return path if (path / _STATE).exists() else None
+
+
+def _flatten(prefix: str, tensors: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> None:
+    for k, v in tensors.items():
+        into[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
+
+
+def _unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    py_version, py_internal, py_gauss = random.getstate()
+    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_version, list(py_internal), py_gauss]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"{idx}.{name}"] = torch.as_tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2) -> Path:
+    root = _checkpoint_root(Path(out_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:09d}"
+    tensors: dict[str, torch.Tensor] = {}
+    _flatten("sae", sae.state_dict(), tensors)
+    opt_tensors, groups = _optimizer_state(optimizer)
+    _flatten("optimizer", opt_tensors, tensors)
+    _flatten("stats", stats.state_dict(), tensors)
+    _flatten("source", source.state_dict(), tensors)
+    rng_tensors, rng_meta = _rng_state()
+    _flatten("rng", rng_tensors, tensors)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        write_safetensors(tmp / _TENSORS, tensors)
+        write_json(tmp / _STATE, {**state, "optimizer_param_groups": groups, "rng": rng_meta})
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text(root / "latest", name + "\n")
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state = json.loads((path / _STATE).read_text())
+        tensors = load_file(str(path / _TENSORS))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise FileFormatError(
+            f"checkpoint {path} is missing or truncated ({exc}); delete it to restart from the previous one"
+        ) from None
+    sae.load_state_dict(_unflatten("sae", tensors))
+    _load_optimizer_state(optimizer, _unflatten("optimizer", tensors), state.pop("optimizer_param_groups"))
+    stats.load_state_dict(_unflatten("stats", tensors))
+    source.load_state_dict(_unflatten("source", tensors))
+    _set_rng_state(_unflatten("rng", tensors), state.pop("rng"))
+    return state

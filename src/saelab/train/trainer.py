@@ -1,0 +1,325 @@
+"""The one training loop for every architecture.
+
+Per step: draw a batch, scale it to E||x|| = sqrt(d_in), ask the SAE for its named loss terms,
+backpropagate, let the SAE adjust gradients (unit-norm decoder), clip, take an Adam step, let the
+SAE adjust weights (renormalise, thresholds), and update dead/dense latent statistics. Learning
+rate and sparsity warm-up are pure functions of the step, so a resumed run sees the same values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from tqdm.auto import tqdm
+
+from saelab.activations.base import ActivationSource, as_source
+from saelab.errors import ConfigError, NonFiniteError
+from saelab.sae.base import SAE, StepContext, describe_validation_error
+from saelab.train import checkpoint as ckpt
+from saelab.train.stats import LatentStats
+
+
+class TrainConfig(BaseModel):
+    """How to train (not what): every field has a default that works on toy worlds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: PositiveInt = Field(2000, description="Optimizer steps (one batch each).")
+    lr: PositiveFloat = Field(1e-3, description="Peak Adam learning rate.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2).")
+    lr_warmup_steps: NonNegativeInt = Field(50, description="Linear learning-rate warm-up from 0.")
+    lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps with linear decay to 0.")
+    sparsity_warmup_steps: NonNegativeInt = Field(200, description="Linear warm-up of the sparsity coefficient.")
+    grad_clip_norm: PositiveFloat | None = Field(1.0, description="Clip the gradient norm (None: no clipping).")
+    normalize_activations: Literal["expected_norm", "none"] = Field(
+        "expected_norm", description="Scale inputs so E||x|| = sqrt(d_in); folded into the weights when saving."
+    )
+    norm_estimation_batches: PositiveInt = Field(8, description="Batches used to estimate the input scale.")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
+        "geometric_median", description="Initial b_dec (computed on the first batches)."
+    )
+    dead_after_tokens: PositiveInt = Field(200_000, description="A latent is dead after this many tokens without firing.")
+    dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent is dense above this firing frequency.")
+    log_every: PositiveInt = Field(50, description="Steps between metrics-log records.")
+    checkpoint_every: NonNegativeInt = Field(0, description="Steps between checkpoints (0: only at the end).")
+    keep_checkpoints: PositiveInt = Field(2, description="How many recent checkpoints to keep.")
+    seed: int = Field(0, description="Seed for torch's global RNG during training.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    device: str = Field("cpu", description="torch device ('cpu', 'cuda', ...).")
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> "TrainConfig":
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, cls)) from None
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    decay_steps = int(cfg.steps * cfg.lr_decay_fraction)
+    decay_start = cfg.steps - decay_steps
+    decay = (cfg.steps - step) / decay_steps if decay_steps and step >= decay_start else 1.0
+    return warm * decay
+
+
+def sparsity_factor(cfg: TrainConfig, step: int) -> float:
+    return min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
+
+
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median = points.mean(0)
+    for _ in range(iters):
+        dist = (points - median).norm(dim=1).clamp_min(1e-8)
+        w = 1.0 / dist
+        new = (w[:, None] * points).sum(0) / w.sum()
+        if (new - median).norm() <= tol * max(1.0, float(median.norm())):
+            return new
+        median = new
+    return median
+
+
+@dataclass
+class TrainResult:
+    sae: SAE
+    input_scale: float
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    latent_stats: LatentStats | None = None
+
+
+class Trainer:
+    """Train one SAE on one activation source; resumable from `out_dir/checkpoints`."""
+
+    def __init__(self, sae: SAE, source: Any, cfg: TrainConfig | dict | None = None, out_dir: str | Path | None = None):
+        self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.parse(cfg or {})
+        self.sae = sae.to(self.cfg.device)
+        self.source: ActivationSource = as_source(source, sae.cfg.d_in)
+        if getattr(self.source, "d_in", -1) not in (-1, sae.cfg.d_in):
+            raise ConfigError(
+                f"the source yields d_in={self.source.d_in} but the SAE has d_in={sae.cfg.d_in}; set d_in to match"
+            )
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.optimizer = make_adam(self.sae, self.cfg)
+        self.stats = LatentStats(sae.cfg.d_sae, self.cfg.dead_after_tokens, self.cfg.dense_threshold)
+        self.step = 0
+        self.tokens = 0
+        self.input_scale: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _next_x(self) -> torch.Tensor:
+        try:
+            batch = next(self.source)
+        except StopIteration:
+            raise ConfigError(
+                f"the source ran out after {self.step} steps but steps={self.cfg.steps}; "
+                "lower `steps` or give more data"
+            ) from None
+        x = batch.x.to(self.cfg.device, torch.float32)
+        if x.dim() != 2 or x.shape[1] != self.sae.cfg.d_in:
+            raise ConfigError(
+                f"batch at step {self.step} has shape {tuple(x.shape)}; expected [B, {self.sae.cfg.d_in}]"
+            )
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
+            raise NonFiniteError(
+                f"step {self.step}: batch {getattr(self.source, 'position', self.step)} contains NaN/Inf "
+                f"activations (rows {bad}...); training stopped, last good checkpoint kept"
+                + (f" in {self.out_dir / 'checkpoints'}" if self.out_dir else "")
+            )
+        return x
+
+    def _initialise(self) -> None:
+        """Estimate the input scale and b_dec from the first batches, then rewind the source
+        so training still sees those batches."""
+        start = self.source.state_dict()
+        with torch.no_grad():
+            sample = torch.cat([self._next_x() for _ in range(self.cfg.norm_estimation_batches)])
+            if self.cfg.normalize_activations == "expected_norm":
+                mean_norm = float(sample.norm(dim=1).mean())
+                if mean_norm == 0:
+                    raise ConfigError("every activation in the first batches is zero; check the source")
+                self.input_scale = math.sqrt(self.sae.cfg.d_in) / mean_norm
+            else:
+                self.input_scale = 1.0
+            sample = sample * self.input_scale
+            if self.cfg.b_dec_init == "geometric_median":
+                self.sae.b_dec.copy_(geometric_median(sample[:8192]))
+            elif self.cfg.b_dec_init == "mean":
+                self.sae.b_dec.copy_(sample.mean(0))
+        self.source.load_state_dict(start)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = True) -> TrainResult:
+        torch.manual_seed(self.cfg.seed)
+        resumed = resume and self.out_dir is not None and ckpt.latest(self.out_dir) is not None
+        if resumed:
+            self._load(ckpt.latest(self.out_dir))
+        else:
+            self._initialise()
+        log_path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        if log_path is not None:
+            self.history = _read_log(log_path, up_to_step=self.step) if resumed else []
+            _write_log(log_path, self.history)
+        bar = tqdm(
+            total=self.cfg.steps, initial=self.step, disable=not self.cfg.progress, desc=self.sae.architecture,
+            unit="step", dynamic_ncols=True, leave=False,
+        )
+        start = time.perf_counter()
+        window_start, window_tokens = start, self.tokens
+        self.sae.train()
+        while self.step < self.cfg.steps:
+            x = self._next_x() * self.input_scale
+            out = self._train_step(x)
+            self.step += 1
+            self.tokens += x.shape[0]
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                now = time.perf_counter()
+                record = self._record(out, x, (self.tokens - window_tokens) / max(now - window_start, 1e-9))
+                window_start, window_tokens = now, self.tokens
+                self.history.append(record)
+                if log_path is not None:
+                    _append_log(log_path, record)
+                bar.set_postfix(
+                    {**{k: f"{v:.3g}" for k, v in record["losses"].items()}, "L0": f"{record['l0']:.1f}",
+                     "tok/s": f"{record['tokens_per_s']:.3g}"}, refresh=False)
+            bar.update(1)
+            if self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.out_dir:
+            self.save_checkpoint()
+        self.sae.eval()
+        return TrainResult(
+            self.sae, self.input_scale, self.step, self.tokens, time.perf_counter() - start,
+            self.history, self.stats,
+        )
+
+    def _train_step(self, x: torch.Tensor):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
+        ctx = StepContext(sparsity_scale=sparsity_factor(self.cfg, self.step), dead_mask=self.stats.dead_mask())
+        out = self.sae.loss_terms(x, ctx)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            terms = {k: float(v) for k, v in out.losses.items()}
+            raise NonFiniteError(
+                f"step {self.step}: the loss is not finite ({terms}); training stopped before the update, "
+                "last good checkpoint kept; lower lr or check the activations' scale"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.before_optimizer_step()
+        if self.cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip_norm)
+        self.optimizer.step()
+        self.sae.after_optimizer_step(out)
+        self.stats.update(out.feature_acts.detach())
+        return out
+
+    def _record(self, out, x: torch.Tensor, tokens_per_s: float) -> dict[str, Any]:
+        with torch.no_grad():
+            f = out.feature_acts
+            resid = (x - out.x_hat).pow(2).sum(-1).mean()
+            total = (x - x.mean(0)).pow(2).sum(-1).mean()
+            remaining = (self.cfg.steps - self.step) * x.shape[0] / max(tokens_per_s, 1e-9)
+            return {
+                "step": self.step,
+                "tokens": self.tokens,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "sparsity_scale": sparsity_factor(self.cfg, self.step - 1),
+                "losses": {k: float(v) for k, v in out.losses.items()},
+                "loss": float(out.loss),
+                "l0": float((f != 0).sum(-1).float().mean()),
+                "fvu": float(resid / total.clamp_min(1e-12)),
+                "dead_fraction": self.stats.dead_fraction(),
+                "dense_fraction": self.stats.dense_fraction(),
+                "tokens_per_s": tokens_per_s,
+                "eta_s": remaining,
+            }
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "input_scale": self.input_scale,
+            "sae_config": self.sae.cfg.model_dump(),
+            "train_config": self.cfg.model_dump(),
+        }
+        return ckpt.save(
+            self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, self.source,
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load(path, self.sae, self.optimizer, self.stats, self.source)
+        if state["sae_config"] != self.sae.cfg.model_dump():
+            raise ConfigError(
+                f"checkpoint {path} was written for a different SAE config; "
+                "resume with the same config or use a new --out folder"
+            )
+        self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
+
+
+def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+    params = [p for p in sae.parameters() if p.requires_grad]
+    try:  # the fused kernel is several times faster on CPU and GPU
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill
+        if rec["step"] <= up_to_step:
+            records.append(rec)
+    return records
+
+
+def _write_log(path: Path, records: list[dict[str, Any]]) -> None:
+    from saelab.io.atomic import write_text
+
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(
+    sae_or_config: SAE | dict,
+    data: Any,
+    train_config: TrainConfig | dict | None = None,
+    out_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train any registered architecture on any source or iterable of [B, d_in] tensors.
+
+    Returns the trained SAE with the input scaling folded in, so it takes raw activations.
+    """
+    from saelab.sae.registry import create
+
+    sae = sae_or_config if isinstance(sae_or_config, SAE) else create(sae_or_config)
+    trainer = Trainer(sae, data, train_config, out_dir)
+    result = trainer.fit()
+    sae.fold_input_scale(result.input_scale)
+    return result

@@ -1,0 +1,183 @@
+"""The U-AND model h = ReLU(W x + b), y = R h + c, and its training loop.
+
+Shapes follow the science notes rather than the SAE convention: W is [d, n_in] (one row per
+neuron), R is [P, d] (one row per pair). Any subset of {W, b, R, c} (and W2, b2 for the optional
+second hidden layer) can be frozen; frozen parameters are buffers-in-spirit: `requires_grad`
+is off and the optimizer never sees them, so they cannot move.
+
+Loss: positives are rare (about C(s,2)/C(m,2) of outputs for AND), so plain MSE is minimised
+by predicting nearly zero everywhere. The default "balanced" loss is the mean of the MSE over
+target-1 outputs and the MSE over target-0 outputs within each batch, so both classes weigh
+equally whatever their frequency; "mse" gives the plain mean for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from saelab.errors import ConfigError
+from saelab.uand.data import UANDTask
+
+INITS = ("gaussian", "uniform", "binary", "skewed_binary")
+
+
+def random_weights(
+    shape: tuple[int, ...], dist: str, generator: torch.Generator, scale: float = 1.0, skew: float = 0.5
+) -> torch.Tensor:
+    """Random weights with root-mean-square `scale`, so distributions compare at equal power.
+
+    binary is +-scale with P(+) = 1/2; skewed_binary is +-scale with P(+) = `skew`.
+    """
+    if dist == "gaussian":
+        return torch.randn(shape, generator=generator) * scale
+    if dist == "uniform":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * (scale * math.sqrt(3.0))
+    if dist in ("binary", "skewed_binary"):
+        p = 0.5 if dist == "binary" else skew
+        plus = torch.rand(shape, generator=generator) < p
+        return torch.where(plus, scale, -scale)
+    raise ConfigError(f"init={dist!r}: choose one of {INITS}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, initial weights and which parameters stay frozen."""
+
+    d: int = field(default=100, metadata={"help": "number of hidden ReLU neurons"})
+    d2: int | None = field(default=None, metadata={"help": "optional second hidden layer width (boolean circuits)"})
+    init: Literal["gaussian", "uniform", "binary", "skewed_binary"] = field(
+        default="gaussian", metadata={"help": "distribution of the initial (or frozen) W"}
+    )
+    scale: float = field(default=1.0, metadata={"help": "root-mean-square of the initial W entries"})
+    skew: float = field(default=0.5, metadata={"help": "P(+) of skewed_binary weights"})
+    bias_init: float = field(default=0.0, metadata={"help": "initial value of every hidden bias"})
+    frozen: tuple[str, ...] = field(default=(), metadata={"help": "parameters kept at their initial value"})
+
+    def __post_init__(self) -> None:
+        if self.d < 1:
+            raise ConfigError(f"d={self.d}: the hidden layer needs at least 1 neuron; set d >= 1")
+        if self.d2 is not None and self.d2 < 1:
+            raise ConfigError(f"d2={self.d2}: the second hidden layer needs at least 1 neuron (or None)")
+        if self.init not in INITS:
+            raise ConfigError(f"init={self.init!r}: choose one of {INITS}")
+        if not 0.0 <= self.skew <= 1.0:
+            raise ConfigError(f"skew={self.skew}: P(+) must lie in [0, 1]")
+        if not self.scale > 0:
+            raise ConfigError(f"scale={self.scale}: the weight scale must be > 0")
+        self.frozen = tuple(self.frozen)
+        known = {"W", "b", "R", "c"} | ({"W2", "b2"} if self.d2 is not None else set())
+        unknown = [name for name in self.frozen if name not in known]
+        if unknown:
+            raise ConfigError(f"frozen={list(self.frozen)}: unknown parameter(s) {unknown}; choose from {sorted(known)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class UANDModel(nn.Module):
+    """One (or two) ReLU layers and a linear read-out to every pair."""
+
+    def __init__(self, n_in: int, n_out: int, config: ModelConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        gen = generator or torch.Generator().manual_seed(0)
+        d = config.d
+        self.W = nn.Parameter(random_weights((d, n_in), config.init, gen, config.scale, config.skew))
+        self.b = nn.Parameter(torch.full((d,), float(config.bias_init)))
+        last = d
+        if config.d2 is not None:
+            self.W2 = nn.Parameter(torch.randn(config.d2, d, generator=gen) / math.sqrt(d))
+            self.b2 = nn.Parameter(torch.zeros(config.d2))
+            last = config.d2
+        # A zero read-out starts at the trivial predictor; W still learns from the second step on.
+        self.R = nn.Parameter(torch.zeros(n_out, last))
+        self.c = nn.Parameter(torch.zeros(n_out))
+        for name in config.frozen:
+            getattr(self, name).requires_grad_(False)
+
+    @classmethod
+    def for_task(cls, task: UANDTask, config: ModelConfig, seed: int = 0) -> "UANDModel":
+        return cls(task.n_in, task.n_pairs, config, torch.Generator().manual_seed(seed))
+
+    @property
+    def d(self) -> int:
+        return self.W.shape[0]
+
+    def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The neuron activations the read-out sees (the last hidden layer)."""
+        h = torch.relu(inputs @ self.W.T + self.b)
+        if self.config.d2 is not None:
+            h = torch.relu(h @ self.W2.T + self.b2)
+        return h
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.hidden(inputs) @ self.R.T + self.c
+
+
+def uand_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced") -> torch.Tensor:
+    """Plain MSE, or the mean of the per-class MSEs ("balanced"; see the module docstring)."""
+    sq = (pred - y).square()
+    if kind == "mse":
+        return sq.mean()
+    pos = y > 0.5
+    n_pos = int(pos.sum())
+    n_neg = pos.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:  # a batch with one class only: its mean is the whole loss
+        return sq.mean()
+    w_pos, w_neg = 0.5 / n_pos, 0.5 / n_neg
+    return (sq * torch.where(pos, w_pos, w_neg)).sum()
+
+@dataclass
+class TrainConfig:
+    """Adam on freshly sampled batches (the input space is too large to hold a fixed dataset)."""
+
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=256, metadata={"help": "samples per step"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (cosine-decayed to 10%)"})
+    loss: Literal["balanced", "mse"] = field(default="balanced", metadata={"help": "loss weighting"})
+    seed: int = field(default=0, metadata={"help": "seed of the training data stream"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps={self.steps}: must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr}: the learning rate must be > 0")
+        if self.loss not in ("balanced", "mse"):
+            raise ConfigError(f"loss={self.loss!r}: choose 'balanced' or 'mse'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train(model: UANDModel, task: UANDTask, config: TrainConfig, log_every: int = 50) -> list[dict]:
+    """Train the unfrozen parameters; returns the loss history [{step, loss}] every `log_every` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return []
+    opt = torch.optim.Adam(params, lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t / max(config.steps, 1), 1.0)))
+    )
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    running = 0.0
+    for step in range(1, config.steps + 1):
+        x, inputs = task.sample(config.batch_size, gen)
+        loss = uand_loss(model(inputs), task.targets(x), config.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if step % log_every == 0 or step == config.steps:
+            n = log_every if step % log_every == 0 else step % log_every
+            history.append({"step": step, "loss": running / n})
+            running = 0.0
+    return history
