@@ -99,11 +99,13 @@ def dense_binary_construction(
     seed: int = 0,
     calib: tuple[torch.Tensor, torch.Tensor] | None = None,
     n_fit: int = 50_000,
+    weighting: str = "cells",
 ) -> UANDModel:
     """Random +-u weights with P(+) = skew and one shared bias; read-off by sign product or least squares.
 
     `calib` = (x, inputs) is the sample the sign-product read-off is scaled on (two numbers for
-    all pairs); the least-squares read-off draws `n_fit` fresh samples instead.
+    all pairs); the least-squares read-off draws `n_fit` fresh samples instead and uses
+    `weighting` (see readout.solve_readout).
     """
     _check(d, "skew", max(skew, 1e-12))
     gen = torch.Generator().manual_seed(seed)
@@ -117,7 +119,7 @@ def dense_binary_construction(
         return model
     if readout == "lstsq":
         model = _frozen_model(task, W, b, torch.zeros(task.n_pairs, d), torch.zeros(task.n_pairs))
-        R, c = fit_readout(model.hidden, task, n_fit, seed=seed + 1)
+        R, c = fit_readout(model.hidden, task, n_fit, seed=seed + 1, weighting=weighting)
         with torch.no_grad():
             model.R.copy_(R)
             model.c.copy_(c)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from saelab.errors import ConfigError
+from saelab.uand.data import DataConfig, UANDTask
+from saelab.uand.metrics import evaluate, zero_predictor
+from saelab.uand.model import ModelConfig, TrainConfig, UANDModel, random_weights, train, uand_loss
+
+
+def test_random_weight_distributions_have_equal_power():
+    g = torch.Generator().manual_seed(0)
+    for dist in ["gaussian", "uniform", "binary", "skewed_binary"]:
+        w = random_weights((200, 200), dist, g, scale=2.0, skew=0.8)
+        assert abs(w.square().mean().sqrt().item() - 2.0) < 0.05
+    b = random_weights((200, 200), "skewed_binary", g, scale=0.5, skew=0.8)
+    assert set(b.unique().tolist()) == {-0.5, 0.5}
+    assert abs((b > 0).float().mean().item() - 0.8) < 0.01
+
+
+def test_balanced_loss_is_mean_of_class_mses():
+    y = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    pred = torch.tensor([[0.5, 0.1, 0.2, 0.3]])
+    expect = 0.5 * (0.25 + (0.01 + 0.04 + 0.09) / 3)
+    assert uand_loss(pred, y, "balanced").item() == pytest.approx(expect)
+    assert uand_loss(pred, y, "mse").item() == pytest.approx((0.25 + 0.14) / 4)
+
+
+def test_frozen_parameters_get_no_gradient_and_do_not_move():
+    task = UANDTask(DataConfig(m=10, s=2))
+    model = UANDModel.for_task(task, ModelConfig(d=8, init="binary", frozen=("W", "c")))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, inputs = task.sample(32, torch.Generator().manual_seed(0))
+    uand_loss(model(inputs), task.targets(x)).backward()
+    assert model.W.grad is None and model.c.grad is None
+    assert model.b.grad is not None and model.R.grad is not None
+    train(model, task, TrainConfig(steps=20, batch_size=32))
+    assert torch.equal(model.W, before["W"]) and torch.equal(model.c, before["c"])
+    assert not torch.equal(model.R, before["R"]) and not torch.equal(model.b, before["b"])
+
+
+def test_two_layer_model_shapes_and_freezing():
+    task = UANDTask(DataConfig(m=10, s=2, circuit_op="or"))
+    model = UANDModel.for_task(task, ModelConfig(d=12, d2=9, frozen=("W2",)))
+    out = model(task.sample(5, torch.Generator().manual_seed(0))[1])
+    assert out.shape == (5, 45) and model.hidden(torch.zeros(1, 10)).shape == (1, 9)
+    with pytest.raises(ConfigError, match="frozen="):
+        ModelConfig(d=4, frozen=("W2",))  # no second layer to freeze
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"d": 0}, "d="), ({"d": -3}, "d="), ({"frozen": ("W", "Q")}, "frozen="), ({"init": "cauchy"}, "init="),
+     ({"skew": 1.5}, "skew=")],
+)
+def test_bad_model_config_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**kwargs)
+
+
+def test_trained_model_solves_uand_and_beats_zero_predictor():
+    task = UANDTask(DataConfig(m=20, s=2))
+    x, inputs = task.sample(2000, torch.Generator().manual_seed(123))
+    accs = []
+    for seed in range(2):
+        model = UANDModel.for_task(task, ModelConfig(d=40), seed=seed)
+        train(model, task, TrainConfig(steps=600, batch_size=128, lr=1e-2, seed=seed))
+        m = evaluate(model, task, x, inputs)
+        zero = evaluate(zero_predictor(task), task, x, inputs)
+        assert m.mse_pos < 0.25 * zero.mse_pos  # zero predictor has mse_pos = 1
+        accs.append(m.balanced_acc)
+    assert min(accs) > 0.95
