@@ -29,7 +29,7 @@ class ReconstructionMetrics:
     mse: float  # mean over tokens of ||x - x_hat||^2
     fvu: float  # fraction of variance unexplained, ||x - x_hat||^2 / ||x - mean(x)||^2
     explained_variance: float  # 1 - fvu
-    cosine_similarity: float  # mean cos(x, x_hat)
+    cosine_similarity: float  # mean cos(x, x_hat) over tokens with x != 0
     shrinkage: float  # relative reconstruction bias gamma* = E||x_hat||^2 / E[x_hat . x]; < 1 means shrinkage
     norm_ratio: float  # E||x_hat|| / E||x||, a cheaper shrinkage proxy
     tokens: int
@@ -43,7 +43,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics
     was_training = sae.training
     sae.eval()
     n = 0
-    sums = dict(l0=0.0, sq_err=0.0, cos=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
+    sums = dict(l0=0.0, sq_err=0.0, cos=0.0, cos_n=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
     x_sum = x_sq_sum = None
     try:
         for batch in _batches(batches):
@@ -53,7 +53,9 @@ def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics
             n += x.shape[0]
             sums["l0"] += float((f != 0).sum())
             sums["sq_err"] += float((x - x_hat).pow(2).sum())
-            sums["cos"] += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
+            nonzero = x.norm(dim=-1) > 0
+            sums["cos"] += float(torch.nn.functional.cosine_similarity(x[nonzero], x_hat[nonzero], dim=-1).sum())
+            sums["cos_n"] += float(nonzero.sum())
             sums["xhat_sq"] += float(x_hat.pow(2).sum())
             sums["xhat_dot_x"] += float((x_hat * x).sum())
             sums["xhat_norm"] += float(x_hat.norm(dim=-1).sum())
@@ -72,7 +74,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics
         mse=sums["sq_err"] / n,
         fvu=fvu,
         explained_variance=1.0 - fvu,
-        cosine_similarity=sums["cos"] / n,
+        cosine_similarity=sums["cos"] / max(sums["cos_n"], 1.0),
         shrinkage=sums["xhat_sq"] / sums["xhat_dot_x"] if sums["xhat_dot_x"] != 0 else float("nan"),
         norm_ratio=sums["xhat_norm"] / max(sums["x_norm"], 1e-30),
         tokens=n,

@@ -97,7 +97,7 @@ class SAE(torch.nn.Module):
         w_dec = torch.empty(cfg.d_sae, cfg.d_in).uniform_(-1, 1, generator=gen)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
         self.W_dec = torch.nn.Parameter(w_dec)
-        self.W_enc = torch.nn.Parameter(w_dec.t().clone())
+        self.W_enc = torch.nn.Parameter(w_dec.t().contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in))
 

@@ -89,6 +89,13 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, t
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # Give each moment buffer its parameter's memory layout: vectorised and strided kernels
+    # round differently, and an exact resume needs bit-identical updates.
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][name] = torch.empty_like(p).copy_(value)
 
 
 def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2) -> Path:

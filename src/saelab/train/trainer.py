@@ -173,7 +173,7 @@ class Trainer:
             self.history = _read_log(log_path, up_to_step=self.step) if resumed else []
             _write_log(log_path, self.history)
         bar = tqdm(
-            total=self.cfg.steps, initial=self.step, disable=not self.cfg.progress, desc=self.sae.architecture,
+            total=self.cfg.steps, initial=self.step, disable=None if self.cfg.progress else True, desc=self.sae.architecture,
             unit="step", dynamic_ncols=True, leave=False,
         )
         start = time.perf_counter()

@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+import saelab
+
+
+def small_config(arch: str, d_in: int = 12, d_sae: int = 32, **extra) -> dict:
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, **extra}
+    if saelab.sae.get_class(arch).sweep_parameter == "k":
+        cfg.setdefault("k", 4)
+    return cfg
+
+
+@pytest.fixture(params=saelab.list_architectures())
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,158 @@
+"""Contracts every registered architecture must meet, plus each one's defining behaviour."""
+
+import pytest
+import torch
+
+import saelab
+from saelab.errors import ConfigError
+from saelab.sae import StepContext
+from saelab.sae.jumprelu import jumprelu, step
+from tests.conftest import small_config
+
+
+def perturbed(arch: str, **extra):
+    sae = saelab.create(small_config(arch, **extra))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return sae
+
+
+def test_decode_of_encode_is_forward(arch):
+    sae = perturbed(arch).eval()
+    x = torch.randn(64, 12)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), sae(x), rtol=0, atol=0)
+
+
+def test_orientation_follows_saelens(arch):
+    sae = saelab.create(small_config(arch))
+    assert sae.W_enc.shape == (12, 32) and sae.W_dec.shape == (32, 12)
+    assert sae.b_dec.shape == (12,)
+
+
+def test_loss_terms_present_finite_and_gradient_reaches_every_parameter(arch):
+    sae = perturbed(arch)
+    x = 3 * torch.randn(512, 12)
+    ctx = StepContext(sparsity_scale=1.0, dead_mask=torch.ones(32, dtype=torch.bool))
+    out = sae.loss_terms(x, ctx)
+    assert "mse" in out.losses and len(out.losses) >= 2
+    for name, value in out.losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    out.loss.backward()
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_unit_norm_decoder_is_kept_and_parallel_gradient_removed():
+    sae = perturbed("topk")
+    out = sae.loss_terms(torch.randn(64, 12), StepContext())
+    out.loss.backward()
+    sae.before_optimizer_step()
+    w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    assert (sae.W_dec.grad * w).sum(1).abs().max() < 1e-5
+    torch.optim.SGD(sae.parameters(), lr=0.5).step()
+    sae.after_optimizer_step(out)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_relu_penalty_mode_weights_l1_by_decoder_norm():
+    sae = perturbed("relu", decoder_norm="penalty", l1_coefficient=2.0)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 3.0, 32)[:, None])
+    x = torch.randn(32, 12)
+    out = sae.loss_terms(x, StepContext(sparsity_scale=0.5))
+    f = sae.encode(x)
+    expected = 2.0 * 0.5 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(out.losses["l1"], expected)
+    unit = perturbed("relu", decoder_norm="unit", l1_coefficient=2.0)
+    out = unit.loss_terms(x, StepContext())
+    torch.testing.assert_close(out.losses["l1"], 2.0 * unit.encode(x).sum(-1).mean())
+
+
+def test_topk_has_exactly_k_active_and_relu_after_selection():
+    sae = perturbed("topk", k=5)
+    f = sae.encode(torch.randn(200, 12))
+    assert ((f != 0).sum(1) <= 5).all() and (f >= 0).all()
+    pre = sae.pre_acts(torch.randn(200, 12))
+    kth = pre.topk(5, dim=1).values[:, -1:]
+    g = sae.activation(pre)
+    assert torch.equal(g != 0, (pre >= kth) & (pre > 0))
+
+
+def test_batchtopk_keeps_batch_times_k_in_training_and_threshold_at_inference():
+    sae = perturbed("batchtopk", k=4)
+    x = torch.randn(128, 12)
+    sae.train()
+    f = sae.encode(x)
+    assert int((f != 0).sum()) == 128 * 4
+    per_row = (f != 0).sum(1)
+    assert per_row.min() < per_row.max()  # the per-sample L0 varies, only the batch mean is fixed
+    out = sae.loss_terms(x, StepContext())
+    sae.after_optimizer_step(out)
+    theta = float(sae.threshold)
+    assert theta == pytest.approx(float(out.feature_acts[out.feature_acts > 0].min()))
+    sae.eval()
+    pre = sae.pre_acts(x)
+    assert torch.equal(sae.encode(x), pre * (pre > theta))
+
+
+def test_gated_magnitude_path_is_gate_path_rescaled():
+    sae = perturbed("gated")
+    x = torch.randn(100, 12)
+    pi_gate, pi_mag = sae._paths(x)
+    xc = x - sae.b_dec
+    torch.testing.assert_close(pi_mag - sae.b_mag, (xc @ sae.W_enc) * sae.r_mag.exp())
+    out = sae.loss_terms(x, StepContext())
+    out.losses["aux"].backward()
+    assert sae.W_dec.grad is None or sae.W_dec.grad.abs().sum() == 0  # aux uses a frozen decoder
+    assert sae.W_enc.grad.abs().sum() > 0
+
+
+def test_jumprelu_pseudo_derivatives_follow_the_rectangle_kernel():
+    eps = 0.1
+    z = torch.tensor([0.30, 0.36, 0.44, 0.46, 0.60, 0.2])
+    theta = torch.full((6,), 0.4, requires_grad=True)
+    jumprelu(z, theta, eps).sum().backward()
+    in_window = ((z - 0.4).abs() <= eps / 2).float()
+    torch.testing.assert_close(theta.grad, -(0.4 / eps) * in_window)
+    theta.grad = None
+    step(z, theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, -(1 / eps) * in_window)
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 17}, "k"),
+        ({"architecture": "relu", "d_in": 8, "d_sae": 16, "l1_coefficient": -1.0}, "l1_coefficient"),
+        ({"architecture": "jumprelu", "d_in": 8, "d_sae": 16, "bandwidth": 0}, "bandwidth"),
+        ({"architecture": "relu", "d_in": 0, "d_sae": 16}, "d_in"),
+        ({"architecture": "relu", "d_in": 8, "d_sae": 16, "l1_coeficient": 1.0}, "l1_coeficient"),
+    ],
+)
+def test_impossible_settings_fail_with_the_field_named(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        saelab.create(bad)
+
+
+def test_unknown_architecture_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        saelab.create({"architecture": "relu2", "d_in": 8, "d_sae": 16})
+    for name in saelab.list_architectures():
+        assert name in str(err.value)
+
+
+def test_wrong_input_width_is_a_clear_error(arch):
+    sae = saelab.create(small_config(arch))
+    with pytest.raises(ConfigError, match="d_in=12"):
+        sae.encode(torch.randn(3, 13))
+
+
+def test_fold_input_scale_makes_the_sae_take_raw_inputs(arch):
+    sae = perturbed(arch).eval()
+    x = torch.randn(50, 12)
+    s = 2.5
+    f_scaled, x_hat_scaled = sae.encode(x * s), sae(x * s)
+    sae.fold_input_scale(s)
+    torch.testing.assert_close(sae.encode(x), f_scaled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x), x_hat_scaled / s, rtol=1e-5, atol=1e-5)
