@@ -1,0 +1,544 @@
+"""The U-AND experiments behind `saelab uand EXPERIMENT`: each tests claims and writes a report.
+
+An experiment is a function `(Scale, seed) -> Outcome`: measured results (plain dicts), claims
+(each a measured boolean with the numbers behind it and the criterion, fixed before running),
+figures and Markdown sections. `run_experiment` writes DIR/results.json, DIR/*.png and
+DIR/report.md; `all` runs every experiment into DIR/<name>/ and adds a combined claim table.
+
+`--quick` shrinks m, the d grid and the training steps so each experiment takes seconds; the
+defaults (m = 100) take a few minutes each on 2 cores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from saelab.io.atomic import save_figure, write_json, write_text
+from saelab.plotting import new_figure, plt
+from saelab.report import markdown_table
+from saelab.uand.analysis import analyse
+from saelab.uand.constructions import dense_binary_construction, hanni_construction, tune
+from saelab.uand.data import DataConfig, UANDTask
+from saelab.uand.metrics import Metrics, evaluate
+from saelab.uand.model import ModelConfig, TrainConfig, UANDModel, train
+from saelab.uand.readout import collect_stats, solve_readout
+
+
+@dataclass
+class Scale:
+    """Problem sizes; `quick` ones finish each experiment in seconds."""
+
+    m: int
+    s: int
+    d_grid: list[int]
+    d: int  # the single width used where one model is trained
+    steps: int
+    batch_size: int
+    n_eval: int
+    n_fit: int  # samples for least-squares read-outs
+    s_grid: list[int]
+    m_grid: list[int]
+    seeds: int
+    lr: float = 1e-2
+
+    @classmethod
+    def make(cls, quick: bool) -> "Scale":
+        if quick:
+            return cls(m=30, s=2, d_grid=[5, 10, 20, 40], d=20, steps=300, batch_size=128, n_eval=1000,
+                       n_fit=20000, s_grid=[2, 3, 4], m_grid=[20, 30, 45], seeds=1)
+        return cls(m=100, s=3, d_grid=[10, 20, 50, 100, 200], d=50, steps=1000, batch_size=256, n_eval=2000,
+                   n_fit=60000, s_grid=[2, 3, 4, 5], m_grid=[50, 100, 150], seeds=2)
+
+
+@dataclass
+class Claim:
+    name: str
+    statement: str
+    criterion: str
+    holds: bool
+    numbers: dict
+
+
+@dataclass
+class Outcome:
+    results: dict
+    claims: list[Claim] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)  # file stem -> matplotlib figure
+    sections: list[str] = field(default_factory=list)  # Markdown
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _eval_set(task: UANDTask, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return task.sample(n, torch.Generator().manual_seed(10_000 + seed))
+
+
+def _train_eval(task: UANDTask, model_cfg: ModelConfig, scale: Scale, seed: int, val) -> tuple[UANDModel, Metrics]:
+    model = UANDModel.for_task(task, model_cfg, seed=seed)
+    train(model, task, TrainConfig(steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, seed=seed))
+    return model, evaluate(model, task, *val)
+
+
+def _row(metrics: Metrics, **keys) -> dict:
+    m = metrics.to_dict()
+    return {**keys, **{k: m[k] for k in ("balanced_mse", "mse_pos", "mse_neg", "max_abs", "acc_pos", "acc_neg",
+                                          "worst_cell_acc")}}
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().float()
+    rb = torch.tensor(b).argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+def _line_plot(ax, rows, x, y, label_key=None, logx=True, logy=True):
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.get(label_key, "") if label_key else "", []).append(r)
+    for label, rs in groups.items():
+        ax.plot([r[x] for r in rs], [r[y] for r in rs], marker="o", label=str(label) or None)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if label_key:
+        ax.legend(fontsize=8)
+
+
+def _hanni_grid() -> list[float]:
+    return [0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
+
+
+def _dense_bias_grid() -> list[float]:
+    return [-2.5, -1.5, -1.0, -0.5, 0.0]
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def exp_scaling(scale: Scale, seed: int) -> Outcome:
+    """Error of trained models against d (main sweep), s and m."""
+    base = DataConfig(m=scale.m, s=scale.s, seed=seed)
+    rows_d, rows_s, rows_m = [], [], []
+    task = UANDTask(base)
+    val = _eval_set(task, scale.n_eval, seed)
+    for d in scale.d_grid:
+        _, met = _train_eval(task, ModelConfig(d=d), scale, seed, val)
+        rows_d.append(_row(met, d=d))
+    for s in scale.s_grid:
+        t = UANDTask(DataConfig(m=scale.m, s=s, seed=seed))
+        _, met = _train_eval(t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed))
+        rows_s.append(_row(met, s=s))
+    for m in scale.m_grid:
+        t = UANDTask(DataConfig(m=m, s=scale.s, seed=seed))
+        _, met = _train_eval(t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed))
+        rows_m.append(_row(met, m=m, pairs=t.n_pairs))
+    errs = [r["balanced_mse"] for r in rows_d]
+    rho = _spearman(scale.d_grid, errs)
+    s_errs = [r["balanced_mse"] for r in rows_s]
+    s_ratio = max(s_errs) / max(min(s_errs), 1e-12)
+    claims = [
+        Claim("trades_error_for_neurons", "error falls steadily as d grows (graceful as d shrinks)",
+              "Spearman rho(d, balanced MSE) <= -0.8 and balanced MSE at the smallest d < 0.5 (zero predictor)",
+              rho <= -0.8 and errs[0] < 0.5, {"spearman_rho": rho, "balanced_mse_by_d": dict(zip(scale.d_grid, errs))}),
+        Claim("robust_to_s", "error roughly insensitive to s in the sparse regime",
+              f"max/min balanced MSE over s in {scale.s_grid} <= 3", s_ratio <= 3,
+              {"max_over_min": s_ratio, "balanced_mse_by_s": dict(zip(scale.s_grid, s_errs))}),
+    ]
+    fig, axes = new_figure(ncols=3)
+    _line_plot(axes[0][0], rows_d, "d", "balanced_mse")
+    _line_plot(axes[0][1], rows_s, "s", "balanced_mse", logx=False)
+    _line_plot(axes[0][2], rows_m, "m", "balanced_mse")
+    for ax, title in zip(axes[0], [f"m={scale.m}, s={scale.s}", f"m={scale.m}, d={scale.d}", f"s={scale.s}, d={scale.d}"]):
+        ax.set_title(title)
+    fig.tight_layout()
+    sections = [
+        f"### Error vs d (m={scale.m}, s={scale.s})\n\n" + markdown_table(rows_d),
+        f"### Error vs s (m={scale.m}, d={scale.d})\n\n" + markdown_table(rows_s),
+        f"### Error vs m (s={scale.s}, d={scale.d})\n\n" + markdown_table(rows_m),
+        "![scaling](scaling.png)\n",
+    ]
+    return Outcome({"by_d": rows_d, "by_s": rows_s, "by_m": rows_m}, claims, {"scaling": fig}, sections)
+
+
+def exp_constructions(scale: Scale, seed: int) -> Outcome:
+    """Trained models against the Hänni and dense binary constructions at equal d, low s."""
+    task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
+    val = _eval_set(task, scale.n_eval, seed)
+    tune_set = _eval_set(task, scale.n_eval // 2, seed + 1)
+    rows = []
+    for d in scale.d_grid:
+        _, met = _train_eval(task, ModelConfig(d=d), scale, seed, val)
+        rows.append(_row(met, method="trained", d=d))
+        p, model, _, _ = tune(lambda p: hanni_construction(task, d, p, seed=seed), _hanni_grid(), task, tune_set)
+        rows.append(_row(evaluate(model, task, *val), method="hanni", d=d, tuned=f"p={p}"))
+        bias, model, _, _ = tune(lambda b: dense_binary_construction(task, d, b, seed=seed, calib=tune_set),
+                                 _dense_bias_grid(), task, tune_set)
+        rows.append(_row(evaluate(model, task, *val), method="dense_sign", d=d, tuned=f"b={bias}"))
+        model = dense_binary_construction(task, d, bias, seed=seed, readout="lstsq", n_fit=scale.n_fit)
+        rows.append(_row(evaluate(model, task, *val), method="dense_lstsq", d=d, tuned=f"b={bias}"))
+    err = {(r["method"], r["d"]): r["balanced_mse"] for r in rows}
+    wins = [err[("trained", d)] < err[("hanni", d)] for d in scale.d_grid]
+    dense_wins = [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) < err[("hanni", d)] for d in scale.d_grid]
+    claims = [
+        Claim("beats_sparse_construction", f"at low s (s={scale.s}) the trained model beats the Hänni construction at equal d",
+              "trained balanced MSE < tuned Hänni balanced MSE at every d in the grid", all(wins),
+              {"d": scale.d_grid, "trained": [err[("trained", d)] for d in scale.d_grid],
+               "hanni": [err[("hanni", d)] for d in scale.d_grid]}),
+        Claim("dense_construction_beats_sparse", "the dense binary construction beats the Hänni construction at equal d",
+              "best dense read-out balanced MSE < tuned Hänni balanced MSE at every d", all(dense_wins),
+              {"dense_best": [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) for d in scale.d_grid]}),
+    ]
+    fig, axes = new_figure()
+    _line_plot(axes[0][0], rows, "d", "balanced_mse", label_key="method")
+    axes[0][0].set_title(f"m={scale.m}, s={scale.s}")
+    fig.tight_layout()
+    sections = [
+        "Constructions are tuned on a separate sample (Hänni p, dense shared bias) and scored on the "
+        "same evaluation inputs as the trained models.\n\n" + markdown_table(rows),
+        "![constructions](constructions.png)\n",
+    ]
+    return Outcome({"rows": rows}, claims, {"constructions": fig}, sections)
+
+
+def exp_anatomy(scale: Scale, seed: int) -> Outcome:
+    """Dissect one trained model: density, binarity, sign-product read-out, neuron classes."""
+    task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
+    val = _eval_set(task, scale.n_eval, seed)
+    model, met = _train_eval(task, ModelConfig(d=scale.d), scale, seed, val)
+    trained = analyse(model, task, val[1], seed=seed)
+    tune_set = _eval_set(task, scale.n_eval // 2, seed + 1)
+    p, hanni, _, _ = tune(lambda p: hanni_construction(task, scale.d, p, seed=seed), _hanni_grid(), task, tune_set)
+    hanni_an = analyse(hanni, task, val[1], seed=seed)
+    dens, bin_, sign = trained["density"], trained["binarity"], trained["readout_sign"]
+    claims = [
+        Claim("dense", "the learned circuit is dense: most neurons matter for every pair",
+              "participation >= 0.5 and >= 3x the tuned Hänni construction's",
+              dens["participation"] >= 0.5 and dens["participation"] >= 3 * hanni_an["density"]["participation"],
+              {"participation": dens["participation"], "fraction_above_10pct": dens["fraction"],
+               "hanni_participation": hanni_an["density"]["participation"], "hanni_p": p, "hanni_p_squared": p * p}),
+        Claim("binary_weights", "trained |W| is close to binary (one magnitude u)",
+              "coefficient of variation of |W| per neuron <= 0.3 (uniform 0.58, Gaussian 0.76)",
+              bin_["cv_per_neuron"] <= 0.3,
+              {"cv": bin_["cv"], "cv_per_neuron": bin_["cv_per_neuron"], "near_u": bin_["near_u"],
+               "frac_positive": bin_["frac_positive"]}),
+        Claim("sign_product_readout", "read-out weights follow sign(W_ni) sign(W_nj)",
+              "Pearson correlation of R with the sign product >= 0.5", sign["correlation"] >= 0.5, sign),
+    ]
+    ct = trained["class_table"]
+    table_rows = [{"class": c, "fraction": f, **{f"cell {v}": a for v, a in zip(ct["cells"], acts)}}
+                  for c, f, acts in zip(ct["classes"], ct["class_fraction"], ct["mean_activation"])]
+    fig, axes = new_figure(ncols=2)
+    W = model.W.detach().flatten()
+    axes[0][0].hist(W.numpy(), bins=80)
+    axes[0][0].set_title(f"trained W (d={scale.d}, m={scale.m})")
+    im = axes[0][1].imshow(torch.tensor(ct["mean_activation"]).numpy(), cmap="viridis")
+    axes[0][1].set_xticks(range(4), ct["cells"])
+    axes[0][1].set_yticks(range(4), ct["classes"])
+    axes[0][1].set_xlabel("cell (x_i x_j)")
+    axes[0][1].set_title("mean activation per class")
+    fig.colorbar(im, ax=axes[0][1])
+    fig.tight_layout()
+    sections = [
+        f"Model: m={scale.m}, s={scale.s}, d={scale.d}; balanced MSE {met.balanced_mse:.4f}, "
+        f"worst-cell accuracy {met.worst_cell_acc:.3f}.\n",
+        "### Neuron classes (signs of W_ni, W_nj) and their mean activation per cell\n\n" + markdown_table(table_rows),
+        "![anatomy](anatomy.png)\n",
+    ]
+    results = {"metrics": met.to_dict(), "trained": trained, "hanni": hanni_an, "hanni_p": p}
+    return Outcome(results, claims, {"anatomy": fig}, sections)
+
+
+FROZEN_DISTS = [("gaussian", 0.5), ("uniform", 0.5), ("binary", 0.5), ("skewed_binary", 0.25), ("skewed_binary", 0.75)]
+
+
+def exp_frozen(scale: Scale, seed: int) -> Outcome:
+    """W frozen at a random draw from each distribution (equal RMS); only b, R, c are trained."""
+    task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
+    val = _eval_set(task, scale.n_eval, seed)
+    rows = []
+    for dist, skew in FROZEN_DISTS:
+        errs = []
+        for k in range(scale.seeds):
+            _, met = _train_eval(task, ModelConfig(d=scale.d, init=dist, skew=skew, frozen=("W",)), scale, seed + k, val)
+            errs.append(met.balanced_mse)
+        name = dist if dist != "skewed_binary" else f"skewed_binary(p={skew})"
+        rows.append({"dist": name, "balanced_mse": sum(errs) / len(errs), "per_seed": errs})
+    err = {r["dist"]: r["balanced_mse"] for r in rows}
+    skewed = min(err["skewed_binary(p=0.25)"], err["skewed_binary(p=0.75)"])
+    ratio = max(err.values()) / max(min(err.values()), 1e-12)
+    claims = [
+        Claim("frozen_similar", "frozen W distributions give similar losses", "max/min balanced MSE <= 1.5",
+              ratio <= 1.5, {"max_over_min": ratio, **err}),
+        Claim("binary_best", "binary is (slightly) best among the symmetric distributions",
+              "binary balanced MSE < Gaussian and < uniform", err["binary"] < min(err["gaussian"], err["uniform"]),
+              {k: err[k] for k in ("binary", "gaussian", "uniform")}),
+        Claim("skew_helps_and", "skewed binary beats symmetric binary on AND",
+              "best of skew p=0.25 / 0.75 balanced MSE < binary (both skews reported)", skewed < err["binary"],
+              {"binary": err["binary"], "best_skewed": skewed}),
+    ]
+    fig, axes = new_figure(size=(7, 4))
+    ax = axes[0][0]
+    ax.bar(range(len(rows)), [r["balanced_mse"] for r in rows])
+    ax.set_xticks(range(len(rows)), [r["dist"] for r in rows], rotation=20, fontsize=8)
+    ax.set_ylabel("balanced MSE")
+    ax.set_title(f"frozen W, trained b/R/c (m={scale.m}, s={scale.s}, d={scale.d})")
+    fig.tight_layout()
+    table = [{"dist": r["dist"], "balanced_mse": r["balanced_mse"], "seeds": len(r["per_seed"])} for r in rows]
+    sections = ["All distributions have the same weight RMS (1).\n\n" + markdown_table(table), "![frozen](frozen.png)\n"]
+    return Outcome({"rows": rows}, claims, {"frozen": fig}, sections)
+
+
+TABLES = ["and", "or", "xor", "nand", "nor", "xnor"]
+
+
+def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
+    """Every two-input table read linearly from the hidden layer of a model trained only on AND.
+
+    Baselines: the same model before training (random Gaussian W, zero bias) and the raw inputs
+    x (a linear function of x cannot compute XOR). Read-outs are cell-balanced least squares
+    from one statistics pass per hidden layer (readout.solve_readout).
+    """
+    task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
+    val = _eval_set(task, scale.n_eval, seed)
+    model_cfg = ModelConfig(d=scale.d)
+    untrained = UANDModel.for_task(task, model_cfg, seed=seed)
+    trained, _ = _train_eval(task, model_cfg, scale, seed, val)
+    hiddens = {"and_trained": trained.hidden, "random_init": untrained.hidden, "raw_inputs": lambda inputs: inputs}
+    rows = []
+    for name, hidden in hiddens.items():
+        stats = collect_stats(hidden, task, scale.n_fit, torch.Generator().manual_seed(seed + 7))
+        with torch.no_grad():
+            h_val = hidden(val[1])
+        for op in TABLES:
+            t = task.with_op(op)
+            R, c = solve_readout(stats, t)
+            met = evaluate(lambda h: h @ R.T + c, t, val[0], h_val)
+            rows.append(_row(met, hidden=name, table=op.upper()))
+    get = {(r["hidden"], r["table"]): r for r in rows}
+    xor_t, xor_raw = get[("and_trained", "XOR")], get[("raw_inputs", "XOR")]
+    claims = [
+        Claim("xor_readable_from_and", "XOR is linearly readable from the hidden layer of an AND-trained model",
+              "XOR worst-cell accuracy >= 0.9 and balanced MSE < half the raw-input read-out's",
+              xor_t["worst_cell_acc"] >= 0.9 and xor_t["balanced_mse"] < 0.5 * xor_raw["balanced_mse"],
+              {"trained_worst_cell_acc": xor_t["worst_cell_acc"], "trained_balanced_mse": xor_t["balanced_mse"],
+               "raw_worst_cell_acc": xor_raw["worst_cell_acc"], "raw_balanced_mse": xor_raw["balanced_mse"],
+               "random_init_worst_cell_acc": get[("random_init", "XOR")]["worst_cell_acc"]}),
+    ]
+    fig, axes = new_figure(size=(7, 4))
+    ax = axes[0][0]
+    width = 0.27
+    for k, name in enumerate(hiddens):
+        ax.bar([x + (k - 1) * width for x in range(len(TABLES))],
+               [get[(name, op.upper())]["worst_cell_acc"] for op in TABLES], width, label=name)
+    ax.set_xticks(range(len(TABLES)), [op.upper() for op in TABLES])
+    ax.set_ylabel("worst-cell accuracy")
+    ax.set_title(f"linear read-outs (m={scale.m}, s={scale.s}, d={scale.d})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    sections = [
+        "Worst-cell accuracy is the thresholded accuracy of the worst input cell (00/01/10/11): "
+        "a read-out that gets XOR's rare (1,1) cell wrong scores low even if overall accuracy is high.\n\n"
+        + markdown_table(rows),
+        "![truth tables](truth_tables.png)\n",
+    ]
+    return Outcome({"rows": rows}, claims, {"truth_tables": fig}, sections)
+
+
+def exp_noise(scale: Scale, seed: int) -> Outcome:
+    """Noise-sensitivity control: is the computation real, or does it lean on input noise?
+
+    Following Bhagat et al.'s check on the APD compressed-computation toy, train at several
+    input-noise levels and evaluate every model on clean and noisy inputs.
+    """
+    levels = [0.0, 0.1] if scale.m <= 30 else [0.0, 0.05, 0.1, 0.2]
+    rows = []
+    for train_noise in levels:
+        task = UANDTask(DataConfig(m=scale.m, s=scale.s, noise=train_noise, seed=seed))
+        model = UANDModel.for_task(task, ModelConfig(d=scale.d), seed=seed)
+        train(model, task, TrainConfig(steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, seed=seed))
+        for eval_noise in levels:
+            t = UANDTask(DataConfig(m=scale.m, s=scale.s, noise=eval_noise, seed=seed))
+            met = evaluate(model, t, *_eval_set(t, scale.n_eval, seed))
+            rows.append(_row(met, train_noise=train_noise, eval_noise=eval_noise))
+    err = {(r["train_noise"], r["eval_noise"]): r["balanced_mse"] for r in rows}
+    clean = err[(0.0, 0.0)]
+    best_noisy_on_clean = min(err[(n, 0.0)] for n in levels[1:])
+    claims = [
+        Claim("not_noise_driven", "the circuit does not rely on noise: training without noise is best on clean inputs",
+              "clean-trained error on clean inputs <= 1.1 x every noise-trained model's clean error",
+              clean <= 1.1 * best_noisy_on_clean, {"clean_trained_clean": clean, "best_noise_trained_clean": best_noisy_on_clean}),
+    ]
+    fig, axes = new_figure()
+    _line_plot(axes[0][0], [r for r in rows], "eval_noise", "balanced_mse", label_key="train_noise", logx=False)
+    axes[0][0].set_title("legend: training noise")
+    fig.tight_layout()
+    sections = [markdown_table(rows), "![noise](noise.png)\n"]
+    return Outcome({"rows": rows}, claims, {"noise": fig}, sections)
+
+
+def exp_superposition(scale: Scale, seed: int) -> Outcome:
+    """Inputs stored in superposition (random unit directions in d0 < m dimensions)."""
+    d0s = [None] + [max(2, int(scale.m * f)) for f in (0.75, 0.5, 0.25)]
+    rows = []
+    for d0 in d0s:
+        task = UANDTask(DataConfig(m=scale.m, s=scale.s, d0=d0, seed=seed))
+        val = _eval_set(task, scale.n_eval, seed)
+        _, met = _train_eval(task, ModelConfig(d=scale.d), scale, seed, val)
+        rows.append(_row(met, method="trained", d0=d0 or scale.m))
+        model = dense_binary_construction(task, scale.d, -1.0, seed=seed, readout="lstsq", n_fit=scale.n_fit)
+        rows.append(_row(evaluate(model, task, *val), method="dense_lstsq", d0=d0 or scale.m))
+    err = {(r["method"], r["d0"]): r for r in rows}
+    half = d0s[2]
+    basis, sup = err[("trained", scale.m)], err[("trained", half)]
+    claims = [
+        Claim("survives_superposition", "computation survives inputs in superposition",
+              f"at d0 = m/2 ({half}) the trained model's balanced accuracy >= 0.9",
+              sup["acc_pos"] * 0.5 + sup["acc_neg"] * 0.5 >= 0.9,
+              {"basis_balanced_mse": basis["balanced_mse"], "half_balanced_mse": sup["balanced_mse"],
+               "half_acc_pos": sup["acc_pos"], "half_acc_neg": sup["acc_neg"]}),
+    ]
+    fig, axes = new_figure()
+    _line_plot(axes[0][0], rows, "d0", "balanced_mse", label_key="method", logx=False)
+    axes[0][0].set_title(f"m={scale.m}, s={scale.s}, d={scale.d}")
+    fig.tight_layout()
+    sections = [markdown_table(rows), "![superposition](superposition.png)\n"]
+    return Outcome({"rows": rows}, claims, {"superposition": fig}, sections)
+
+
+def exp_circuit(scale: Scale, seed: int) -> Outcome:
+    """A two-step boolean circuit OR(AND(x_i, x_j), x_k): one hidden layer vs two of equal total width."""
+    task = UANDTask(DataConfig(m=scale.m, s=scale.s, op="and", circuit_op="or", seed=seed))
+    val = _eval_set(task, scale.n_eval, seed)
+    rows = []
+    for name, cfg in [("one_layer", ModelConfig(d=2 * scale.d)), ("two_layer", ModelConfig(d=scale.d, d2=scale.d))]:
+        _, met = _train_eval(task, cfg, scale, seed, val)
+        rows.append(_row(met, model=name))
+    claims = [
+        Claim("circuit_learnable", "a two-step circuit OR(AND(x_i,x_j), x_k) is learned in superposition",
+              "best balanced accuracy over the two architectures >= 0.9",
+              max(0.5 * (r["acc_pos"] + r["acc_neg"]) for r in rows) >= 0.9,
+              {r["model"]: r["balanced_mse"] for r in rows}),
+    ]
+    return Outcome({"rows": rows}, claims, {}, [markdown_table(rows)])
+
+
+@dataclass
+class Experiment:
+    run: Callable[[Scale, int], Outcome]
+    help: str
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "scaling": Experiment(exp_scaling, "error vs d, s and m for trained models"),
+    "constructions": Experiment(exp_constructions, "trained vs Hänni sparse and dense binary constructions"),
+    "anatomy": Experiment(exp_anatomy, "density, binarity, neuron classes and sign read-out of a trained model"),
+    "frozen": Experiment(exp_frozen, "frozen W (Gaussian/uniform/binary/skewed), training only b, R, c"),
+    "truth_tables": Experiment(exp_truth_tables, "XOR and other tables read linearly from an AND-trained layer"),
+    "noise": Experiment(exp_noise, "noise-sensitivity control"),
+    "superposition": Experiment(exp_superposition, "inputs in superposition (d0 < m)"),
+    "circuit": Experiment(exp_circuit, "two-step boolean circuit, one vs two hidden layers"),
+}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _claim_rows(claims: list[Claim], experiment: str | None = None) -> list[dict]:
+    rows = []
+    for c in claims:
+        nums = ", ".join(f"{k}={_short(v)}" for k, v in c.numbers.items() if not isinstance(v, (list, dict)))
+        row = {"claim": c.name, "holds": "yes" if c.holds else "NO", "criterion": c.criterion, "numbers": nums}
+        rows.append({"experiment": experiment, **row} if experiment else row)
+    return rows
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _title(name: str) -> str:
+    return f"U-AND: {name} — {EXPERIMENTS[name].help}" if name in EXPERIMENTS else f"U-AND: {name}"
+
+
+def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0) -> dict:
+    """Run one experiment (or `all`) and write results.json, plots and report.md under `out`."""
+    out = Path(out)
+    if name == "all":
+        return _run_all(out, quick, seed)
+    scale = Scale.make(quick)
+    start = time.perf_counter()
+    outcome = EXPERIMENTS[name].run(scale, seed)
+    wall = time.perf_counter() - start
+    for stem, fig in outcome.figures.items():
+        save_figure(fig, out / f"{stem}.png", dpi=110)
+        plt.close(fig)
+    record = {
+        "experiment": name,
+        "quick": quick,
+        "seed": seed,
+        "scale": asdict(scale),
+        "wall_s": wall,
+        "claims": [asdict(c) for c in outcome.claims],
+        "results": outcome.results,
+    }
+    write_json(out / "results.json", _clean(record))
+    report = [f"# {_title(name)}\n", f"quick={quick}, seed={seed}, wall time {wall:.1f} s.\n"]
+    if outcome.claims:
+        report.append("## Claims\n\n" + markdown_table(_claim_rows(outcome.claims)))
+    report.append("## Results\n")
+    report += outcome.sections
+    write_text(out / "report.md", "\n".join(report))
+    return record
+
+
+def _run_all(out: Path, quick: bool, seed: int) -> dict:
+    start = time.perf_counter()
+    records = {name: run_experiment(name, out / name, quick, seed) for name in EXPERIMENTS}
+    wall = time.perf_counter() - start
+    claims = [c for rec in records.values() for c in rec["claims"]]
+    summary = {
+        "experiment": "all",
+        "quick": quick,
+        "seed": seed,
+        "wall_s": wall,
+        "wall_s_by_experiment": {k: r["wall_s"] for k, r in records.items()},
+        "claims": [{"experiment": name, **c} for name, rec in records.items() for c in rec["claims"]],
+    }
+    write_json(out / "results.json", _clean(summary))
+    rows = []
+    for name, rec in records.items():
+        rows += _claim_rows([Claim(**c) for c in rec["claims"]], experiment=name)
+    times = [{"experiment": k, "wall_s": v} for k, v in summary["wall_s_by_experiment"].items()]
+    report = [
+        "# U-AND lab: all experiments\n",
+        f"quick={quick}, seed={seed}, total wall time {wall:.1f} s; {sum(c['holds'] for c in claims)} of "
+        f"{len(claims)} claims hold. Each experiment's report is in its own folder.\n",
+        "## Claims\n\n" + markdown_table(rows),
+        "## Wall time\n\n" + markdown_table(times),
+    ]
+    write_text(out / "report.md", "\n".join(report))
+    return summary
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf become None, tuples lists, dict keys strings."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    return obj
