@@ -19,7 +19,9 @@ from saelab.sae.registry import register
 
 class GatedConfig(SAEConfig):
     architecture: str = "gated"
-    decoder_norm: Literal["unit", "penalty"] = Field("penalty", description="See SAEConfig.decoder_norm.")
+    # Unit-norm rows: with free rows the gate can dodge its L1 by shrinking the decoder while
+    # r_mag grows to compensate (seen on toy worlds as L0 in the hundreds).
+    decoder_norm: Literal["unit", "penalty"] = Field("unit", description="See SAEConfig.decoder_norm.")
     l1_coefficient: NonNegativeFloat = Field(5.0, description="lambda on the L1 of ReLU(pi_gate).")
 
 

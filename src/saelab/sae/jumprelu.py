@@ -68,7 +68,7 @@ def step(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Te
 
 class JumpReLUConfig(SAEConfig):
     architecture: str = "jumprelu"
-    l0_coefficient: NonNegativeFloat = Field(0.5, description="lambda on the L0 penalty.")
+    l0_coefficient: NonNegativeFloat = Field(1.0, description="lambda on the L0 penalty.")
     bandwidth: PositiveFloat = Field(
         0.05, description="Width eps of the rectangle kernel in the threshold's pseudo-derivative "
         "(paper: 1e-3 with long training; wider learns thresholds in fewer steps)."

@@ -18,7 +18,7 @@ from saelab.sae.registry import register
 class ReLUConfig(SAEConfig):
     architecture: str = "relu"
     decoder_norm: Literal["unit", "penalty"] = Field("penalty", description="See SAEConfig.decoder_norm.")
-    l1_coefficient: NonNegativeFloat = Field(5.0, description="lambda on the (decoder-norm-weighted) L1 penalty.")
+    l1_coefficient: NonNegativeFloat = Field(3.0, description="lambda on the (decoder-norm-weighted) L1 penalty.")
 
 
 @register

@@ -1,0 +1,76 @@
+"""The `saelab` command: demo, train, eval, and clear errors for bad input."""
+
+import json
+
+import pytest
+
+import saelab
+from saelab.cli import main
+
+REQUIRED = {"architecture", "l0", "fvu", "dead_fraction", "shrinkage", "recovered_fraction"}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_writes_a_leaderboard_for_every_architecture(demo_dir):
+    records = json.loads((demo_dir / "results.json").read_text())
+    assert sorted(r["architecture"] for r in records) == saelab.list_architectures()
+    for r in records:
+        assert REQUIRED <= set(r)
+    assert (demo_dir / "frontier.png").stat().st_size > 1000
+    md = (demo_dir / "leaderboard.md").read_text()
+    assert all(a in md for a in saelab.list_architectures())
+
+
+def test_eval_reads_a_saved_sae_and_its_source(demo_dir, tmp_path, capsys):
+    sae_dir = next((demo_dir / "runs").iterdir()) / "sae"
+    assert main(["eval", str(sae_dir), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert REQUIRED - {"dead_fraction"} <= set(record)
+
+
+def test_train_from_yaml_then_resume_is_a_no_op(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "sae: {architecture: topk, d_in: 16, d_sae: 32, k: 3}\n"
+        "train: {steps: 30, progress: false, norm_estimation_batches: 2}\n"
+        "source: {type: toy, world: {n_features: 32, d: 16, firing_prob: 0.08}, batch_size: 64}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["train", str(cfg), "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())[0]
+    assert first["train_steps"] == 30 and (out / "sae" / "cfg.json").exists()
+    sae = saelab.load(out / "sae")
+    assert sae.cfg.k == 3
+    assert main(["train", str(cfg), "--out", str(out)]) == 0  # resumes at step 30: nothing to do
+    again = json.loads((out / "results.json").read_text())[0]
+    assert again["fvu"] == pytest.approx(first["fvu"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sae: {architecture: relu3, d_in: 4, d_sae: 8}\n", "valid architectures: batchtopk"),
+        ("sae: {architecture: topk, d_in: 4, d_sae: 8, k: 9}\n", "k=9 is larger than d_sae=8"),
+        ("sae: {architecture: relu, d_in: 4, d_sae: 8}\ntrain: {stepz: 3}\n", "unknown key 'stepz'"),
+        ("sae: {architecture: relu, d_in: 4, d_sae: 8}\nsource: {type: web}\n", "unknown source type 'web'"),
+        ("sae: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_fail_before_training_with_a_clear_message(text, message, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_eval_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err

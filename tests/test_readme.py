@@ -1,0 +1,18 @@
+"""The README's test command is exactly what CI runs, and its demo command is the documented one."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert len(ci_lines) == 1
+    assert ci_lines[0] in readme
+
+
+def test_readme_demo_command_sets_up_and_runs_the_demo():
+    readme = (ROOT / "README.md").read_text()
+    assert "-c constraints.txt -e . && .venv/bin/saelab demo" in readme
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
