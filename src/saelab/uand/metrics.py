@@ -41,9 +41,16 @@ class Metrics:
         seen = [a for a, n in zip(self.cell_acc, self.cell_count) if n > 0]
         return min(seen) if seen else float("nan")
 
+    @property
+    def cell_mse_mean(self) -> float:
+        """Mean of the per-cell MSEs: every input cell weighs the same (the 'cells' loss)."""
+        seen = [e for e, n in zip(self.cell_mse, self.cell_count) if n > 0]
+        return sum(seen) / len(seen) if seen else float("nan")
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["worst_cell_acc"] = self.worst_cell_acc
+        out["cell_mse_mean"] = self.cell_mse_mean
         return out
 
 

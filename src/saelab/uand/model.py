@@ -119,11 +119,20 @@ class UANDModel(nn.Module):
         return self.hidden(inputs) @ self.R.T + self.c
 
 
-def uand_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced") -> torch.Tensor:
-    """Plain MSE, or the mean of the per-class MSEs ("balanced"; see the module docstring)."""
+def uand_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced", cells: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain MSE, the mean of the per-class MSEs ("balanced"), or of the per-cell MSEs ("cells").
+
+    "cells" weighs the input cells 00/01/10/11 of every pair equally; it is the loss for tables
+    such as XOR whose rare cell 11 sits inside the common negative class.
+    """
     sq = (pred - y).square()
     if kind == "mse":
         return sq.mean()
+    if kind == "cells":
+        if cells is None:
+            raise ConfigError("loss='cells' needs the cell index of every output")
+        terms = [sq[cells == v].mean() for v in range(4) if bool((cells == v).any())]
+        return torch.stack(terms).mean()
     pos = y > 0.5
     n_pos = int(pos.sum())
     n_neg = pos.numel() - n_pos
@@ -139,7 +148,9 @@ class TrainConfig:
     steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "samples per step"})
     lr: float = field(default=3e-3, metadata={"help": "Adam learning rate (cosine-decayed to 10%)"})
-    loss: Literal["balanced", "mse"] = field(default="balanced", metadata={"help": "loss weighting"})
+    loss: Literal["balanced", "cells", "mse"] = field(
+        default="balanced", metadata={"help": "balanced: per-class mean; cells: per-input-cell mean; mse: plain"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the training data stream"})
 
     def __post_init__(self) -> None:
@@ -149,8 +160,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr}: the learning rate must be > 0")
-        if self.loss not in ("balanced", "mse"):
-            raise ConfigError(f"loss={self.loss!r}: choose 'balanced' or 'mse'")
+        if self.loss not in ("balanced", "cells", "mse"):
+            raise ConfigError(f"loss={self.loss!r}: choose 'balanced', 'cells' or 'mse'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +181,8 @@ def train(model: UANDModel, task: UANDTask, config: TrainConfig, log_every: int 
     running = 0.0
     for step in range(1, config.steps + 1):
         x, inputs = task.sample(config.batch_size, gen)
-        loss = uand_loss(model(inputs), task.targets(x), config.loss)
+        cells = task.cells(x) if config.loss == "cells" else None
+        loss = uand_loss(model(inputs), task.targets(x), config.loss, cells)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
