@@ -2,7 +2,8 @@
 
 Bounds come from 5 seeds measured before the test was written (see the closing note of the
 foundation issue): TopK at the true L0 recovered 81-86% of true features (cos >= 0.9), ReLU-L1's
-relative reconstruction bias was 0.36-0.39, TopK's and JumpReLU's 0.994-0.999. The bounds
+relative reconstruction bias was 0.56-0.57 (default l1_coefficient 3), TopK's and JumpReLU's
+0.993-0.999. The bounds
 below leave a wide margin for platform differences, while still failing if, e.g., TopK's
 selection or the L1 penalty were broken.
 """

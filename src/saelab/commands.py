@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=1500, help="Training steps per SAE (default: 1500).")
     p.add_argument("--quick", action="store_true", help="A tiny run for smoke tests (about 10 s).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=0,
+                   help="Parallel training processes, one thread each (default: one per CPU core).")
     p.set_defaults(func=run_demo)
 
     p = subparsers.add_parser("train", help="Train SAEs from a YAML or JSON config.")
@@ -146,26 +148,51 @@ def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict
     return source, train, runs
 
 
+def _demo_worker(job: tuple) -> dict:
+    """One demo run in its own process. One thread per process: toy-sized matmuls gain little
+    from threads, and several multi-threaded processes on few cores slow each other badly."""
+    name, sae, train, source, out_dir, default = job
+    torch.set_num_threads(1)
+    record = train_and_evaluate(sae, train, source, Path(out_dir))
+    return {**record, "run": name, "default_setting": default}
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    import concurrent.futures
+    import multiprocessing
+    import os
+
     from saelab.sae.registry import get_class
 
     out = Path(args.out)
     source, train, runs = demo_plan(args.steps, args.quick, args.seed)
-    t0 = time.perf_counter()
-    all_records = []
-    print(f"saelab demo: {len(runs)} SAEs on a toy world of {source['world']['n_features']} true features "
-          f"in {source['world']['d']} dimensions -> {out}")
+    jobs = []
     for run in runs:
         sae = run["sae"]
         knob = get_class(sae["architecture"]).sweep_parameter
         knob = knob if knob in sae else None
         name = sae["architecture"] + (f"_{knob}{sae[knob]:g}" if knob else "")
-        record = train_and_evaluate(sae, train, source, out / "runs" / name)
-        record["run"] = name
-        record["default_setting"] = run["default"]
+        jobs.append((name, sae, {**train, "progress": False}, source, str(out / "runs" / name), run["default"]))
+    workers = args.jobs or min(len(jobs), os.cpu_count() or 1)
+    print(f"saelab demo: {len(jobs)} SAEs on a toy world of {source['world']['n_features']} true features "
+          f"in {source['world']['d']} dimensions, {workers} at a time -> {out}", flush=True)
+    t0 = time.perf_counter()
+    all_records = []
+
+    def report(record: dict) -> None:
         all_records.append(record)
-        print(f"  {name:28s} L0 {record['l0']:6.2f}  FVU {record['fvu']:.4f}  recovered {record['recovered_fraction']:.2f}"
-              f"  ({record['train_seconds']:.1f}s)")
+        print(f"  {record['run']:28s} L0 {record['l0']:6.2f}  FVU {record['fvu']:.4f}  "
+              f"recovered {record['recovered_fraction']:.2f}  ({record['train_seconds']:.1f}s)", flush=True)
+
+    if workers <= 1:
+        for job in jobs:
+            report(_demo_worker(job))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(_demo_worker, j) for j in jobs]):
+                report(future.result())
+    all_records.sort(key=lambda r: [j[0] for j in jobs].index(r["run"]))
     leaderboard = sorted((r for r in all_records if r["default_setting"]), key=lambda r: r["fvu"])
     wall = time.perf_counter() - t0
     write_json(out / "results.json", leaderboard)

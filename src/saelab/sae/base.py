@@ -60,6 +60,9 @@ class StepContext:
 
     sparsity_scale: float = 1.0  # warm-up multiplier on the sparsity coefficient, in [0, 1]
     dead_mask: torch.Tensor | None = None  # [d_sae] bool, latents that have not fired for long
+    step: int = 0  # optimizer steps taken so far
+    total_steps: int = 1  # steps the run will take (for schedules owned by an architecture)
+    batch: Any = None  # the source's Batch (token ids, targets, true features) for variants that need it
 
 
 @dataclass

@@ -119,6 +119,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _next_x(self) -> torch.Tensor:
+        return self._next_batch().x
+
+    def _next_batch(self):
+        """The next batch, with x on the device as float32 and checked for shape and NaN/Inf."""
         try:
             batch = next(self.source)
         except StopIteration:
@@ -138,7 +142,8 @@ class Trainer:
                 f"activations (rows {bad}...); training stopped, last good checkpoint kept"
                 + (f" in {self.out_dir / 'checkpoints'}" if self.out_dir else "")
             )
-        return x
+        batch.x = x
+        return batch
 
     def _initialise(self) -> None:
         """Estimate the input scale and b_dec from the first batches, then rewind the source
@@ -180,8 +185,9 @@ class Trainer:
         window_start, window_tokens = start, self.tokens
         self.sae.train()
         while self.step < self.cfg.steps:
-            x = self._next_x() * self.input_scale
-            out = self._train_step(x)
+            batch = self._next_batch()
+            x = batch.x * self.input_scale
+            out = self._train_step(x, batch)
             self.step += 1
             self.tokens += x.shape[0]
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
@@ -206,10 +212,16 @@ class Trainer:
             self.history, self.stats,
         )
 
-    def _train_step(self, x: torch.Tensor):
+    def _train_step(self, x: torch.Tensor, batch=None):
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
-        ctx = StepContext(sparsity_scale=sparsity_factor(self.cfg, self.step), dead_mask=self.stats.dead_mask())
+        ctx = StepContext(
+            sparsity_scale=sparsity_factor(self.cfg, self.step),
+            dead_mask=self.stats.dead_mask().to(x.device),
+            step=self.step,
+            total_steps=self.cfg.steps,
+            batch=batch,
+        )
         out = self.sae.loss_terms(x, ctx)
         loss = out.loss
         if not torch.isfinite(loss):
