@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.uand.data import DataConfig, UANDTask, pair_indices, parse_truth_table
+from saelab.uand.data import DataConfig, UANDTask, active_pairs, pair_indices, parse_truth_table
 
 
 def gen(seed=0):
@@ -89,3 +89,14 @@ def test_superposition_and_noise():
 def test_bad_data_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         DataConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sparsity", ["exact", "bernoulli"])
+def test_active_pairs_match_dense_products(sparsity):
+    task = UANDTask(DataConfig(m=15, s=4, sparsity=sparsity))
+    x = task.sample_x(300, gen(3))
+    rows, pairs = active_pairs(x)
+    dense = torch.zeros(300, task.n_pairs)
+    dense[rows, pairs] = 1.0
+    assert len(rows) == int(dense.sum())  # no duplicates
+    assert torch.equal(dense, x[:, task.pairs[0]] * x[:, task.pairs[1]])

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from saelab.errors import ConfigError
-from saelab.uand.data import UANDTask, parse_truth_table, table_coefficients
+from saelab.uand.data import UANDTask, active_pairs, parse_truth_table, table_coefficients
 
 
 @dataclass
@@ -45,7 +45,6 @@ def collect_stats(
     chunk: int = 2048,
 ) -> HiddenStats:
     """One pass over fresh samples; never materialises more than a chunk of [n, P]."""
-    i, j = task.pairs
     gram = h_x = h_pair_t = None
     done = 0
     while done < n_samples:
@@ -60,7 +59,7 @@ def collect_stats(
             h_pair_t = torch.zeros(task.n_pairs, k, dtype=h.dtype)  # row-major for index_add_
         gram += h1.T @ h1
         h_x += h1.T @ x.double()
-        rows, pairs = torch.nonzero((x[:, i] * x[:, j]) > 0, as_tuple=True)
+        rows, pairs = active_pairs(x)
         h_pair_t.index_add_(0, pairs, h1[rows])
         done += n
     h_pair = h_pair_t.T.contiguous()
