@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import ConfigDict, Field, PositiveInt
 
+from saelab.config import StrictModel, describe_validation_error  # noqa: F401 (re-exported)
 from saelab.errors import ConfigError
 
 
-class SAEConfig(BaseModel):
+class SAEConfig(StrictModel):
     """Settings shared by every architecture. Unknown keys are rejected, never ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -32,26 +33,6 @@ class SAEConfig(BaseModel):
         "gradient removed); 'penalty': rows free, the sparsity penalty is weighted by their norms.",
     )
     seed: int = Field(0, description="Seed for weight initialisation.")
-
-    @classmethod
-    def parse(cls, values: dict[str, Any]) -> "SAEConfig":
-        """Validate `values`, turning pydantic's report into a ConfigError that names each field."""
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, cls)) from None
-
-
-def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            valid = ", ".join(sorted(model.model_fields))
-            lines.append(f"unknown key '{where}' for {model.__name__}; valid keys: {valid}")
-        else:
-            lines.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(lines)
 
 
 @dataclass

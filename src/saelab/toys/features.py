@@ -10,17 +10,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from saelab.activations.base import Batch
+from saelab.config import StrictModel
 from saelab.errors import ConfigError
-from saelab.sae.base import describe_validation_error
 
 
-class ToyWorldConfig(BaseModel):
+class ToyWorldConfig(StrictModel):
     """Independent sparse features with controlled interference."""
-
-    model_config = ConfigDict(extra="forbid")
 
     n_features: PositiveInt = Field(256, description="Number of true features N.")
     d: PositiveInt = Field(64, description="Embedding dimension (the SAE's d_in).")
@@ -40,13 +38,6 @@ class ToyWorldConfig(BaseModel):
         if self.magnitude_mean <= 0:
             raise ValueError(f"magnitude_mean must be > 0 (got {self.magnitude_mean}); features are non-negative")
         return self
-
-    @classmethod
-    def parse(cls, values: dict) -> "ToyWorldConfig":
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, cls)) from None
 
 
 def firing_probabilities(cfg: ToyWorldConfig) -> torch.Tensor:

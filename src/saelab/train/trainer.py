@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from tqdm.auto import tqdm
 
 from saelab.activations.base import ActivationSource, as_source
+from saelab.config import StrictModel
 from saelab.errors import ConfigError, NonFiniteError
-from saelab.sae.base import SAE, StepContext, describe_validation_error
+from saelab.sae.base import SAE, StepContext
 from saelab.train import checkpoint as ckpt
 from saelab.train.stats import LatentStats
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictModel):
     """How to train (not what): every field has a default that works on toy worlds."""
-
-    model_config = ConfigDict(extra="forbid")
 
     steps: PositiveInt = Field(2000, description="Optimizer steps (one batch each).")
     lr: PositiveFloat = Field(1e-3, description="Peak Adam learning rate.")
@@ -53,13 +52,6 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="Seed for torch's global RNG during training.")
     progress: bool = Field(True, description="Show a progress bar.")
     device: str = Field("cpu", description="torch device ('cpu', 'cuda', ...).")
-
-    @classmethod
-    def parse(cls, values: dict[str, Any]) -> "TrainConfig":
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, cls)) from None
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
