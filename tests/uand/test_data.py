@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.uand.data import DataConfig, UANDTask, active_pairs, pair_indices, parse_truth_table
+from saelab.uand.data import DataConfig, UANDTask, active_pairs, pair_indices, parse_truth_table, touched_pairs
 
 
 def gen(seed=0):
@@ -100,3 +100,13 @@ def test_active_pairs_match_dense_products(sparsity):
     dense[rows, pairs] = 1.0
     assert len(rows) == int(dense.sum())  # no duplicates
     assert torch.equal(dense, x[:, task.pairs[0]] * x[:, task.pairs[1]])
+
+
+def test_touched_pairs_are_exactly_the_outputs_outside_cell_00():
+    task = UANDTask(DataConfig(m=11, s=3, sparsity="bernoulli"))
+    x = task.sample_x(200, gen(4))
+    rows, pairs = touched_pairs(x)
+    dense = torch.zeros(200, task.n_pairs)
+    dense[rows, pairs] += 1.0
+    assert torch.equal(dense, (task.cells(x) > 0).float())  # each once, none missing
+    assert torch.equal(task.targets_at(x, rows, pairs), task.targets(x)[rows, pairs])

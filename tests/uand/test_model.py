@@ -4,7 +4,15 @@ import torch
 from saelab.errors import ConfigError
 from saelab.uand.data import DataConfig, UANDTask
 from saelab.uand.metrics import evaluate, zero_predictor
-from saelab.uand.model import ModelConfig, TrainConfig, UANDModel, random_weights, train, uand_loss
+from saelab.uand.model import (
+    ModelConfig,
+    TrainConfig,
+    UANDModel,
+    random_weights,
+    sampled_output_loss,
+    train,
+    uand_loss,
+)
 
 
 def test_random_weight_distributions_have_equal_power():
@@ -69,3 +77,38 @@ def test_trained_model_solves_uand_and_beats_zero_predictor():
         assert m.mse_pos < 0.25 * zero.mse_pos  # zero predictor has mse_pos = 1
         accs.append(m.balanced_acc)
     assert min(accs) > 0.95
+
+
+@pytest.mark.parametrize("op, sparsity", [("and", "exact"), ("nand", "bernoulli"), ("xor", "at_most")])
+@pytest.mark.parametrize("kind", ["balanced", "cells", "mse"])
+def test_sampled_output_loss_is_exact_with_all_columns(op, sparsity, kind):
+    task = UANDTask(DataConfig(m=12, s=3, op=op, sparsity=sparsity))
+    model = UANDModel.for_task(task, ModelConfig(d=10))
+    with torch.no_grad():
+        model.R.normal_(0, 0.3)
+        model.c.normal_(0, 0.1)
+    x, inputs = task.sample(64, torch.Generator().manual_seed(0))
+    full = uand_loss(model(inputs), task.targets(x), kind, task.cells(x))
+    est = sampled_output_loss(model, task, x, inputs, kind, task.n_pairs, torch.Generator().manual_seed(1))
+    assert est.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_sampled_output_loss_is_unbiased_for_the_mse():
+    task = UANDTask(DataConfig(m=15, s=2))
+    model = UANDModel.for_task(task, ModelConfig(d=8))
+    with torch.no_grad():
+        model.R.normal_(0, 0.3)
+    x, inputs = task.sample(32, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = uand_loss(model(inputs), task.targets(x), "mse").item()
+        g = torch.Generator().manual_seed(2)
+        draws = torch.tensor([sampled_output_loss(model, task, x, inputs, "mse", 10, g).item() for _ in range(400)])
+    assert abs(draws.mean().item() - full) < 4 * draws.std().item() / 20 + 1e-6
+
+
+def test_training_with_sampled_outputs_learns():
+    task = UANDTask(DataConfig(m=16, s=2))
+    model = UANDModel.for_task(task, ModelConfig(d=40))
+    train(model, task, TrainConfig(steps=400, batch_size=128, lr=1e-2, output_sample=16))
+    m = evaluate(model, task, *task.sample(1000, torch.Generator().manual_seed(4)))
+    assert m.balanced_acc > 0.95 and m.mse_pos < 0.25

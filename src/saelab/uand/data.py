@@ -101,6 +101,25 @@ def active_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, pair_index(ca[valid], cb[valid], m)
 
 
+def touched_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, pair) of every pair with at least one input on: all outputs not in cell 00.
+
+    About s*m per row instead of C(m, 2); the rest share cell 00 and can be sampled.
+    """
+    n, m = x.shape
+    on = x > 0
+    k = int(on.sum(1).max()) if n else 0
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    a = torch.where(on, torch.arange(m), m).sort(dim=1).values[:, :k, None]  # [n, k, 1], padding = m
+    c = torch.arange(m)[None, None, :]
+    # every partner c of an active a, counting a pair of two actives once (from its smaller end)
+    keep = (a < m) & (c != a) & ~(on[:, None, :] & (c < a))
+    rows = torch.arange(n)[:, None, None].expand(n, k, m)[keep]
+    a, c = a.expand(n, k, m)[keep], c.expand(n, k, m)[keep]
+    return rows, pair_index(torch.minimum(a, c), torch.maximum(a, c), m)
+
+
 @dataclass
 class DataConfig:
     """The task: which inputs occur and which boolean function of each pair is the target."""
@@ -229,6 +248,14 @@ class UANDTask:
         y = apply_table(self.table, x[:, i], x[:, j])
         if self.circuit_table is not None:
             y = apply_table(self.circuit_table, y, x[:, self.third])
+        return y
+
+    def targets_at(self, x: torch.Tensor, rows: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """Targets of the given (row, pair) entries only (broadcasting rows against pairs)."""
+        i, j = self.pairs
+        y = apply_table(self.table, x[rows, i[pairs]], x[rows, j[pairs]])
+        if self.circuit_table is not None:
+            y = apply_table(self.circuit_table, y, x[rows, self.third[pairs]])
         return y
 
     def positive_rate(self) -> float:
