@@ -5,6 +5,7 @@ from saelab.sae.registry import create, get_class, list_architectures, make_conf
 
 # Each import registers its architectures.
 from saelab.sae import relu, gated, jumprelu, topk  # noqa: E402,F401
+from saelab.sae import matryoshka, panneal, switch  # noqa: E402,F401
 
 __all__ = [
     "SAE",

@@ -72,6 +72,9 @@ class SAE(torch.nn.Module):
     # The config field that trades sparsity for fidelity (a sparsity coefficient, or k);
     # sweeps and frontier plots vary it without knowing the architecture.
     sweep_parameter: ClassVar[str | None] = None
+    # True when decode needs the batch's token ids (`decode(f, tokens=...)`); metrics and the
+    # trainer then pass them. Without ids such an SAE must still work (see Tokenized).
+    uses_tokens: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -112,6 +115,13 @@ class SAE(torch.nn.Module):
             )
 
     # ------------------------------------------------------------------ training
+    def init_from_data(self, sample: Any) -> None:
+        """Data-dependent initialisation (k-means candidates, per-token means, fitted baselines).
+
+        The trainer calls it once before the first step (never on resume) with a `Batch` of the
+        first batches, inputs already scaled and b_dec initialised. Default: nothing.
+        """
+
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
 

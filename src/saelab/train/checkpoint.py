@@ -74,7 +74,9 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((version, tuple(internal), gauss))
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _optimizer_state(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    if optimizer is None:  # a fitted model with no trainable parameters
+        return {}, []
     sd = optimizer.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -83,7 +85,9 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, sd["param_groups"]
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def _load_optimizer_state(optimizer: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    if optimizer is None:
+        return
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)

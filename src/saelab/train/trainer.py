@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from tqdm.auto import tqdm
 
-from saelab.activations.base import ActivationSource, as_source
+from saelab.activations.base import ActivationSource, Batch, as_source
 from saelab.config import StrictModel
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.sae.base import SAE, StepContext
@@ -142,7 +142,8 @@ class Trainer:
         so training still sees those batches."""
         start = self.source.state_dict()
         with torch.no_grad():
-            sample = torch.cat([self._next_x() for _ in range(self.cfg.norm_estimation_batches)])
+            batches = [self._next_batch() for _ in range(self.cfg.norm_estimation_batches)]
+            sample = torch.cat([b.x for b in batches])
             if self.cfg.normalize_activations == "expected_norm":
                 mean_norm = float(sample.norm(dim=1).mean())
                 if mean_norm == 0:
@@ -155,6 +156,9 @@ class Trainer:
                 self.sae.b_dec.copy_(geometric_median(sample[:8192]))
             elif self.cfg.b_dec_init == "mean":
                 self.sae.b_dec.copy_(sample.mean(0))
+            tokens = [b.tokens for b in batches]
+            tokens = torch.cat(tokens).to(sample.device) if all(t is not None for t in tokens) else None
+            self.sae.init_from_data(Batch(x=sample, tokens=tokens))
         self.source.load_state_dict(start)
 
     # ------------------------------------------------------------------ loop
@@ -205,7 +209,7 @@ class Trainer:
         )
 
     def _train_step(self, x: torch.Tensor, batch=None):
-        for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups if self.optimizer is not None else []:
             group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
         ctx = StepContext(
             sparsity_scale=sparsity_factor(self.cfg, self.step),
@@ -222,12 +226,13 @@ class Trainer:
                 f"step {self.step}: the loss is not finite ({terms}); training stopped before the update, "
                 "last good checkpoint kept; lower lr or check the activations' scale"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sae.before_optimizer_step()
-        if self.cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip_norm)
-        self.optimizer.step()
+        if self.optimizer is not None:  # None: a fitted model (e.g. PCA) with nothing to train
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.sae.before_optimizer_step()
+            if self.cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip_norm)
+            self.optimizer.step()
         self.sae.after_optimizer_step(out)
         self.stats.update(out.feature_acts.detach())
         return out
@@ -241,7 +246,7 @@ class Trainer:
             return {
                 "step": self.step,
                 "tokens": self.tokens,
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0,
                 "sparsity_scale": sparsity_factor(self.cfg, self.step - 1),
                 "losses": {k: float(v) for k, v in out.losses.items()},
                 "loss": float(out.loss),
@@ -277,8 +282,11 @@ class Trainer:
         self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
 
 
-def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam | None:
+    """Adam over the trainable parameters; None when there are none (fitted baselines)."""
     params = [p for p in sae.parameters() if p.requires_grad]
+    if not params:
+        return None
     try:  # the fused kernel is several times faster on CPU and GPU
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, fused=True)
     except (RuntimeError, TypeError):

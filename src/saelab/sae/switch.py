@@ -1,0 +1,129 @@
+"""Switch SAE (Mudide, Engels, Michaud, Tegmark, Schroeder de Witt 2024, arXiv 2410.08201).
+
+N expert TopK SAEs of width m = d_sae / N share b_dec. A router p(x) = softmax((x - b_router) W_router)
+sends each token to e* = argmax p, and x_hat = b_dec + p_{e*}(x) * W_dec[e*] TopK(W_enc[e*] (x - b_dec)).
+Scaling by the router probability gives the router a gradient; a Switch-Transformer load-balancing
+loss alpha * N * sum_e f_e P_e (f_e: fraction of tokens routed to e, P_e: mean router probability)
+keeps the experts in use. Each token touches only its expert's m columns, so encoder compute
+scales with the expert size, not the total width.
+
+Latents live in one [d_sae] vector (expert e owns columns e*m .. (e+1)*m) and already include the
+router scale, so decode is the ordinary f @ W_dec + b_dec and every metric applies unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
+
+from saelab.sae.base import SAE, StepContext, TrainOutput, mse_per_token
+from saelab.sae.registry import register
+from saelab.sae.topk import TopKConfig, auxk_loss
+
+
+class SwitchConfig(TopKConfig):
+    architecture: str = "switch"
+    n_experts: PositiveInt = Field(4, description="Number of experts N; must divide d_sae.")
+    load_balance_coefficient: NonNegativeFloat = Field(
+        0.01, description="alpha on the load-balancing loss alpha * N * sum_e f_e P_e (equals alpha when balanced)."
+    )
+
+    @model_validator(mode="after")
+    def _experts_fit(self):
+        if self.d_sae % self.n_experts:
+            raise ValueError(
+                f"n_experts={self.n_experts} does not divide d_sae={self.d_sae}; choose d_sae a multiple of n_experts"
+            )
+        if self.k > self.d_sae // self.n_experts:
+            raise ValueError(
+                f"k={self.k} exceeds the expert width d_sae/n_experts={self.d_sae // self.n_experts}; lower k or n_experts"
+            )
+        return self
+
+    @property
+    def expert_size(self) -> int:
+        return self.d_sae // self.n_experts
+
+
+@register
+class SwitchSAE(SAE):
+    architecture = "switch"
+    Config = SwitchConfig
+    sweep_parameter = "k"
+
+    def __init__(self, cfg: SwitchConfig):
+        super().__init__(cfg)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.W_router = torch.nn.Parameter(torch.randn(cfg.d_in, cfg.n_experts, generator=gen) / cfg.d_in**0.5)
+        self.b_router = torch.nn.Parameter(torch.zeros(cfg.d_in))
+
+    # ------------------------------------------------------------------ routing
+    def router_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax((x - self.b_router) @ self.W_router, dim=-1)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents [B, d_sae] scaled by the router prob, expert [B], router probs [B, N], pre-acts [B, m])."""
+        self._check_input(x)
+        probs = self.router_probs(x)
+        top_p, expert = probs.max(dim=-1)
+        xc = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        m, k = self.cfg.expert_size, self.cfg.k
+        W = self.W_enc.view(self.cfg.d_in, self.cfg.n_experts, m)
+        b = self.b_enc.view(self.cfg.n_experts, m)
+        f = xc.new_zeros(x.shape[0], self.cfg.d_sae)
+        pre_all = xc.new_zeros(x.shape[0], m)
+        for e in range(self.cfg.n_experts):  # each token runs only its own expert's encoder
+            rows = (expert == e).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            pre = xc.index_select(0, rows) @ W[:, e] + b[e]
+            top, idx = pre.topk(k, dim=-1, sorted=False)
+            acts = torch.relu(top) * top_p.index_select(0, rows)[:, None]
+            f = f.index_put((rows[:, None], idx + e * m), acts)
+            pre_all = pre_all.index_copy(0, rows, pre)
+        return f, expert, probs, pre_all
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.route(x)[0]
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense pre-activations of every expert (for analysis; routing uses only one)."""
+        return super().pre_acts(x)
+
+    # ------------------------------------------------------------------ training
+    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        f, expert, probs, _ = self.route(x)
+        x_hat = self.decode(f)
+        n = self.cfg.n_experts
+        frac = torch.bincount(expert, minlength=n).to(probs.dtype) / x.shape[0]
+        balance = self.cfg.load_balance_coefficient * n * (frac * probs.mean(0)).sum()
+        losses = {"mse": mse_per_token(x_hat, x), "load_balance": balance}
+        # AuxK over the dead latents of each token's own expert (dead latents elsewhere cost it no compute).
+        if ctx.dead_mask is not None and ctx.dead_mask.any():
+            own = torch.zeros_like(f, dtype=torch.bool).view(-1, n, self.cfg.expert_size)
+            own[torch.arange(x.shape[0]), expert] = True
+            pre = torch.where(own.view_as(f), super().pre_acts(x), torch.full_like(f, float("-inf")))
+            losses["auxk"] = auxk_loss(self, pre, x, x_hat, ctx).nan_to_num(0.0)
+        else:
+            losses["auxk"] = x.new_zeros(())
+        return TrainOutput(x_hat, f, losses)
+
+    # ------------------------------------------------------------------ reports
+    @torch.no_grad()
+    def expert_utilisation(self, x: torch.Tensor) -> torch.Tensor:
+        """Fraction of tokens routed to each expert [N]."""
+        expert = self.router_probs(x).argmax(-1)
+        return torch.bincount(expert, minlength=self.cfg.n_experts).float() / x.shape[0]
+
+    def flops_per_token(self) -> dict[str, int]:
+        """Multiply-adds x2 per token: router, the one expert's encoder, and the k-row sparse decoder."""
+        d, n, m, k = self.cfg.d_in, self.cfg.n_experts, self.cfg.expert_size, self.cfg.k
+        router, encoder, decoder = 2 * d * n, 2 * d * m, 2 * k * d
+        return {"router": router, "encoder": encoder, "decoder": decoder, "total": router + encoder + decoder,
+                "dense_topk_encoder": 2 * d * self.cfg.d_sae}
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        super().fold_input_scale(scale)
+        self.W_router *= scale  # (x s - b_r) W_r = (x - b_r / s)(s W_r)
+        self.b_router /= scale
