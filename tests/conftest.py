@@ -3,6 +3,11 @@ import torch
 
 import saelab
 
+# Toy-sized tensors gain little from intra-op threads, and several multi-threaded torch
+# processes on a 2-core machine (pytest plus demo workers, or a second job) slow each other
+# down by an order of magnitude or more.
+torch.set_num_threads(1)
+
 
 def small_config(arch: str, d_in: int = 12, d_sae: int = 32, **extra) -> dict:
     cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, **extra}
