@@ -1,0 +1,148 @@
+"""The report folder of `saelab bench toy`: results.json, report.md, report.html and PNG plots."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from saelab.io.atomic import save_figure, write_json, write_text
+from saelab.report import _fmt, markdown_table
+
+LEADERBOARD = ["architecture", "setting", "l0", "fvu", "recovered_fraction", "mcc", "mean_matched_cosine",
+               "shrinkage", "dead_fraction", "train_seconds"]
+PATHOLOGY = ["world", "architecture", "l0", "shrinkage", "feature_magnitude_ratio", "absorption",
+             "absorption_baseline", "hedging", "splitting", "merging", "entity_recovered", "attribute_recovered"]
+L0_CHOICE = ["world", "architecture", "multiplier", "setting", "l0", "true_l0", "nth_decoder_projection",
+             "merging", "recovered_fraction", "fvu"]
+
+
+def default_rows(records: list[dict]) -> list[dict]:
+    """The default setting (multiplier 1) of each architecture, averaged over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if "error" not in r and r["multiplier"] == 1.0:
+            groups.setdefault((r["world"], r["architecture"]), []).append(r)
+    rows = []
+    for (world, arch), rs in groups.items():
+        row: dict[str, Any] = {"world": world, "architecture": arch, "setting": rs[0]["setting"], "seeds": len(rs)}
+        for key in rs[0]:
+            vals = [r.get(key) for r in rs]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and key not in ("seed", "multiplier"):
+                row[key] = sum(vals) / len(vals)
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict], wanted: list[str]) -> list[str]:
+    return [c for c in wanted if any(c in r for r in rows)]
+
+
+def _html_table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def plot_world(records: list[dict], world: str, path: Path) -> None:
+    """FVU vs L0 and recovery vs L0 for every architecture on one world (true L0 marked)."""
+    from saelab.plotting import new_figure
+
+    rs = [r for r in records if r["world"] == world and "error" not in r]
+    if not rs:
+        return
+    fig, axes = new_figure(ncols=2, size=(5.0, 4.0))
+    for arch in sorted({r["architecture"] for r in rs}):
+        pts = sorted((r for r in rs if r["architecture"] == arch), key=lambda r: r["l0"])
+        axes[0][0].plot([r["l0"] for r in pts], [max(r["fvu"], 1e-6) for r in pts], "o-", label=arch)
+        axes[0][1].plot([r["l0"] for r in pts], [r["recovered_fraction"] for r in pts], "o-", label=arch)
+    for ax in axes[0]:
+        ax.axvline(rs[0]["true_l0"], ls="--", c="grey", lw=1, label="true L0")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set(xlabel="L0", ylabel="FVU", yscale="log", title=f"{world}: sparsity / fidelity")
+    axes[0][1].set(xlabel="L0", ylabel="true features recovered (cos >= 0.9)", ylim=(0, 1.02), title=f"{world}: recovery")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def plot_pathologies(rows: list[dict], path: Path) -> None:
+    """A heat map of the pathology table (default settings): rows world/architecture, columns metrics."""
+    import numpy as np
+
+    from saelab.plotting import new_figure
+
+    metrics = ["shrinkage", "absorption", "hedging", "splitting", "merging", "recovered_fraction", "mcc"]
+    if not rows:
+        return
+    labels = [f"{r['world']}/{r['architecture']}" for r in rows]
+    data = np.array([[r.get(m, np.nan) for m in metrics] for r in rows], dtype=float)
+    fig, axes = new_figure(size=(7.0, 0.28 * len(rows) + 1.5))
+    ax = axes[0][0]
+    ax.imshow(np.nan_to_num(data, nan=0.0), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if data[i, j] < 0.5 else "black")
+    ax.set_xticks(range(len(metrics)), metrics, rotation=30, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_title("pathologies at the default setting (blank: does not apply)")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def write_report(result, cfg, out: Path) -> None:
+    records = result.records
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", [{k: v for k, v in r.items() if k != "traceback"} for r in records])
+    if result.tms is not None:
+        write_json(out / "tms.json", result.tms)
+    rows = default_rows(records)
+    worlds = [w for w in cfg.worlds if any(r["world"] == w for r in records)]
+    plots = []
+    for w in worlds:
+        plot_world(records, w, out / f"frontier_{w}.png")
+        plots.append(f"frontier_{w}.png")
+    plot_pathologies(rows, out / "pathologies.png")
+    plots.append("pathologies.png")
+    if result.tms is not None:
+        plots.append("tms.png")
+
+    from saelab.bench.toy import WORLDS
+
+    sections: list[tuple[str, str, list[dict], list[str]]] = []
+    for w in worlds:
+        board = sorted((r for r in rows if r["world"] == w), key=lambda r: (-r["recovered_fraction"], r["fvu"]))
+        spec = {**WORLDS[w][1 if cfg.quick else 0]}
+        true_l0 = board[0]["true_l0"] if board else float("nan")
+        sections.append((f"Leaderboard: {w}", f"World `{json.dumps(spec)}`, true L0 {true_l0:.2f}. "
+                         "Default setting of each architecture, sorted by recovered fraction.", board, _columns(board, LEADERBOARD)))
+    sections.append(("Pathology table", "Default settings. shrinkage is gamma* (< 1: shrinks); absorption is "
+                     "P(parent latent silent | child fires) with its baseline P(silent | parent alone); hedging is "
+                     "the child direction's excess cosine in the parent latent; splitting and merging are fractions "
+                     "of true features.", rows, _columns(rows, PATHOLOGY)))
+    l0_rows = [r for r in records if "error" not in r and isinstance(r.get("setting"), int)]
+    sections.append(("Choosing L0", "k-like architectures across the sweep: the nth decoder projection "
+                     "(n = d_sae / 8) should fall towards the true L0 and flatten after it.", l0_rows, _columns(l0_rows, L0_CHOICE)))
+    errors = [r for r in records if "error" in r]
+    if errors:
+        sections.append(("Runs that failed", "These architectures could not train on toy data as configured.",
+                         errors, ["world", "architecture", "multiplier", "error"]))
+
+    header = (f"{len(records)} runs, {len(worlds)} worlds, {'quick' if cfg.quick else 'full'} mode, "
+              f"{cfg.steps} steps per SAE, seeds {cfg.seeds}; wall time {result.wall_seconds:.1f} s.")
+    md = ["# saelab bench toy\n", header + "\n"]
+    for title, text, rs, cols in sections:
+        md += [f"## {title}\n", text + "\n", markdown_table(rs, cols)]
+    md += ["## Plots\n", *[f"![{p}]({p})\n" for p in plots]]
+    write_text(out / "report.md", "\n".join(md))
+    body = [f"<h1>saelab bench toy</h1><p>{html.escape(header)}</p>"]
+    for title, text, rs, cols in sections:
+        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>{_html_table(rs, cols)}")
+    body.append("<h2>Plots</h2>" + "".join(f'<p><img src="{p}" alt="{p}"></p>' for p in plots))
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}")
+    write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>saelab bench toy</title>"
+                                    f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
