@@ -27,10 +27,10 @@ def test_top_contexts_density_and_logit_lens(gpt2, tokenizer, texts):
         from saelab.models import hooks
 
         h = hooks.run(gpt2, all_ids[c["row"]:c["row"] + 1], hooks.resolve(gpt2, "transformer.h.0"))["transformer.h.0"]
-        f = sae.encode(h[0, c["position"]])[e["latent"]]
+        f = sae.encode(h[0, c["position"]])[e["latent"]].detach()
         assert abs(float(f) - c["activation"]) < 1e-4 and c["activations"][c["max_index"]] == round(c["activation"], 4)
         assert c["tokens"][c["max_index"]] == tokenizer.decode([int(all_ids[c["row"], c["position"]])])
         promoted = e["logit_lens"]["promoted"][0][0]
-        top = int((gpt2.lm_head.weight @ sae.W_dec[e["latent"]]).argmax())
+        top = int((gpt2.lm_head.weight @ sae.W_dec[e["latent"]]).detach().argmax())
         assert promoted == tokenizer.decode([top])
     assert "latent" in text_report(res) and "<span" in html_report(res)
