@@ -1,0 +1,86 @@
+"""`saelab bench toy`: plan, records, report folder, CLI, and bad configs."""
+
+import json
+
+import pytest
+import torch
+
+import saelab
+from saelab.bench import WORLDS, BenchConfig, run_toy_bench
+from saelab.bench.toy import knob_value, plan, run_one
+from saelab.cli import main
+from saelab.errors import ConfigError
+from saelab.sae.registry import get_class
+
+REQUIRED = {"world", "architecture", "l0", "fvu", "recovered_fraction", "shrinkage", "splitting", "merging"}
+
+
+def test_plan_covers_every_registered_architecture_and_sets_k_from_the_true_l0():
+    cfg = BenchConfig.quick_config(worlds=["correlated"], multipliers=[0.5, 1.0, 2.0])
+    jobs = plan(cfg)
+    assert {j["sae"]["architecture"] for j in jobs} == set(saelab.list_architectures())
+    topk = [j for j in jobs if j["sae"]["architecture"] == "topk"]
+    true_l0 = topk[0]["true_l0"]
+    assert [j["sae"]["k"] for j in topk] == [max(1, round(true_l0 * m)) for m in (0.5, 1.0, 2.0)]
+    relu = [j for j in jobs if j["sae"]["architecture"] == "relu"]
+    default = get_class("relu").Config.model_fields["l1_coefficient"].default
+    assert [j["sae"]["l1_coefficient"] for j in relu] == pytest.approx([default / m for m in (0.5, 1.0, 2.0)])
+    assert knob_value(get_class("topk"), 1.0, 0.2) == ("k", 1)  # never below 1
+
+
+def test_a_failing_architecture_becomes_an_error_record():
+    job = plan(BenchConfig.quick_config(worlds=["independent"], architectures=["topk"]))[0]
+    job["sae"]["k"] = 10_000  # larger than d_sae: the config is rejected
+    rec = run_one(job)
+    assert "error" in rec and "k=10000" in rec["error"] and rec["architecture"] == "topk"
+
+
+def test_benchmark_writes_results_report_and_plots(tmp_path):
+    torch.set_num_threads(1)
+    cfg = BenchConfig.quick_config(worlds=["hierarchical", "bundle"], architectures=["topk", "relu"],
+                                   multipliers=[0.5, 1.0], steps=40, eval_tokens=1024, jobs=1)
+    result = run_toy_bench(cfg, tmp_path, log=lambda *_: None)
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert len(records) == len(result.records) == 2 * 2 * 2
+    for r in records:
+        assert REQUIRED <= set(r), set(r)
+        assert 0 <= r["recovered_fraction"] <= 1
+    hier = [r for r in records if r["world"] == "hierarchical"]
+    assert all({"absorption", "hedging"} <= set(r) for r in hier)
+    assert all("entity_recovered" in r for r in records if r["world"] == "bundle")
+    md = (tmp_path / "report.md").read_text()
+    assert "## Leaderboard: hierarchical" in md and "## Pathology table" in md and "## Choosing L0" in md
+    assert "<table>" in (tmp_path / "report.html").read_text()
+    for png in ("frontier_hierarchical.png", "frontier_bundle.png", "pathologies.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_cli_runs_the_quick_benchmark(tmp_path, capsys):
+    torch.set_num_threads(1)
+    rc = main(["bench", "toy", "--quick", "--out", str(tmp_path), "--worlds", "independent",
+               "--architectures", "topk", "--steps", "30", "--jobs", "1"])
+    assert rc == 0
+    assert json.loads((tmp_path / "results.json").read_text())[0]["world"] == "independent"
+    assert "recovered_fraction" in capsys.readouterr().out
+
+
+def test_bad_bench_configs_name_the_field(capsys):
+    with pytest.raises(ConfigError, match="unknown world"):
+        BenchConfig.parse({"worlds": ["moon"]})
+    with pytest.raises(ConfigError, match="multipliers"):
+        BenchConfig.parse({"multipliers": [0]})
+    with pytest.raises(ConfigError, match="unknown key 'step'"):
+        BenchConfig.parse({"step": 3})
+    with pytest.raises(ConfigError, match="unknown architecture 'nope'"):
+        plan(BenchConfig.quick_config(architectures=["nope"]))
+    assert main(["bench", "toy", "--worlds", "moon"]) == 2
+    assert "unknown world" in capsys.readouterr().err
+
+
+def test_every_named_world_builds_in_both_sizes():
+    from saelab.toys.worlds import World
+
+    for name, (full, quick) in WORLDS.items():
+        for spec in (full, quick):
+            w = World(spec)
+            assert w.n_features >= w.expected_l0 > 0.5, name
