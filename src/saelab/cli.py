@@ -18,6 +18,7 @@ from saelab.errors import SaelabError
 COMMAND_MODULES = [
     "saelab.commands",  # demo, train, eval
     "saelab.uand.cli",  # uand EXPERIMENT
+    "saelab.models.cli",  # harvest, fidelity, inspect, steer (real models)
     "saelab.bench.cli",  # bench toy
 ]
 

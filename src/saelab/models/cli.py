@@ -1,0 +1,198 @@
+"""`saelab harvest`, `saelab fidelity`, `saelab inspect` and `saelab steer`: real models from the shell.
+
+Each takes the model, hookpoint and text either from flags or, for commands that read an SAE,
+from the source config saved with the SAE (`saelab train` records it), and writes
+`--out DIR/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from saelab.errors import ConfigError
+from saelab.io.atomic import write_json, write_text
+
+
+def _model_flags(p: argparse.ArgumentParser, need_hookpoint: bool = False) -> None:
+    p.add_argument("--model", help="Local model folder, a model in the local Hugging Face cache, or 'smollm2' (default model).")
+    p.add_argument("--gguf-file", help="GGUF file inside --model, for quantised checkpoints.")
+    p.add_argument("--hookpoint", nargs="+" if need_hookpoint else None,
+                   help="Module path(s), globs allowed (model.layers.*); ':input' reads a module's input.")
+    p.add_argument("--data", help="Text: 'pydoc' (Python's help topics), a .txt/.jsonl/.parquet path, or a folder's file.")
+    p.add_argument("--column", default=None, help="Text column of a JSONL/Parquet dataset (default: text).")
+    p.add_argument("--context-size", type=int, default=None, help="Tokens per row (default: as trained, else 128).")
+    p.add_argument("--device", default=None, help="torch device (default: cpu).")
+    p.add_argument("--dtype", default=None, help="Model dtype: float32 (default), bfloat16, float16.")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("harvest", help="Run a model over text once and cache activations at hookpoints to disk.")
+    _model_flags(p, need_hookpoint=True)
+    p.add_argument("--tokens", type=int, default=None, help="Stop after this many kept tokens (default: all the data).")
+    p.add_argument("--shard-tokens", type=int, default=262_144, help="Tokens per shard file (default: 262144).")
+    p.add_argument("--cache-dtype", default="float32", help="Stored dtype: float32, bfloat16 or float16.")
+    p.add_argument("--model-batch-size", type=int, default=8, help="Rows per forward pass (default: 8).")
+    p.add_argument("--out", required=True, help="Cache folder (continues a partial cache of the same model/hookpoints).")
+    p.set_defaults(func=run_harvest)
+
+    for name, func, help_ in [
+        ("fidelity", run_fidelity, "Splice an SAE into its model: CE loss recovered, KL, error-term check."),
+        ("inspect", run_inspect, "Top-activating contexts, density and logit lens of an SAE's latents."),
+    ]:
+        p = subparsers.add_parser(name, help=help_)
+        p.add_argument("sae", help="SAE folder (SAELens layout, e.g. RUN/sae).")
+        _model_flags(p)
+        p.add_argument("--rows", type=int, default=64, help="Text rows to evaluate on (default: 64).")
+        p.add_argument("--skip-docs", type=int, default=0, help="Start this many documents into the data (held-out text).")
+        p.add_argument("--out", required=True, help="Folder for results.json (and the reports).")
+        if name == "inspect":
+            p.add_argument("--latents", help="Comma-separated latent ids (default: the most frequent ones).")
+            p.add_argument("--n-latents", type=int, default=20, help="How many latents when --latents is not given.")
+            p.add_argument("--top-k", type=int, default=8, help="Contexts per latent (default: 8).")
+        p.set_defaults(func=func)
+
+    p = subparsers.add_parser("steer", help="Generate text with and without adding an SAE latent's decoder direction.")
+    p.add_argument("sae", help="SAE folder.")
+    _model_flags(p)
+    p.add_argument("--latent", type=int, required=True, help="Latent id.")
+    p.add_argument("--scale", type=float, required=True, help="Multiple of the decoder direction (add) or the value (clamp).")
+    p.add_argument("--mode", choices=["add", "clamp"], default="add")
+    p.add_argument("--prompt", default="The", help="Prompt text.")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--out", help="Folder for results.json.")
+    p.set_defaults(func=run_steer)
+
+
+# ---------------------------------------------------------------------------- shared
+def _spec_from(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model/hookpoint/data from flags, falling back to the SAE's recorded training source."""
+    spec: dict[str, Any] = {}
+    if saved:
+        spec.update({k: v for k, v in saved.items()
+                     if k in ("model", "gguf_file", "hookpoint", "data", "column", "context_size", "dtype", "device",
+                              "packing", "prepend_bos", "exclude_special")})
+    for flag, key in [("model", "model"), ("gguf_file", "gguf_file"), ("hookpoint", "hookpoint"), ("data", "data"),
+                      ("column", "column"), ("context_size", "context_size"), ("device", "device"), ("dtype", "dtype")]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            spec[key] = value
+    if "model" not in spec:
+        raise ConfigError("which model? pass --model (the SAE does not record a model source)")
+    if "hookpoint" not in spec:
+        raise ConfigError("which hookpoint? pass --hookpoint (the SAE does not record one)")
+    spec.setdefault("data", "pydoc")
+    return spec
+
+
+def _sae_and_spec(args: argparse.Namespace):
+    from saelab.io.saelens import load, read_config
+
+    sae = load(args.sae)
+    saved = (read_config(args.sae).get("metadata") or {}).get("saelab_source") or {}
+    if saved.get("type") == "cache":
+        from saelab.activations.cache import read_manifest
+
+        manifest = read_manifest(saved["path"])
+        saved = {"model": manifest["model"], "hookpoint": saved.get("hookpoint") or next(iter(manifest["hookpoints"])),
+                 "data": manifest.get("data"), "context_size": manifest.get("context_size")}
+    elif saved.get("type") not in (None, "model"):
+        saved = {}
+    return sae, _spec_from(args, saved)
+
+
+def _eval_rows(spec: dict[str, Any], n_rows: int, skip_docs: int):
+    """Model, tokenizer, hookpoint name, specials and `n_rows` rows of text for evaluation."""
+    from saelab.models.source import _load
+    from saelab.models.text import TokenRows, load_texts, special_ids
+
+    model, tokenizer = _load(spec)
+    hookpoint = spec["hookpoint"][0] if isinstance(spec["hookpoint"], list) else spec["hookpoint"]
+    ds = load_texts(spec["data"], spec.get("column", "text"))
+    if skip_docs:
+        if skip_docs >= len(ds):
+            raise ConfigError(f"--skip-docs {skip_docs} skips all {len(ds)} documents")
+        ds = ds.select(range(skip_docs, len(ds)))
+    rows = TokenRows(ds, tokenizer, int(spec.get("context_size", 128)), spec.get("packing", True),
+                     spec.get("prepend_bos", True))
+    batches, n = [], 0
+    while n < n_rows and (b := rows.next_rows(min(8, n_rows - n))) is not None:
+        batches.append(b)
+        n += b[0].shape[0]
+    specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
+    return model, tokenizer, hookpoint, specials, batches
+
+
+# ---------------------------------------------------------------------------- commands
+def run_harvest(args: argparse.Namespace) -> int:
+    from saelab.activations.cache import write_cache
+    from saelab.models.source import harvester_from_spec
+
+    spec = _spec_from(args)
+    spec["model_batch_size"] = args.model_batch_size
+    t0 = time.perf_counter()
+    harvester = harvester_from_spec(spec)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = spec["data"]
+    manifest = write_cache(harvester, args.out, args.tokens, args.shard_tokens, args.cache_dtype,
+                           data_desc=data if isinstance(data, (str, dict)) else "in-memory", progress=True)
+    seconds = time.perf_counter() - t0
+    record = {"cache": str(args.out), "model": manifest["model"], "hookpoints": manifest["hookpoints"],
+              "tokens": manifest["total_tokens"], "shards": len(manifest["shards"]), "complete": manifest["complete"],
+              "load_seconds": load_s, "harvest_seconds": seconds}
+    write_json(Path(args.out) / "results.json", record)
+    print(f"cached {record['tokens']} tokens at {', '.join(manifest['hookpoints'])} in {len(manifest['shards'])} "
+          f"shard(s) -> {args.out} ({seconds:.1f} s)")
+    return 0
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    from saelab.evals.downstream import downstream_fidelity
+
+    sae, spec = _sae_and_spec(args)
+    model, _, hookpoint, specials, batches = _eval_rows(spec, args.rows, args.skip_docs)
+    m = downstream_fidelity(sae, model, hookpoint, batches, specials, model_name=str(spec["model"]))
+    record = {"sae": str(args.sae), "model": spec["model"], **m.to_dict()}
+    write_json(Path(args.out) / "results.json", record)
+    for k, v in record.items():
+        print(f"  {k:32s} {v:.4g}" if isinstance(v, float) else f"  {k:32s} {v}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from saelab.models.inspection import html_report, inspect_latents, text_report
+
+    sae, spec = _sae_and_spec(args)
+    model, tokenizer, hookpoint, specials, batches = _eval_rows(spec, args.rows, args.skip_docs)
+    latents = [int(x) for x in args.latents.split(",")] if args.latents else None
+    res = inspect_latents(sae, model, tokenizer, hookpoint, batches, latents, args.n_latents, args.top_k,
+                          specials=specials)
+    res = {"sae": str(args.sae), "model": spec["model"], **res}
+    out = Path(args.out)
+    write_json(out / "results.json", res)
+    text = text_report(res)
+    write_text(out / "report.txt", text)
+    write_text(out / "report.html", html_report(res))
+    print(text[:3000])
+    print(f"wrote {out}/results.json, report.txt, report.html")
+    return 0
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    from saelab.models.source import _load
+    from saelab.models.steering import generate
+
+    sae, spec = _sae_and_spec(args)
+    model, tokenizer = _load(spec)
+    hookpoint = spec["hookpoint"][0] if isinstance(spec["hookpoint"], list) else spec["hookpoint"]
+    out = generate(model, tokenizer, args.prompt, hookpoint, sae, args.latent, scale=args.scale, mode=args.mode,
+                   max_new_tokens=args.max_new_tokens)
+    record = {"sae": str(args.sae), "latent": args.latent, "scale": args.scale, "mode": args.mode, **out}
+    if args.out:
+        write_json(Path(args.out) / "results.json", record)
+    print(json.dumps(record, indent=2))
+    return 0
