@@ -68,7 +68,7 @@ class BenchConfig(BaseModel):
     worlds: list[str] = Field(default_factory=lambda: list(WORLDS), description="Named worlds to run.")
     architectures: list[str] | None = Field(None, description="Architectures (default: every registered one).")
     multipliers: list[float] = Field([0.5, 1.0, 2.0], description="Sparsity sweep, as multiples of the true L0.")
-    steps: PositiveInt = Field(1200, description="Training steps per SAE.")
+    steps: PositiveInt = Field(800, description="Training steps per SAE.")
     batch_size: PositiveInt = Field(512, description="Training batch size.")
     eval_tokens: PositiveInt = Field(4096, description="Held-out tokens for the metrics.")
     seeds: list[int] = Field([0], description="Seeds (each gives its own world instance and SAE init).")
