@@ -35,7 +35,9 @@ def test_loss_terms_present_finite_and_gradient_reaches_every_parameter(arch):
     x = 3 * torch.randn(512, 12)
     ctx = StepContext(sparsity_scale=1.0, dead_mask=torch.ones(32, dtype=torch.bool))
     out = sae.loss_terms(x, ctx)
-    assert "mse" in out.losses and len(out.losses) >= 2
+    trainable = any(p.requires_grad for p in sae.parameters())
+    # Gradient-trained SAEs have a sparsity or auxiliary term; fitted baselines (PCA, ...) report what they minimised.
+    assert "mse" in out.losses and (len(out.losses) >= 2 or not trainable)
     for name, value in out.losses.items():
         assert value.dim() == 0 and torch.isfinite(value), name
     out.loss.backward()
@@ -90,7 +92,8 @@ def test_batchtopk_keeps_batch_times_k_in_training_and_threshold_at_inference():
     out = sae.loss_terms(x, StepContext())
     sae.after_optimizer_step(out)
     theta = float(sae.threshold)
-    assert theta == pytest.approx(float(out.feature_acts[out.feature_acts > 0].min()))
+    kept = out.feature_acts.detach()
+    assert theta == pytest.approx(float(kept[kept > 0].min()))
     sae.eval()
     pre = sae.pre_acts(x)
     assert torch.equal(sae.encode(x), pre * (pre > theta))
