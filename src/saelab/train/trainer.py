@@ -183,7 +183,11 @@ class Trainer:
         while self.step < self.cfg.steps:
             batch = self._next_batch()
             x = batch.x * self.input_scale
-            out = self._train_step(x, batch)
+            # A fitted model (no optimizer) does not change between steps: its forward pass runs
+            # only on logging steps, which also feed the latent statistics.
+            logging = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
+            if self.optimizer is not None or logging:
+                out = self._train_step(x, batch)
             self.step += 1
             self.tokens += x.shape[0]
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
@@ -218,7 +222,8 @@ class Trainer:
             total_steps=self.cfg.steps,
             batch=batch,
         )
-        out = self.sae.loss_terms(x, ctx)
+        with torch.set_grad_enabled(self.optimizer is not None):
+            out = self.sae.loss_terms(x, ctx)
         loss = out.loss
         if not torch.isfinite(loss):
             terms = {k: float(v) for k, v in out.losses.items()}
