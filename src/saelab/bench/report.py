@@ -52,11 +52,15 @@ def plot_world(records: list[dict], world: str, path: Path) -> None:
     rs = [r for r in records if r["world"] == world and "error" not in r]
     if not rs:
         return
+    import matplotlib
+
     fig, axes = new_figure(ncols=2, size=(5.0, 4.0))
-    for arch in sorted({r["architecture"] for r in rs}):
+    colours = matplotlib.colormaps["tab20"]
+    for i, arch in enumerate(sorted({r["architecture"] for r in rs})):
         pts = sorted((r for r in rs if r["architecture"] == arch), key=lambda r: r["l0"])
-        axes[0][0].plot([r["l0"] for r in pts], [max(r["fvu"], 1e-6) for r in pts], "o-", label=arch)
-        axes[0][1].plot([r["l0"] for r in pts], [r["recovered_fraction"] for r in pts], "o-", label=arch)
+        style = {"color": colours(i % 20), "marker": "osD^v<>"[i % 7], "label": arch}
+        axes[0][0].plot([r["l0"] for r in pts], [max(r["fvu"], 1e-6) for r in pts], "-", **style)
+        axes[0][1].plot([r["l0"] for r in pts], [r["recovered_fraction"] for r in pts], "-", **style)
     for ax in axes[0]:
         ax.axvline(rs[0]["true_l0"], ls="--", c="grey", lw=1, label="true L0")
         ax.grid(alpha=0.3)
