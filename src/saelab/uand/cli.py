@@ -27,7 +27,11 @@ def register(subparsers) -> None:
         sub.add_argument("--quick", action="store_true", help="small sizes: seconds instead of minutes")
         sub.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
         sub.add_argument("--out", type=Path, default=None, help="output folder (default runs/uand/EXPERIMENT)")
-        sub.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        sub.add_argument(
+            "--threads", type=int, default=1,
+            help="torch CPU threads (default 1: these matrices are small, and one thread never oversubscribes "
+            "a shared CPU; raise it for large m or d)",
+        )
         sub.set_defaults(func=_run)
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
 
@@ -37,10 +41,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from saelab.uand.experiments import run_experiment
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads={args.threads}: need at least 1 thread")
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise ConfigError(f"--threads={args.threads}: need at least 1 thread")
+    torch.set_num_threads(args.threads)
     out = args.out or Path("runs/uand") / args.experiment
     record = run_experiment(args.experiment, out, quick=args.quick, seed=args.seed)
     rows = [
