@@ -112,7 +112,7 @@ class TokenRows:
         context_size: int = 128,
         packing: bool = True,
         prepend_bos: bool = True,
-        docs_per_call: int = 32,
+        docs_per_call: int = 4,
     ):
         if context_size < 2:
             raise ConfigError(f"context_size must be at least 2 (got {context_size})")
