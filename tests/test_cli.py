@@ -55,7 +55,7 @@ def test_train_from_yaml_then_resume_is_a_no_op(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("sae: {architecture: relu3, d_in: 4, d_sae: 8}\n", "valid architectures: batchtopk"),
+        ("sae: {architecture: relu3, d_in: 4, d_sae: 8}\n", "valid architectures: archetypal, batchtopk"),
         ("sae: {architecture: topk, d_in: 4, d_sae: 8, k: 9}\n", "k=9 is larger than d_sae=8"),
         ("sae: {architecture: relu, d_in: 4, d_sae: 8}\ntrain: {stepz: 3}\n", "unknown key 'stepz'"),
         ("sae: {architecture: relu, d_in: 4, d_sae: 8}\nsource: {type: web}\n", "unknown source type 'web'"),

@@ -140,7 +140,7 @@ def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict
             settings = [default * m for m in (0.5, 1.0, 2.0)]
         else:
             settings = [None]
-        if quick:
+        if quick and len(settings) > 1:
             settings = settings[1:2]
         for i, value in enumerate(settings):
             cfg = dict(base) if value is None else {**base, knob: value}

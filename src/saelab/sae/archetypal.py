@@ -5,7 +5,7 @@ fixed candidate points (k-means centroids of the centred training activations, c
 `init_from_data`), A [d_sae, n_candidates] is row-stochastic (each atom is a convex combination
 of candidates), and Lambda is a relaxation with ||Lambda_i|| <= delta (delta = 0: A-SAE, strictly
 inside the data's convex hull; delta > 0: RA-SAE). A and Lambda are projected back onto their
-constraint sets after every optimizer step, as in the reference implementation (`overcomplete`).
+constraint sets after every optimizer step (A onto the simplex, Lambda onto the delta-ball).
 Anchoring atoms to data points is what makes dictionaries stable across seeds. The encoder is
 TopK's (any encoder works; TopK is the paper's main one). Saved under its own name with A, C,
 Lambda and the scale, since SAELens has no such parametrisation.
@@ -56,6 +56,17 @@ def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.T
             break
         c = new
     return c
+
+
+def project_to_simplex(a: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row onto the probability simplex (Duchi et al. 2008).
+    Unlike relu-then-normalise, it never leaves a row all zero after a large step."""
+    u = a.sort(dim=1, descending=True).values
+    css = u.cumsum(1) - 1
+    ks = torch.arange(1, a.shape[1] + 1, device=a.device, dtype=a.dtype)
+    rho = ((u - css / ks) > 0).to(a.dtype).mul(ks).argmax(1, keepdim=True)
+    tau = css.gather(1, rho) / (rho + 1).to(a.dtype)
+    return torch.relu(a - tau)
 
 
 @register
@@ -117,8 +128,7 @@ class ArchetypalSAE(TopKSAE):
 
     @torch.no_grad()
     def after_optimizer_step(self, out: TrainOutput) -> None:
-        a = torch.relu(self.A)
-        self.A.copy_(a / a.sum(dim=1, keepdim=True).clamp_min(1e-8))
+        self.A.copy_(project_to_simplex(self.A))
         norms = self.Lambda.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.Lambda.mul_(torch.clamp(self.relaxation_bound / norms, max=1.0))
 
