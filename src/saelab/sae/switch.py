@@ -61,8 +61,8 @@ class SwitchSAE(SAE):
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax((x - self.b_router) @ self.W_router, dim=-1)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents [B, d_sae] scaled by the router prob, expert [B], router probs [B, N], pre-acts [B, m])."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents [B, d_sae] scaled by the router prob, expert [B], router probs [B, N])."""
         self._check_input(x)
         probs = self.router_probs(x)
         top_p, expert = probs.max(dim=-1)
@@ -70,18 +70,23 @@ class SwitchSAE(SAE):
         m, k = self.cfg.expert_size, self.cfg.k
         W = self.W_enc.view(self.cfg.d_in, self.cfg.n_experts, m)
         b = self.b_enc.view(self.cfg.n_experts, m)
-        f = xc.new_zeros(x.shape[0], self.cfg.d_sae)
-        pre_all = xc.new_zeros(x.shape[0], m)
-        for e in range(self.cfg.n_experts):  # each token runs only its own expert's encoder
-            rows = (expert == e).nonzero().flatten()
-            if rows.numel() == 0:
+        order = torch.argsort(expert)  # tokens grouped by expert: one slice (no mask) per expert
+        counts = torch.bincount(expert, minlength=self.cfg.n_experts).tolist()
+        rows_all, cols_all, vals_all, start = [], [], [], 0
+        for e, count in enumerate(counts):  # each token runs only its own expert's encoder
+            if count == 0:
                 continue
+            rows = order[start:start + count]
+            start += count
             pre = xc.index_select(0, rows) @ W[:, e] + b[e]
             top, idx = pre.topk(k, dim=-1, sorted=False)
-            acts = torch.relu(top) * top_p.index_select(0, rows)[:, None]
-            f = f.index_put((rows[:, None], idx + e * m), acts)
-            pre_all = pre_all.index_copy(0, rows, pre)
-        return f, expert, probs, pre_all
+            rows_all.append(rows[:, None].expand(-1, k))
+            cols_all.append(idx + e * m)
+            vals_all.append(torch.relu(top) * top_p.index_select(0, rows)[:, None])
+        f = xc.new_zeros(x.shape[0], self.cfg.d_sae)
+        if rows_all:  # one scatter for all experts, so the cost does not grow with N * B * d_sae
+            f = f.index_put((torch.cat(rows_all).flatten(), torch.cat(cols_all).flatten()), torch.cat(vals_all).flatten())
+        return f, expert, probs
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.route(x)[0]
@@ -92,7 +97,7 @@ class SwitchSAE(SAE):
 
     # ------------------------------------------------------------------ training
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        f, expert, probs, _ = self.route(x)
+        f, expert, probs = self.route(x)
         x_hat = self.decode(f)
         n = self.cfg.n_experts
         frac = torch.bincount(expert, minlength=n).to(probs.dtype) / x.shape[0]
