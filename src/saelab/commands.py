@@ -66,7 +66,15 @@ def eval_batches(source, n: int) -> list:
     return [next(source) for _ in range(n)]
 
 
-def train_and_evaluate(sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = 8) -> dict:
+def train_and_evaluate(
+    sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = 8, eval_spec: dict | None = None
+) -> dict:
+    """Train, fold the input scale, evaluate on held-out batches and save the SAE.
+
+    Held out means `eval_spec` when given; otherwise the same source with another seed, which
+    for toy worlds is fresh samples but for a fixed text corpus only reshuffles it (pass an
+    `eval_source` with other text to measure generalisation on real models).
+    """
     from saelab.activations.factory import build_source
     from saelab.evals.summary import evaluate
     from saelab.io.saelens import save
@@ -80,7 +88,7 @@ def train_and_evaluate(sae_values: dict, train_values: dict, source_spec: dict, 
     result = trainer.fit()
     seconds = time.perf_counter() - t0
     sae.fold_input_scale(result.input_scale)
-    held_out = build_source({**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
+    held_out = build_source(eval_spec or {**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
     world = getattr(held_out, "world", None)
     record = {
         "architecture": sae.architecture,
@@ -227,9 +235,10 @@ def run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train / eval
 def run_train(args: argparse.Namespace) -> int:
     cfg = read_config_file(args.config)
-    unknown = set(cfg) - {"sae", "saes", "train", "source", "out"}
+    valid = {"sae", "saes", "train", "source", "eval_source", "out"}
+    unknown = set(cfg) - valid
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; valid: sae, saes, train, source, out")
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
     saes = cfg.get("saes") or ([cfg["sae"]] if "sae" in cfg else None)
     if not saes:
         raise ConfigError("the config needs an `sae` mapping (or an `saes` list) with at least `architecture`")
@@ -240,7 +249,7 @@ def run_train(args: argparse.Namespace) -> int:
         if not isinstance(sae, dict):
             raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`")
         run_dir = out if len(saes) == 1 else out / f"{i:02d}_{sae.get('architecture', 'sae')}"
-        record = train_and_evaluate(sae, cfg.get("train") or {}, source, run_dir)
+        record = train_and_evaluate(sae, cfg.get("train") or {}, source, run_dir, eval_spec=cfg.get("eval_source"))
         record["path"] = str(run_dir / "sae")
         records.append(record)
     write_json(out / "results.json", records)
