@@ -268,7 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
         spec = spec.get("source", spec)
     else:
         spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
-        if spec is None:
+        if not isinstance(spec, dict):
             raise ConfigError(f"{args.path} does not record its source; pass --source CONFIG")
         spec = {**spec, "seed": int(spec.get("seed", 0)) + 104729}  # unseen batches
     source = build_source(spec)

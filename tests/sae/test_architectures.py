@@ -161,3 +161,22 @@ def test_fold_input_scale_makes_the_sae_take_raw_inputs(arch):
     sae.fold_input_scale(s)
     torch.testing.assert_close(sae.encode(x), f_scaled, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(x), x_hat_scaled / s, rtol=1e-5, atol=1e-5)
+
+
+def test_auxk_is_scaled_down_when_few_latents_are_dead():
+    sae = perturbed("topk", k=4, k_aux=8)
+    x = torch.randn(256, 12)
+    dead_one = torch.zeros(32, dtype=torch.bool)
+    dead_one[5] = True
+    dead_all = torch.ones(32, dtype=torch.bool)
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        x_hat = sae.decode(sae.activation(pre))
+        residual = x - x_hat
+        f_aux = torch.zeros_like(pre)
+        f_aux[:, 5] = torch.relu(pre[:, 5])  # the one dead latent is the whole aux code
+        expected = sae.cfg.aux_coefficient * (1 / 8) * (f_aux @ sae.W_dec - residual).pow(2).sum(-1).mean()
+        got = sae.loss_terms(x, StepContext(dead_mask=dead_one)).losses["auxk"]
+        torch.testing.assert_close(got, expected)
+        assert sae.loss_terms(x, StepContext(dead_mask=dead_all)).losses["auxk"] > 0
+        assert sae.loss_terms(x, StepContext(dead_mask=torch.zeros(32, dtype=torch.bool))).losses["auxk"] == 0

@@ -138,3 +138,33 @@ def test_dead_latents_are_counted_in_tokens():
     stats.update(torch.tensor([[1.0, 0.0, 2.0]] * 10))
     assert stats.dead_mask().tolist() == [False, True, False]
     assert stats.dense_fraction() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"sae": {"d_sae": 40}}, "d_sae"), ({"sae": {"architecture": "relu"}}, "architecture"),
+     ({"train": {"lr": 0.01}}, "lr"), ({"train": {"steps": 60}}, "steps")],
+)
+def test_resuming_with_changed_settings_names_what_changed(change, field, tmp_path):
+    sae_cfg = small_config("topk", d_in=16, d_sae=48)
+    Trainer(saelab.create(sae_cfg), toy_source(), FAST, tmp_path).fit()
+    new_sae = {k: v for k, v in {**sae_cfg, **change.get("sae", {})}.items()
+               if not (k == "k" and change.get("sae", {}).get("architecture") == "relu")}
+    with pytest.raises(ConfigError, match=field):
+        Trainer(saelab.create(new_sae), toy_source(), {**FAST, **change.get("train", {})}, tmp_path).fit()
+
+
+def test_logging_and_checkpoint_frequency_may_change_on_resume(tmp_path):
+    cfg = small_config("topk", d_in=16, d_sae=48)
+    Trainer(saelab.create(cfg), toy_source(), {**FAST, "steps": 40}, tmp_path).fit()
+    result = Trainer(saelab.create(cfg), toy_source(), {**FAST, "steps": 40, "log_every": 5}, tmp_path).fit()
+    assert result.steps == 40
+
+
+def test_a_checkpoint_folder_without_its_pointer_is_still_found(tmp_path):
+    from saelab.train import checkpoint as ckpt
+
+    Trainer(saelab.create(small_config("relu", d_in=16, d_sae=48)), toy_source(), {**FAST, "checkpoint_every": 10},
+            tmp_path).fit()
+    (tmp_path / "checkpoints" / "latest").unlink()  # as if killed between the folder and the pointer
+    assert ckpt.latest(tmp_path).name == "step_000000040"

@@ -46,11 +46,18 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileFormatError(f"{cache_dir} is not an activation cache: {MANIFEST} is missing; write one with `saelab harvest`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FileFormatError(f"{path} is not valid JSON ({exc}); the cache is damaged, harvest it again") from None
-    if manifest.get("format") != FORMAT:
-        raise FileFormatError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise FileFormatError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    missing = [k for k in ("shards", "rows_state") if k not in manifest]
+    bad_shards = [i for i, sh in enumerate(manifest.get("shards", [])) if not isinstance(sh, dict) or "bytes" not in sh]
+    if missing or bad_shards:
+        raise FileFormatError(
+            f"{path} is incomplete (missing keys {missing}, malformed shard entries {bad_shards}); harvest it again"
+        )
     return manifest
 
 

@@ -49,7 +49,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics
         for batch in _batches(batches):
             x = batch.x.to(sae.W_enc.device, torch.float32)
             f = sae.encode(x)
-            x_hat = sae.decode(f, tokens=batch.tokens) if sae.uses_tokens else sae.decode(f)
+            x_hat = sae.decode(f, tokens=batch.tokens)
             n += x.shape[0]
             sums["l0"] += float((f != 0).sum())
             sums["sq_err"] += float((x - x_hat).pow(2).sum())

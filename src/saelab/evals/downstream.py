@@ -45,9 +45,9 @@ class DownstreamMetrics:
         return asdict(self)
 
 
-def with_error_term(sae, x: torch.Tensor) -> torch.Tensor:
+def with_error_term(sae, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """x̂ + (x - x̂) in float64: exactly x, but routed through the SAE (the error node kept)."""
-    x_hat = sae(x.float()).double()
+    x_hat = sae(x.float(), tokens=tokens).double()
     return (x_hat + (x.double() - x_hat)).to(x.dtype)
 
 
@@ -101,14 +101,18 @@ def downstream_fidelity(
     if count == 0:
         raise ConfigError("every position is padding or a special token; nothing to splice")
     mean = (total / count).float()
-    variants = {
-        "sae": lambda x: sae(x.float()),
-        "sae_with_error": lambda x: with_error_term(sae, x),
-        "zero_ablation": lambda x: torch.zeros_like(x),
-        "mean_ablation": lambda x: mean.to(x.device).expand_as(x),
-    }
-    ce = {k: [] for k in ["clean", *variants]}
-    kl = {k: [] for k in variants}
+    def variants(tokens: torch.Tensor) -> dict:
+        """What replaces the activations at the spliced positions, whose token ids are `tokens`."""
+        return {
+            "sae": lambda x: sae(x.float(), tokens=tokens),
+            "sae_with_error": lambda x: with_error_term(sae, x, tokens),
+            "zero_ablation": lambda x: torch.zeros_like(x),
+            "mean_ablation": lambda x: mean.to(x.device).expand_as(x),
+        }
+
+    names = list(variants(torch.zeros(0, dtype=torch.int64)))
+    ce = {k: [] for k in ["clean", *names]}
+    kl = {k: [] for k in names}
     max_diff = 0.0
     spliced = 0
     for ids, mask in batches:
@@ -118,7 +122,7 @@ def downstream_fidelity(
         clean = model(input_ids=ids, attention_mask=mask).logits
         clean_logp = torch.log_softmax(clean[:, :-1].float(), -1)[score]
         ce["clean"].append(_ce(clean, ids, score))
-        for name, fn in variants.items():
+        for name, fn in variants(ids[keep]).items():
             with hooks.intervene(model, hp, fn, keep):
                 logits = model(input_ids=ids, attention_mask=mask).logits
             ce[name].append(_ce(logits, ids, score))

@@ -67,7 +67,7 @@ def description_length(sae: SAE, batches: Iterable, max_fvu: float = 0.1, max_bi
         tokens = torch.cat(toks) if all(t is not None for t in toks) else None
 
         def fvu_of(codes: torch.Tensor) -> float:
-            x_hat = sae.decode(codes, tokens=tokens) if sae.uses_tokens else sae.decode(codes)
+            x_hat = sae.decode(codes, tokens=tokens)
             return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-30))
 
         p = (f != 0).float().mean(0)

@@ -70,7 +70,7 @@ def collect(sae: SAE, batches: Iterable) -> Collected:
                 raise ConfigError("pathology metrics need Batches with true `features`; sample them from a toy world")
             x = b.x.float().to(sae.W_enc.device)
             f = sae.encode(x)
-            xs.append(x.cpu()), fs.append(f.cpu()), feats.append(b.features.float().cpu()), xh.append(sae.decode(f).cpu())
+            xs.append(x.cpu()), fs.append(f.cpu()), feats.append(b.features.float().cpu()), xh.append(sae.decode(f, tokens=b.tokens).cpu())
     finally:
         sae.train(was)
     if not xs:

@@ -64,7 +64,9 @@ def save(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None, metad
         cfg["rescale_acts_by_decoder_norm"] = False
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_FILE, tensors)
-    if sparsity is not None:
+    if sparsity is None:
+        (path / SPARSITY_FILE).unlink(missing_ok=True)  # a stale one would describe another SAE
+    else:
         if sparsity.shape != (sae.cfg.d_sae,):
             raise ConfigError(f"sparsity must have shape [{sae.cfg.d_sae}] (got {tuple(sparsity.shape)})")
         write_safetensors(path / SPARSITY_FILE, {"sparsity": torch.log10(sparsity.double() + 1e-10).float()})

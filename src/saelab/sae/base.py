@@ -101,11 +101,13 @@ class SAE(torch.nn.Module):
         self._check_input(x)
         return self.activation(self.pre_acts(x))
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
+    def decode(self, f: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """`tokens` (the token id at each row) matter only to token-aware variants (`uses_tokens`);
+        every caller passes them when it has them, so no caller needs to know the architecture."""
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x), tokens)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:

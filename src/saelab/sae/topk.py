@@ -50,7 +50,7 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
     dead_pre = pre.masked_fill(~dead, float("-inf"))
     f_aux = scatter_topk(dead_pre, k_aux).nan_to_num(0.0)
     residual = (x - x_hat).detach()
-    scale = min(n_dead / k_aux, 1.0)
+    scale = min(n_dead / sae.cfg.effective_k_aux, 1.0)  # few dead latents: a proportionally smaller term
     return sae.cfg.aux_coefficient * scale * mse_per_token(f_aux @ sae.W_dec, residual)
 
 

@@ -63,10 +63,10 @@ class CorrelatedSpec(IndependentSpec):
             raise ValueError(
                 f"group_size={self.group_size} must divide n_features={self.n_features}; change either"
             )
-        if self.group_size > 1 and self.correlation < -1 / (self.group_size - 1):
+        if self.group_size > 1 and self.correlation <= -1 / (self.group_size - 1):  # at the bound it is singular
             raise ValueError(
                 f"correlation={self.correlation} is impossible for groups of {self.group_size} "
-                f"(needs correlation >= {-1 / (self.group_size - 1):.3f}); use pairs (group_size=2) for strong anti-correlation"
+                f"(needs correlation > {-1 / (self.group_size - 1):.3f}); use pairs (group_size=2) for strong anti-correlation"
             )
         return self
 

@@ -31,12 +31,20 @@ def _checkpoint_root(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def step_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
 def latest(out_dir: str | Path) -> Path | None:
-    pointer = _checkpoint_root(Path(out_dir)) / "latest"
-    if not pointer.exists():
-        return None
-    path = _checkpoint_root(Path(out_dir)) / pointer.read_text().strip()
-    return path if (path / _STATE).exists() else None
+    """The newest complete checkpoint: the one `latest` names, else the highest complete step."""
+    root = _checkpoint_root(Path(out_dir))
+    pointer = root / "latest"
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / _STATE).exists() and (path / _TENSORS).exists():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if (p / _STATE).exists() and (p / _TENSORS).exists())
+    return complete[-1] if complete else None
 
 
 def _flatten(prefix: str, tensors: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> None:
@@ -105,7 +113,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer | None, tensors: dict
 def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2) -> Path:
     root = _checkpoint_root(Path(out_dir))
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:09d}"
+    name = step_name(step)
     tensors: dict[str, torch.Tensor] = {}
     _flatten("sae", sae.state_dict(), tensors)
     opt_tensors, groups = _optimizer_state(optimizer)
@@ -119,9 +127,14 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, 
         write_safetensors(tmp / _TENSORS, tensors)
         write_json(tmp / _STATE, {**state, "optimizer_param_groups": groups, "rng": rng_meta})
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # rewriting the same step: keep the old copy until the new one is in place
+            old = root / f".old_{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,16 +145,30 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, 
     return final
 
 
-def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint (configs, step, tokens), read before any tensor is touched."""
     path = Path(path)
     try:
-        state = json.loads((path / _STATE).read_text())
-        tensors = load_file(str(path / _TENSORS))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        return json.loads((path / _STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise FileFormatError(
             f"checkpoint {path} is missing or truncated ({exc}); delete it to restart from the previous one"
         ) from None
-    sae.load_state_dict(_unflatten("sae", tensors))
+
+
+def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
+    path = Path(path)
+    state = read_state(path)
+    try:
+        tensors = load_file(str(path / _TENSORS))
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(
+            f"checkpoint {path} is missing or truncated ({exc}); delete it to restart from the previous one"
+        ) from None
+    try:
+        sae.load_state_dict(_unflatten("sae", tensors))
+    except RuntimeError as exc:
+        raise FileFormatError(f"checkpoint {path} does not fit this SAE: {exc}") from None
     _load_optimizer_state(optimizer, _unflatten("optimizer", tensors), state.pop("optimizer_param_groups"))
     stats.load_state_dict(_unflatten("stats", tensors))
     source.load_state_dict(_unflatten("source", tensors))

@@ -204,7 +204,7 @@ class Trainer:
             if self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.out_dir:
+        if self.out_dir and getattr(ckpt.latest(self.out_dir), "name", None) != ckpt.step_name(self.step):
             self.save_checkpoint()
         self.sae.eval()
         return TrainResult(
@@ -278,13 +278,28 @@ class Trainer:
         )
 
     def _load(self, path: Path) -> None:
+        saved = ckpt.read_state(path)
+        _check_same_config("SAE", saved["sae_config"], self.sae.cfg.model_dump(), path)
+        _check_same_config("training", saved["train_config"], self.cfg.model_dump(), path, ignore=_BOOKKEEPING)
         state = ckpt.load(path, self.sae, self.optimizer, self.stats, self.source)
-        if state["sae_config"] != self.sae.cfg.model_dump():
-            raise ConfigError(
-                f"checkpoint {path} was written for a different SAE config; "
-                "resume with the same config or use a new --out folder"
-            )
         self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
+
+
+# Training settings that change how a run is logged or stored, not what it computes.
+_BOOKKEEPING = {"progress", "device", "log_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: set[str] = frozenset()) -> None:
+    """An exact resume needs the settings it was started with; say which ones changed."""
+    saved = json.loads(json.dumps(saved))  # tuples became lists in the JSON file
+    now = json.loads(json.dumps(now))
+    changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"checkpoint {path} was written with a different {kind} config ({diffs}); "
+            "resume with the original settings or use a new --out folder"
+        )
 
 
 def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam | None:
