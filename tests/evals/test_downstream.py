@@ -48,3 +48,30 @@ def test_width_mismatch_is_named(setup):
     wrong = saelab.create({"architecture": "topk", "d_in": 32, "d_sae": 64, "k": 4})
     with pytest.raises(ConfigError, match=r"transformer\.h\.0 .*width 64 but the SAE has d_in=32"):
         downstream_fidelity(wrong, model, "transformer.h.0", batches)
+
+
+def test_a_token_aware_sae_gets_the_token_ids_of_the_spliced_positions(setup):
+    """A Tokenized SAE whose only output is its per-token table: splicing it must read each
+    position's own row (if the ids were dropped, every position would get the fallback row)."""
+    from saelab.models import hooks
+    from saelab.models.text import keep_mask
+
+    model, tok, _, batches = setup
+    vocab = len(tok)
+    sums, counts = torch.zeros(vocab + 1, 64), torch.zeros(vocab + 1)
+    hp = hooks.resolve(model, "transformer.h.0")[0]
+    for ids, mask in batches:
+        keep = keep_mask(ids, mask, special_ids(tok))
+        acts = hooks.run(model, ids, [hp], mask)[hp.name][keep]
+        sums.index_add_(0, ids[keep], acts)
+        counts.index_add_(0, ids[keep], torch.ones(len(acts)))
+    sae = saelab.create({"architecture": "tokenized", "d_in": 64, "d_sae": 128, "k": 1, "vocab_size": vocab})
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+        sae.W_lookup.copy_(sums / counts.clamp_min(1)[:, None])
+        sae.W_lookup[vocab] = sums[:vocab].sum(0) / counts[:vocab].sum()  # fallback: the overall mean
+    m = downstream_fidelity(sae.eval(), model, "transformer.h.0", batches, special_ids(tok))
+    # per-token means beat the overall mean (= mean ablation), which is all the fallback row knows
+    assert m.ce_sae < m.ce_mean_ablation - 0.1
+    assert m.max_abs_logit_diff_with_error == 0.0
