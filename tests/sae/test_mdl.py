@@ -43,3 +43,8 @@ def test_evaluator_ranks_a_good_sae_above_a_bad_one_and_marks_the_bound():
     assert dl.bits_per_token == pytest.approx(dl.position_bits + dl.l0 * dl.precision_bits)
     with pytest.raises(ConfigError, match="max_fvu"):
         description_length(good, batches, max_fvu=2.0)
+
+
+def test_an_l0_coefficient_on_mdl_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="l0_coefficient"):
+        saelab.create({"architecture": "mdl", "d_in": 8, "d_sae": 16, "l0_coefficient": 1.0})

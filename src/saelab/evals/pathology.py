@@ -316,7 +316,8 @@ def nth_decoder_projection(sae: SAE, batches: Iterable, n: int | None = None) ->
     vals = []
     for b in batches:
         x = (b.x if isinstance(b, Batch) else torch.as_tensor(b)).float().to(dec.device)
-        proj = ((x - sae.b_dec.detach()) @ dec.t()).flatten()
+        centred = x - sae.b_dec.detach() if sae.cfg.apply_b_dec_to_input else x  # as encode() sees it
+        proj = (centred @ dec.t()).flatten()
         idx = n * x.shape[0]
         vals.append(float(proj.topk(idx).values[-1]))
     if not vals:

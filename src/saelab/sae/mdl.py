@@ -16,7 +16,7 @@ is a JumpReLU, so it is saved as one. The evaluator that ranks trained SAEs unde
 from __future__ import annotations
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveFloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
 from saelab.sae.base import StepContext, TrainOutput, mse_per_token
 from saelab.sae.jumprelu import JumpReLUConfig, JumpReLUSAE, jumprelu, step
@@ -33,7 +33,16 @@ class MDLConfig(JumpReLUConfig):
     architecture: str = "mdl"
     dl_coefficient: NonNegativeFloat = Field(0.05, description="lambda on the description length (bits per token).")
     value_bits: PositiveFloat = Field(8.0, description="b: bits per active latent's quantised value.")
-    l0_coefficient: NonNegativeFloat = Field(0.0, description="Unused by MDL (the DL replaces the L0 penalty); kept 0.")
+    l0_coefficient: NonNegativeFloat = Field(0.0, description="Unused by MDL (the DL replaces the L0 penalty); must be 0.")
+
+    @model_validator(mode="after")
+    def _no_l0(self):
+        if self.l0_coefficient != 0:
+            raise ValueError(
+                f"l0_coefficient={self.l0_coefficient} has no effect on an MDL SAE (the description length "
+                "replaces the L0 penalty); set dl_coefficient instead"
+            )
+        return self
 
 
 @register
