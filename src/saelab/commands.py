@@ -173,10 +173,7 @@ def _demo_worker(job: tuple) -> dict:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import concurrent.futures
-    import multiprocessing
-    import os
-
+    from saelab.parallel import default_workers, run_jobs
     from saelab.sae.registry import get_class
 
     out = Path(args.out)
@@ -188,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> int:
         knob = knob if knob in sae else None
         name = sae["architecture"] + (f"_{knob}{sae[knob]:g}" if knob else "")
         jobs.append((name, sae, {**train, "progress": False}, source, str(out / "runs" / name), run["default"]))
-    workers = args.jobs or min(len(jobs), os.cpu_count() or 1)
+    workers = args.jobs or default_workers(len(jobs))
     print(f"saelab demo: {len(jobs)} SAEs on a toy world of {source['world']['n_features']} true features "
           f"in {source['world']['d']} dimensions, {workers} at a time -> {out}", flush=True)
     t0 = time.perf_counter()
@@ -199,14 +196,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  {record['run']:28s} L0 {record['l0']:6.2f}  FVU {record['fvu']:.4f}  "
               f"recovered {record['recovered_fraction']:.2f}  ({record['train_seconds']:.1f}s)", flush=True)
 
-    if workers <= 1:
-        for job in jobs:
-            report(_demo_worker(job))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for future in concurrent.futures.as_completed([pool.submit(_demo_worker, j) for j in jobs]):
-                report(future.result())
+    run_jobs(_demo_worker, jobs, workers, report)
     all_records.sort(key=lambda r: [j[0] for j in jobs].index(r["run"]))
     # Ground truth is the point of a toy world: rank by true features recovered, then by FVU
     # (FVU alone would crown dense baselines such as PCA, which reconstruct with L0 = d_in).

@@ -11,9 +11,6 @@ with one torch thread each.
 
 from __future__ import annotations
 
-import concurrent.futures
-import html
-import multiprocessing
 import os
 import time
 import traceback
@@ -24,6 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
+from saelab.parallel import run_jobs
 from saelab.errors import ConfigError
 from saelab.sae.base import describe_validation_error
 
@@ -241,14 +239,7 @@ def run_toy_bench(cfg: BenchConfig | dict | None = None, out: str | Path | None 
             log(f"  {r['world']:18s} {r['architecture']:12s} x{r['multiplier']:<4g} L0 {r['l0']:6.2f} "
                 f"FVU {r['fvu']:.4f} recovered {r['recovered_fraction']:.2f} ({r['train_seconds']:.1f}s)")
 
-    if workers <= 1:
-        for j in jobs:
-            done(run_one(j))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for fut in concurrent.futures.as_completed([pool.submit(run_one, j) for j in jobs]):
-                done(fut.result())
+    run_jobs(run_one, jobs, workers, done)
     order = {(j["world"], j["sae"]["architecture"], j["multiplier"], j["seed"]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order[(r["world"], r["architecture"], r["multiplier"], r["seed"])])
     tms = None

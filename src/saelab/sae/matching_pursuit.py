@@ -12,28 +12,18 @@ to the decoder, so `W_enc` is W_dec^T (a view, not a parameter).
 from __future__ import annotations
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
-from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
+from saelab.sae.base import SAE, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
-from saelab.sae.topk import auxk_loss
+from saelab.sae.topk import TopKConfig, auxk_loss
 
 
-class MatchingPursuitConfig(SAEConfig):
+class MatchingPursuitConfig(TopKConfig):
+    """TopK's settings (k, AuxK), with k read as the number of pursuit steps."""
+
     architecture: str = "matching_pursuit"
     k: PositiveInt = Field(8, description="Pursuit steps per token (at most k active latents).")
-    k_aux: PositiveInt | None = Field(None, description="Dead atoms used by AuxK (default d_in // 2, at most 512).")
-    aux_coefficient: NonNegativeFloat = Field(1 / 32, description="alpha on the AuxK loss.")
-
-    @model_validator(mode="after")
-    def _k_fits(self):
-        if self.k > self.d_sae:
-            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}; choose k <= d_sae")
-        return self
-
-    @property
-    def effective_k_aux(self) -> int:
-        return self.k_aux if self.k_aux is not None else max(1, min(512, self.d_in // 2))
 
 
 @register
