@@ -59,9 +59,7 @@ def save(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None, metad
             **(metadata or {}),
         },
     }
-    if architecture == "topk":
-        cfg["k"] = sae.cfg.k
-        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg.update(sae.saved_config_extras())
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_FILE, tensors)
     if sparsity is None:
@@ -113,8 +111,7 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
         d_sae=cfg["d_sae"],
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
     )
-    if architecture == "topk":
-        values["k"] = int(cfg.get("k", values.get("k", 100)))
+    values.update(get_class(architecture).config_from_saved(cfg, values))
     return values
 
 

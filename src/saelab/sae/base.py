@@ -167,6 +167,15 @@ class SAE(torch.nn.Module):
         """The architecture name written to disk (BatchTopK saves as JumpReLU)."""
         return self.architecture
 
+    def saved_config_extras(self) -> dict[str, Any]:
+        """Architecture-specific keys for the saved cfg.json (e.g. TopK's `k`)."""
+        return {}
+
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """Config values this architecture reads back from a saved cfg.json (inverse of the above)."""
+        return {}
+
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Tensors written to disk under SAELens names; override to transform at save time."""
         return {k: v.detach().clone() for k, v in self.state_dict().items()}

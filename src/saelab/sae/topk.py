@@ -63,6 +63,13 @@ class TopKSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return scatter_topk(pre, self.cfg.k)
 
+    def saved_config_extras(self) -> dict:
+        return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}  # SAELens' TopK keys
+
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict, values: dict) -> dict:
+        return {"k": int(saved_cfg.get("k", values.get("k", 100)))}  # 100 is SAELens' default
+
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
         pre = self.pre_acts(x)
         f = self.activation(pre)
