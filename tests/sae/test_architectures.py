@@ -7,6 +7,7 @@ import saelab
 from saelab.errors import ConfigError
 from saelab.sae import StepContext
 from saelab.sae.jumprelu import jumprelu, step
+from saelab.sae.topk import scatter_topk
 from tests.conftest import small_config
 
 
@@ -180,3 +181,43 @@ def test_auxk_is_scaled_down_when_few_latents_are_dead():
         torch.testing.assert_close(got, expected)
         assert sae.loss_terms(x, StepContext(dead_mask=dead_all)).losses["auxk"] > 0
         assert sae.loss_terms(x, StepContext(dead_mask=torch.zeros(32, dtype=torch.bool))).losses["auxk"] == 0
+
+
+def _dense_topk_reference(sae, x, ctx):
+    """The same losses computed the plain way: dense latents, dense decoder matmuls."""
+    from saelab.sae.base import mse_per_token
+
+    pre = sae.pre_acts(x)
+    f = scatter_topk(pre, sae.cfg.k)
+    x_hat = f @ sae.W_dec + sae.b_dec
+    loss = mse_per_token(x_hat, x)
+    dead = ctx.dead_mask
+    if dead is not None and dead.any():
+        k_aux = min(sae.cfg.effective_k_aux, int(dead.sum()))
+        f_aux = scatter_topk(pre.masked_fill(~dead, float("-inf")), k_aux).nan_to_num(0.0)
+        scale = min(int(dead.sum()) / sae.cfg.effective_k_aux, 1.0)
+        loss = loss + sae.cfg.aux_coefficient * scale * mse_per_token(f_aux @ sae.W_dec, (x - x_hat).detach())
+    return loss
+
+
+@pytest.mark.parametrize("k", [1, 4, 32])  # 32 = d_sae
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparse_topk_training_path_equals_the_dense_reference(k, ties):
+    x = torch.randn(64, 12)
+    if ties:
+        x[:8] = x[0]  # identical rows give identical pre-activations, so equal values compete
+    x[-1] = 0.0  # an all-zero row
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::3] = True
+    grads = []
+    for path in ("sparse", "dense"):
+        torch.manual_seed(1)
+        sae = perturbed("topk", k=k, k_aux=6)
+        ctx = StepContext(dead_mask=dead)
+        loss = sae.loss_terms(x, ctx).loss if path == "sparse" else _dense_topk_reference(sae, x, ctx)
+        loss.backward()
+        grads.append((float(loss.detach()), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (loss_s, g_s), (loss_d, g_d) = grads
+    assert loss_s == pytest.approx(loss_d, rel=1e-5)
+    for name in g_d:
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")

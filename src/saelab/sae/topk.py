@@ -40,6 +40,15 @@ def scatter_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(values).scatter_(-1, idx, torch.relu(top))
 
 
+def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j vals[:, j] * W_dec[idx[:, j]], i.e. f @ W_dec for k-sparse rows of f.
+
+    `embedding_bag` gathers the k chosen decoder rows, so the forward and both gradients cost
+    O(B k d_in) instead of the dense O(B d_sae d_in) matmul, and no dense gradient is formed.
+    """
+    return torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Reconstruct the residual from the top-k_aux dead latents; zero when none are dead."""
     dead = ctx.dead_mask
@@ -47,11 +56,10 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
     if n_dead == 0:
         return pre.new_zeros(())
     k_aux = min(sae.cfg.effective_k_aux, n_dead)
-    dead_pre = pre.masked_fill(~dead, float("-inf"))
-    f_aux = scatter_topk(dead_pre, k_aux).nan_to_num(0.0)
+    top, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)  # k_aux <= n_dead: all finite
     residual = (x - x_hat).detach()
     scale = min(n_dead / sae.cfg.effective_k_aux, 1.0)  # few dead latents: a proportionally smaller term
-    return sae.cfg.aux_coefficient * scale * mse_per_token(f_aux @ sae.W_dec, residual)
+    return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(idx, torch.relu(top), sae.W_dec), residual)
 
 
 @register
@@ -72,8 +80,10 @@ class TopKSAE(SAE):
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
         pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
+        top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        vals = torch.relu(top)
+        x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+        f = torch.zeros_like(pre).scatter_(-1, idx, vals.detach())  # for statistics only: no gradient
         return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(self, pre, x, x_hat, ctx)})
 
 
