@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, NonNegativeFloat
 
-from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
+from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, encoder_matmul, mse_per_token
 from saelab.sae.registry import register
 
 
@@ -40,10 +40,10 @@ class GatedSAE(SAE):
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        pi_gate = x @ self.W_enc + self.b_gate
-        pi_mag = x @ (self.W_enc * self.r_mag.exp()) + self.b_mag
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        gate = encoder_matmul(x, self.W_enc, b_dec)
+        pi_gate = gate + self.b_gate
+        pi_mag = gate * self.r_mag.exp() + self.b_mag  # W_mag = exp(r_mag) * W_gate, column-wise
         return pi_gate, pi_mag
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
