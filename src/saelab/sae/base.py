@@ -59,15 +59,17 @@ class TrainOutput:
         return torch.stack(list(self.losses.values())).sum()
 
 
-def encoder_matmul(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
-    """(x - b_dec) @ W_enc, written as x @ W_enc - b_dec @ W_enc.
+def encoder_matmul(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """(x - b_dec) @ W_enc + bias, computed as x @ W_enc + (bias - b_dec @ W_enc).
 
-    Same value, but when x needs no gradient (training data) the backward skips the dense
-    [B, d_sae] x [d_sae, d_in] matmul that would only serve b_dec's gradient: b_dec gets it from
-    the cheap vector product instead. That is one of the step's few full-size matmuls.
+    Same value, but b_dec moves into a [d_sae] bias: when x needs no gradient (training data)
+    the backward skips the full-size matmul that would only serve b_dec's gradient, and no
+    extra pass over the [B, d_sae] pre-activations is made.
     """
-    out = x @ W_enc
-    return out if b_dec is None else out - b_dec @ W_enc
+    shift = bias if b_dec is None else bias - b_dec @ W_enc
+    if x.dim() == 2:
+        return torch.addmm(shift, x, W_enc)
+    return x @ W_enc + shift
 
 
 def mse_per_token(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,7 @@ class SAE(torch.nn.Module):
 
     # ------------------------------------------------------------------ inference
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None) + self.b_enc
+        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.b_enc)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

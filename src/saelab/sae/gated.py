@@ -41,9 +41,9 @@ class GatedSAE(SAE):
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        gate = encoder_matmul(x, self.W_enc, b_dec)
-        pi_gate = gate + self.b_gate
-        pi_mag = gate * self.r_mag.exp() + self.b_mag  # W_mag = exp(r_mag) * W_gate, column-wise
+        pi_gate = encoder_matmul(x, self.W_enc, b_dec, self.b_gate)
+        # W_mag = exp(r_mag) * W_gate column-wise, so the magnitude path reuses the gate's matmul
+        pi_mag = (pi_gate - self.b_gate) * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
