@@ -23,7 +23,7 @@ LEADERBOARD_COLUMNS = [
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="Train every architecture on a ground-truth toy world and compare them.")
     p.add_argument("--out", default="runs/demo", help="Run folder (default: runs/demo).")
-    p.add_argument("--steps", type=int, default=1000, help="Training steps per SAE (default: 1000).")
+    p.add_argument("--steps", type=int, default=800, help="Training steps per SAE (default: 800).")
     p.add_argument("--quick", action="store_true", help="A tiny run for smoke tests (about 10 s).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=0,
