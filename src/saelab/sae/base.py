@@ -101,6 +101,10 @@ class SAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in))
 
+    def extra_repr(self) -> str:
+        knob = f", {self.sweep_parameter}={getattr(self.cfg, self.sweep_parameter)}" if self.sweep_parameter else ""
+        return f"d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}{knob}"
+
     # ------------------------------------------------------------------ inference
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.b_enc)
