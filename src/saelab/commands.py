@@ -197,7 +197,8 @@ def run_demo(args: argparse.Namespace) -> int:
               f"recovered {record['recovered_fraction']:.2f}  ({record['train_seconds']:.1f}s)", flush=True)
 
     run_jobs(_demo_worker, jobs, workers, report)
-    all_records.sort(key=lambda r: [j[0] for j in jobs].index(r["run"]))
+    order = {job[0]: i for i, job in enumerate(jobs)}
+    all_records.sort(key=lambda r: order[r["run"]])
     # Ground truth is the point of a toy world: rank by true features recovered, then by FVU
     # (FVU alone would crown dense baselines such as PCA, which reconstruct with L0 = d_in).
     leaderboard = sorted((r for r in all_records if r["default_setting"]),

@@ -137,31 +137,35 @@ class RecoveryMetrics:
         return asdict(self)
 
 
-def _unit_rows(w: torch.Tensor) -> torch.Tensor:
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def match_latents(cos: torch.Tensor) -> torch.Tensor:
+    """One-to-one assignment (Hungarian, maximising cosine): the latent of each feature, -1 if none left.
+
+    One-to-one, so one latent cannot claim two features and duplicated latents do not inflate recovery.
+    """
+    rows, cols = linear_sum_assignment(-cos.numpy())
+    out = torch.full((cos.shape[0],), -1, dtype=torch.long)
+    out[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return out
 
 
 @torch.no_grad()
 def ground_truth_recovery(sae: SAE, true_directions: torch.Tensor, threshold: float = 0.9) -> RecoveryMetrics:
-    """Compare the SAE's dictionary with known feature directions `[n_features, d_in]`.
-
-    Matching is one-to-one (Hungarian assignment on decoder cosines), so one latent cannot
-    claim two features and duplicated latents do not inflate recovery.
-    """
+    """Compare the SAE's dictionary with known feature directions `[n_features, d_in]`."""
     if true_directions.shape[1] != sae.cfg.d_in:
         raise ConfigError(
             f"true directions have dimension {true_directions.shape[1]} but the SAE has d_in={sae.cfg.d_in}"
         )
-    truth = _unit_rows(true_directions.float().cpu())
-    dec = _unit_rows(sae.W_dec.detach().float().cpu())
-    enc = _unit_rows(sae.W_enc.detach().float().cpu().t())
-    cos_dec = truth @ dec.t()  # [n_features, d_sae]
-    cos_enc = truth @ enc.t()
-    rows, cols = linear_sum_assignment(-cos_dec.numpy())
+    truth = unit_rows(true_directions.float().cpu())
+    cos_dec = truth @ unit_rows(sae.W_dec.detach().float().cpu()).t()  # [n_features, d_sae]
+    cos_enc = truth @ unit_rows(sae.W_enc.detach().float().cpu().t()).t()
+    latents = match_latents(cos_dec)
+    have = latents >= 0
     matched = torch.full((truth.shape[0],), float("nan"))
-    latents = torch.full((truth.shape[0],), -1, dtype=torch.int64)
-    matched[rows] = cos_dec[rows, cols]
-    latents[rows] = torch.as_tensor(cols)
+    matched[have] = cos_dec[have, latents[have]]
     recovered = (matched.nan_to_num(-1.0) >= threshold).float().mean()
     return RecoveryMetrics(
         mmcs_decoder=float(cos_dec.max(1).values.mean()),

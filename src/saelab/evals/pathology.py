@@ -14,38 +14,26 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from saelab.activations.base import Batch
 from saelab.errors import ConfigError
+from saelab.evals.core import match_latents, unit_rows
 from saelab.sae.base import SAE
 
 
 # ---------------------------------------------------------------------------- shared pieces
-def _unit(w: torch.Tensor) -> torch.Tensor:
-    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def _check_dirs(sae: SAE, directions: torch.Tensor) -> torch.Tensor:
     if directions.dim() != 2 or directions.shape[1] != sae.cfg.d_in:
         raise ConfigError(
             f"true directions must be [n_features, d_in={sae.cfg.d_in}] (got {tuple(directions.shape)}); "
             "pass world.directions of the world the SAE was trained on"
         )
-    return _unit(directions.detach().float().cpu())
+    return unit_rows(directions.detach().float().cpu())
 
 
 def decoder_cosines(sae: SAE, directions: torch.Tensor) -> torch.Tensor:
     """[n_features, d_sae] cosines between true directions and decoder rows."""
-    return _check_dirs(sae, directions) @ _unit(sae.W_dec.detach().float().cpu()).t()
-
-
-def match_latents(cos: torch.Tensor) -> torch.Tensor:
-    """One-to-one assignment (Hungarian, maximising cosine): latent per feature, -1 if none left."""
-    rows, cols = linear_sum_assignment(-cos.numpy())
-    out = torch.full((cos.shape[0],), -1, dtype=torch.long)
-    out[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    return out
+    return _check_dirs(sae, directions) @ unit_rows(sae.W_dec.detach().float().cpu()).t()
 
 
 @dataclass
@@ -184,8 +172,8 @@ def absorption(sae: SAE, data: Collected | Iterable, directions: torch.Tensor, p
     c = _data(sae, data)
     u = _check_dirs(sae, directions)
     match = match_latents(decoder_cosines(sae, directions))
-    enc = _unit(sae.W_enc.detach().float().cpu().t())
-    dec = _unit(sae.W_dec.detach().float().cpu())
+    enc = unit_rows(sae.W_enc.detach().float().cpu().t())
+    dec = unit_rows(sae.W_dec.detach().float().cpu())
     rates, alone, dcos, ecos, frac = [], [], [], [], []
     for p, ch in pairs:
         lp, lc = int(match[p]), int(match[ch])
@@ -312,7 +300,7 @@ def nth_decoder_projection(sae: SAE, batches: Iterable, n: int | None = None) ->
     n = max(1, sae.cfg.d_sae // 8) if n is None else n
     if not 1 <= n <= sae.cfg.d_sae:
         raise ConfigError(f"n={n} must lie in [1, d_sae={sae.cfg.d_sae}]")
-    dec = _unit(sae.W_dec.detach().float())
+    dec = unit_rows(sae.W_dec.detach().float())
     vals = []
     for b in batches:
         x = (b.x if isinstance(b, Batch) else torch.as_tensor(b)).float().to(dec.device)
@@ -343,8 +331,8 @@ def bundle_decomposition(sae: SAE, world, threshold: float = 0.9) -> BundleMetri
     if getattr(world, "bundles", None) is None:
         raise ConfigError("bundle_decomposition needs a bundle world (kind='bundle')")
     n_e = len(world.bundles)
-    dec = _unit(sae.W_dec.detach().float().cpu())
-    best = lambda dirs: (_unit(dirs.float()) @ dec.t()).max(1).values  # noqa: E731
+    dec = unit_rows(sae.W_dec.detach().float().cpu())
+    best = lambda dirs: (unit_rows(dirs.float()) @ dec.t()).max(1).values  # noqa: E731
     ent = float((best(world.directions[:n_e]) >= threshold).float().mean())
     att = float((best(world.attribute_directions) >= threshold).float().mean())
     lab = float((best(world.label_directions) >= threshold).float().mean()) if world.label_directions is not None else float("nan")

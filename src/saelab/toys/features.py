@@ -84,6 +84,15 @@ def embed_directions(n: int, d: int, target_cos_sim: float, seed: int, steps: in
         return (w / w.norm(dim=1, keepdim=True)).float().contiguous()
 
 
+def interference(directions: torch.Tensor) -> dict[str, float]:
+    """Mean and max |cosine| between distinct unit feature directions."""
+    cos = directions @ directions.t()
+    off = cos[~torch.eye(len(cos), dtype=torch.bool)].abs()
+    if not off.numel():
+        return {"mean_abs_cos": 0.0, "max_abs_cos": 0.0}
+    return {"mean_abs_cos": float(off.mean()), "max_abs_cos": float(off.max())}
+
+
 class ToyWorld:
     """A fixed world (directions and probabilities); sampling takes an explicit generator."""
 
@@ -101,12 +110,7 @@ class ToyWorld:
         return float(self.probs.sum())
 
     def interference(self) -> dict[str, float]:
-        cos = self.directions @ self.directions.t()
-        off = cos[~torch.eye(len(cos), dtype=torch.bool)].abs()
-        return {"mean_abs_cos": float(off.mean()), "max_abs_cos": float(off.max())} if off.numel() else {
-            "mean_abs_cos": 0.0,
-            "max_abs_cos": 0.0,
-        }
+        return interference(self.directions)
 
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         active = torch.rand(n, self.cfg.n_features, generator=gen) < self.probs

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
 
 from saelab.activations.base import Batch
 from saelab.errors import ConfigError
-from saelab.toys.features import embed_directions
+from saelab.toys.features import embed_directions, interference
 
 
 class _WorldBase(BaseModel):
@@ -359,10 +359,7 @@ class World:
         return [(p, c) for c, p in enumerate(self.parents) if p is not None]
 
     def interference(self) -> dict[str, float]:
-        cos = self.directions @ self.directions.t()
-        off = cos[~torch.eye(len(cos), dtype=torch.bool)].abs()
-        return {"mean_abs_cos": float(off.mean()), "max_abs_cos": float(off.max())} if off.numel() else {
-            "mean_abs_cos": 0.0, "max_abs_cos": 0.0}
+        return interference(self.directions)
 
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return _magnitudes(self.cfg, self.sampler.active(n, gen), gen)
