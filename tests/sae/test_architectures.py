@@ -95,7 +95,7 @@ def test_batchtopk_keeps_batch_times_k_in_training_and_threshold_at_inference():
     out = sae.loss_terms(x, StepContext())
     sae.after_optimizer_step(out)
     theta = float(sae.threshold)
-    kept = out.feature_acts.detach()
+    kept = out.dense_feature_acts()
     assert theta == pytest.approx(float(kept[kept > 0].min()))
     sae.eval()
     pre = sae.pre_acts(x)

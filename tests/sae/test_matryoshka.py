@@ -17,7 +17,7 @@ def test_each_prefix_loss_is_the_reconstruction_from_that_prefix_alone():
     sae = make(prefixes=[4, 12, 32], level_weights=[0.5, 0.3, 0.2])
     x = torch.randn(64, 12)
     out = sae.loss_terms(x, StepContext())
-    f = out.feature_acts
+    f = out.dense_feature_acts()
     for m, w, key in [(4, 0.5, "mse_prefix_4"), (12, 0.3, "mse_prefix_12"), (32, 0.2, "mse")]:
         x_hat = f[:, :m] @ sae.W_dec[:m] + sae.b_dec
         torch.testing.assert_close(out.losses[key], w * mse_per_token(x_hat, x))

@@ -134,8 +134,8 @@ def test_dead_latents_are_counted_in_tokens():
 
     stats = LatentStats(3, dead_after_tokens=100, dense_threshold=0.5)
     for _ in range(4):
-        stats.update(torch.tensor([[1.0, 0.0, 0.0]] * 30))
-    stats.update(torch.tensor([[1.0, 0.0, 2.0]] * 10))
+        stats.update(torch.tensor([30, 0, 0]), 30)
+    stats.update(torch.tensor([10, 0, 10]), 10)
     assert stats.dead_mask().tolist() == [False, True, False]
     assert stats.dense_fraction() == pytest.approx(1 / 3)
 

@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, PositiveInt
 
 from saelab.config import StrictModel, describe_validation_error  # noqa: F401 (re-exported)
 from saelab.errors import ConfigError
+from saelab.sae.sparse import Selection, SparseActs, dense_preacts, selected_preacts
 
 
 class SAEConfig(StrictModel):
@@ -48,15 +49,34 @@ class StepContext:
 
 @dataclass
 class TrainOutput:
-    """One training forward pass: reconstruction, latents and every loss term by name."""
+    """One training forward pass: reconstruction, latents and every loss term by name.
+
+    `feature_acts` is dense, or `SparseActs` when the step ran the sparse kernels; the trainer
+    reads it only through `fired_counts` and `mean_l0`, so it never densifies a sparse step.
+    """
 
     x_hat: torch.Tensor
-    feature_acts: torch.Tensor
+    feature_acts: torch.Tensor | SparseActs
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def loss(self) -> torch.Tensor:
         return torch.stack(list(self.losses.values())).sum()
+
+    def fired_counts(self) -> torch.Tensor:
+        """[d_sae] number of batch rows on which each latent was non-zero."""
+        if isinstance(self.feature_acts, SparseActs):
+            return self.feature_acts.fired_counts()
+        return (self.feature_acts.detach() != 0).sum(0)
+
+    def mean_l0(self) -> float:
+        f = self.feature_acts
+        nonzero = f.nonzero_count() if isinstance(f, SparseActs) else int((f.detach() != 0).sum())
+        return nonzero / f.shape[0]
+
+    def dense_feature_acts(self) -> torch.Tensor:
+        f = self.feature_acts
+        return f.to_dense() if isinstance(f, SparseActs) else f
 
 
 def encoder_matmul(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
@@ -111,6 +131,22 @@ class SAE(torch.nn.Module):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def preacts_with_grad(
+        self, pre: torch.Tensor, x: torch.Tensor, sel: Selection | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attach the encoder's gradient to pre-activations computed without a graph.
+
+        Training steps compute `pre` once under no_grad, choose their latents from it, and then
+        ask for gradients only where they need them: at `sel` (sparse backward, see
+        `saelab.sae.sparse`) or everywhere (`sel=None`, the dense backward). `bias` replaces
+        b_enc for encoders with their own bias (Gated's gate).
+        """
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        bias = self.b_enc if bias is None else bias
+        if sel is None:
+            return dense_preacts(pre, x, self.W_enc, bias, b_dec)
+        return selected_preacts(sel, pre, x, self.W_enc, bias, b_dec)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

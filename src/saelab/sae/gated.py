@@ -15,6 +15,7 @@ from pydantic import Field, NonNegativeFloat
 
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, encoder_matmul, mse_per_token
 from saelab.sae.registry import register
+from saelab.sae.sparse import SparseActs, gather_weights, sparse_decode, sparse_selection
 
 
 class GatedConfig(SAEConfig):
@@ -39,31 +40,45 @@ class GatedSAE(SAE):
         self.r_mag = torch.nn.Parameter(torch.zeros(cfg.d_sae))
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_input(x)
-        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        pi_gate = encoder_matmul(x, self.W_enc, b_dec, self.b_gate)
+        pi_gate = self.pre_acts(x)
         # W_mag = exp(r_mag) * W_gate column-wise, so the magnitude path reuses the gate's matmul
         pi_mag = (pi_gate - self.b_gate) * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """The gate pre-activations decide firing, so they play the role of pre-activations."""
-        return self._paths(x)[0]
+        self._check_input(x)
+        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.b_gate)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pi_gate, pi_mag = self._paths(x)
         return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        pi_gate, pi_mag = self._paths(x)
-        f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
-        x_hat = self.decode(f)
-        gate_acts = torch.relu(pi_gate)
-        l1 = (gate_acts * self.sparsity_weights()).sum(-1).mean()
-        x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        with torch.no_grad():
+            pre_gate = self.pre_acts(x)
+        # Every term reads the gate only where it is open (pi_gate > 0): the sparse path keeps those.
+        sel = sparse_selection(pre_gate > 0)
+        pi_gate = self.preacts_with_grad(pre_gate, x, sel, bias=self.b_gate)
+        b_gate, r_mag, b_mag = (p if sel is None else p[sel.flat_cols] for p in (self.b_gate, self.r_mag, self.b_mag))
+        pi_mag = (pi_gate - b_gate) * r_mag.exp() + b_mag
+        if sel is not None:
+            f = torch.relu(pi_mag)
+            x_hat = sparse_decode(sel, f, self.W_dec) + self.b_dec
+            gate_acts = pi_gate
+            l1 = (gate_acts * gather_weights(self.sparsity_weights(), sel)).sum() / x.shape[0]
+            x_hat_frozen = sparse_decode(sel, gate_acts, self.W_dec.detach()) + self.b_dec.detach()
+            acts = SparseActs(sel, f.detach())
+        else:
+            f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
+            x_hat = self.decode(f)
+            gate_acts = torch.relu(pi_gate)
+            l1 = (gate_acts * self.sparsity_weights()).sum(-1).mean()
+            x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+            acts = f
         return TrainOutput(
             x_hat,
-            f,
+            acts,
             {
                 "mse": mse_per_token(x_hat, x),
                 "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1,

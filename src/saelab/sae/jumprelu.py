@@ -16,6 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat
 
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
+from saelab.sae.sparse import SparseActs, sparse_decode, sparse_selection
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -97,14 +98,26 @@ class JumpReLUSAE(SAE):
         return jumprelu(pre, self.threshold, self.cfg.bandwidth)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        pre = self.pre_acts(x)
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+            # Gradients reach the active latents and, for the threshold, those within half a
+            # bandwidth below it; everything else has zero gradient and can stay out of the graph.
+            sel = sparse_selection(pre >= self.threshold - self.cfg.bandwidth / 2)
         threshold = self.threshold
-        f = jumprelu(pre, threshold, self.cfg.bandwidth)
-        x_hat = self.decode(f)
-        l0 = step(pre, threshold, self.cfg.bandwidth).sum(-1).mean()
+        if sel is not None:
+            z, threshold = self.preacts_with_grad(pre, x, sel), threshold[sel.flat_cols]
+            f = jumprelu(z, threshold, self.cfg.bandwidth)
+            x_hat = sparse_decode(sel, f, self.W_dec) + self.b_dec
+            acts = SparseActs(sel, f.detach())
+        else:
+            z = self.preacts_with_grad(pre, x)
+            f = jumprelu(z, threshold, self.cfg.bandwidth)
+            x_hat = self.decode(f)
+            acts = f
+        l0 = step(z, threshold, self.cfg.bandwidth).sum() / x.shape[0]
         return TrainOutput(
             x_hat,
-            f,
+            acts,
             {"mse": mse_per_token(x_hat, x), "l0": self.cfg.l0_coefficient * ctx.sparsity_scale * l0},
         )
 

@@ -16,6 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from saelab.sae.base import StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
+from saelab.sae.sparse import Selection, SparseActs, sparse_decode, use_sparse
 from saelab.sae.topk import BatchTopKConfig, BatchTopKSAE, auxk_loss
 
 
@@ -86,20 +87,35 @@ class MatryoshkaSAE(BatchTopKSAE):
         w = self.cfg.level_weights
         return list(w) if w is not None else [1.0 / n] * n
 
-    def nested_reconstructions(self, f: torch.Tensor, prefixes: list[int]) -> list[torch.Tensor]:
-        """b_dec + sum_{i <= m_g} f_i d_i for every prefix, built incrementally (one pass over W_dec)."""
-        out, acc, start = [], self.b_dec.expand(f.shape[0], -1), 0
+    def nested_reconstructions(self, f: torch.Tensor, prefixes: list[int], sel: Selection | None = None) -> list[torch.Tensor]:
+        """b_dec + sum_{i <= m_g} f_i d_i for every prefix, built incrementally (one pass over W_dec).
+
+        `f` is the dense [B, d_sae] latents, or the values at `sel` (then each level decodes
+        only its own selected entries)."""
+        n_rows = f.shape[0] if sel is None else sel.n_rows
+        out, acc, start = [], self.b_dec.expand(n_rows, -1), 0
         for end in prefixes:
-            acc = acc + f[:, start:end] @ self.W_dec[start:end]
+            if sel is None:
+                part = f[:, start:end] @ self.W_dec[start:end]
+            else:
+                part = sparse_decode(sel, f * ((sel.cols >= start) & (sel.cols < end)), self.W_dec)
+            acc = acc + part
             out.append(acc)
             start = end
         return out
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        pre = self.pre_acts(x)
-        f = self.batch_topk(pre)
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+        sel = self.select(pre)
+        if use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
+            f = torch.relu(self.preacts_with_grad(pre, x, sel))
+            acts = SparseActs(sel, f.detach())
+        else:
+            f = sel.to_dense(torch.relu(sel.gather(self.preacts_with_grad(pre, x))))
+            acts, sel = f.detach(), None
         prefixes = self.sample_prefixes() if self.cfg.random_prefixes else self.cfg.resolved_prefixes
-        recons = self.nested_reconstructions(f, prefixes)
+        recons = self.nested_reconstructions(f, prefixes, sel)
         weights = self.level_weights(len(prefixes))
         # The full-width term is named "mse" (what logs and contracts read); shorter prefixes add theirs.
         losses = {"mse": weights[-1] * mse_per_token(recons[-1], x)}
@@ -108,4 +124,4 @@ class MatryoshkaSAE(BatchTopKSAE):
             losses[name] = w * mse_per_token(r, x)
         x_hat = recons[-1]
         losses["auxk"] = auxk_loss(self, pre, x, x_hat, ctx)
-        return TrainOutput(x_hat, f, losses)
+        return TrainOutput(x_hat, acts, losses)

@@ -13,6 +13,7 @@ from pydantic import Field, NonNegativeFloat
 
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
+from saelab.sae.sparse import SparseActs, gather_weights, sparse_decode, sparse_selection
 
 
 class ReLUConfig(SAEConfig):
@@ -31,11 +32,21 @@ class ReLUSAE(SAE):
         return torch.relu(pre)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        f = self.encode(x)
-        x_hat = self.decode(f)
-        l1 = (f * self.sparsity_weights()).sum(-1).mean()
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+        sel = sparse_selection(pre > 0)
+        if sel is not None:  # positive pre-activations only: the ReLU is the identity there
+            f = self.preacts_with_grad(pre, x, sel)
+            x_hat = sparse_decode(sel, f, self.W_dec) + self.b_dec
+            l1 = (f * gather_weights(self.sparsity_weights(), sel)).sum() / x.shape[0]
+            acts = SparseActs(sel, f.detach())
+        else:
+            f = torch.relu(self.preacts_with_grad(pre, x))
+            x_hat = self.decode(f)
+            l1 = (f * self.sparsity_weights()).sum(-1).mean()
+            acts = f
         return TrainOutput(
             x_hat,
-            f,
+            acts,
             {"mse": mse_per_token(x_hat, x), "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1},
         )

@@ -15,6 +15,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 from saelab.errors import ConfigError
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
+from saelab.sae.sparse import Selection, SparseActs, select_batch_topk, select_topk, sparse_decode, use_sparse
 
 
 class TopKConfig(SAEConfig):
@@ -40,26 +41,39 @@ def scatter_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(values).scatter_(-1, idx, torch.relu(top))
 
 
-def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """sum_j vals[:, j] * W_dec[idx[:, j]], i.e. f @ W_dec for k-sparse rows of f.
-
-    `embedding_bag` gathers the k chosen decoder rows, so the forward and both gradients cost
-    O(B k d_in) instead of the dense O(B d_sae d_in) matmul, and no dense gradient is formed.
-    """
-    return torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-
-
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """Reconstruct the residual from the top-k_aux dead latents; zero when none are dead."""
+    """Reconstruct the residual from the top-k_aux dead latents; zero when none are dead.
+
+    Only the dead columns of `pre` are searched and only the chosen entries get a gradient: through
+    `pre`'s own graph when it has one, else through the sparse encoder backward.
+    """
     dead = ctx.dead_mask
     n_dead = int(dead.sum()) if dead is not None else 0
     if n_dead == 0:
         return pre.new_zeros(())
     k_aux = min(sae.cfg.effective_k_aux, n_dead)
-    top, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)  # k_aux <= n_dead: all finite
+    dead_cols = dead.to(pre.device).nonzero().squeeze(1)
+    local = pre.detach().index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False).indices
+    sel = Selection(dead_cols[local], None, pre.shape[0], pre.shape[1])
+    values = sel.gather(pre) if pre.requires_grad else sae.preacts_with_grad(pre, x, sel)
     residual = (x - x_hat).detach()
     scale = min(n_dead / sae.cfg.effective_k_aux, 1.0)  # few dead latents: a proportionally smaller term
-    return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(idx, torch.relu(top), sae.W_dec), residual)
+    return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
+
+
+def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, ctx: StepContext) -> TrainOutput:
+    """The TopK-family training step on latents already chosen from `pre` (computed without a
+    graph): ReLU of the selected pre-activations, decoded, plus AuxK. Sparse kernels unless
+    `kernel_mode("dense")` asks for the dense reference."""
+    if not use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
+        f = sel.to_dense(torch.relu(sel.gather(sae.preacts_with_grad(pre, x))))
+        x_hat = sae.decode(f)
+        acts = f.detach()
+    else:
+        values = torch.relu(sae.preacts_with_grad(pre, x, sel))
+        x_hat = sparse_decode(sel, values, sae.W_dec) + sae.b_dec
+        acts = SparseActs(sel, values.detach())
+    return TrainOutput(x_hat, acts, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(sae, pre, x, x_hat, ctx)})
 
 
 @register
@@ -79,12 +93,9 @@ class TopKSAE(SAE):
         return {"k": int(saved_cfg.get("k", values.get("k", 100)))}  # 100 is SAELens' default
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        pre = self.pre_acts(x)
-        top, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        vals = torch.relu(top)
-        x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
-        f = torch.zeros_like(pre).scatter_(-1, idx, vals.detach())  # for statistics only: no gradient
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(self, pre, x, x_hat, ctx)})
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+        return selected_step(self, x, pre, select_topk(pre, self.cfg.k), ctx)
 
 
 class BatchTopKConfig(TopKConfig):
@@ -105,12 +116,13 @@ class BatchTopKSAE(SAE):
         # Global inference threshold; negative means "not yet estimated" (inference is then plain ReLU).
         self.register_buffer("threshold", torch.tensor(-1.0))
 
+    def select(self, pre: torch.Tensor) -> Selection:
+        """The top B*k pre-activations of the batch."""
+        return select_batch_topk(pre.detach(), self.cfg.k * pre.shape[0])
+
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        acts = torch.relu(pre)
-        flat = acts.reshape(-1)
-        n_keep = min(self.cfg.k * acts.shape[0], flat.numel())
-        top, idx = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter_(0, idx, top).reshape(acts.shape)
+        sel = self.select(pre)
+        return sel.to_dense(torch.relu(sel.gather(pre)))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -118,15 +130,16 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        pre = self.pre_acts(x)
-        f = self.batch_topk(pre)
-        x_hat = self.decode(f)
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(self, pre, x, x_hat, ctx)})
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+        return selected_step(self, x, pre, self.select(pre), ctx)
 
     @torch.no_grad()
     def after_optimizer_step(self, out: TrainOutput) -> None:
         super().after_optimizer_step(out)
-        kept = out.feature_acts[out.feature_acts > 0]
+        f = out.feature_acts
+        acts = f.values if isinstance(f, SparseActs) else f
+        kept = acts[acts > 0]
         if kept.numel() == 0:
             return
         smallest = kept.min()

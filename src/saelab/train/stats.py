@@ -14,11 +14,12 @@ class LatentStats:
         self.tokens_seen = torch.zeros((), dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, feature_acts: torch.Tensor) -> None:
-        fired = (feature_acts != 0).sum(0).cpu()
-        self.tokens_seen += feature_acts.shape[0]
+    def update(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """`fired[i]`: how many of the batch's `n_tokens` rows latent i fired on."""
+        fired = fired.cpu()
+        self.tokens_seen += n_tokens
         self.fire_count += fired
-        self.tokens_since_fired += feature_acts.shape[0]
+        self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired > 0] = 0
 
     def dead_mask(self) -> torch.Tensor:

@@ -239,12 +239,11 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip_norm)
             self.optimizer.step()
         self.sae.after_optimizer_step(out)
-        self.stats.update(out.feature_acts.detach())
+        self.stats.update(out.fired_counts(), x.shape[0])
         return out
 
     def _record(self, out, x: torch.Tensor, tokens_per_s: float) -> dict[str, Any]:
         with torch.no_grad():
-            f = out.feature_acts
             resid = (x - out.x_hat).pow(2).sum(-1).mean()
             total = (x - x.mean(0)).pow(2).sum(-1).mean()
             remaining = (self.cfg.steps - self.step) * x.shape[0] / max(tokens_per_s, 1e-9)
@@ -255,7 +254,7 @@ class Trainer:
                 "sparsity_scale": sparsity_factor(self.cfg, self.step - 1),
                 "losses": {k: float(v) for k, v in out.losses.items()},
                 "loss": float(out.loss),
-                "l0": float((f != 0).sum(-1).float().mean()),
+                "l0": out.mean_l0(),
                 "fvu": float(resid / total.clamp_min(1e-12)),
                 "dead_fraction": self.stats.dead_fraction(),
                 "dense_fraction": self.stats.dense_fraction(),
