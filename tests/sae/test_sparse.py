@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import saelab
+from saelab.activations.base import Batch
 from saelab.sae.base import StepContext, encoder_matmul
 from saelab.sae.sparse import (
     Selection,
@@ -122,6 +123,7 @@ ARCHITECTURES = {
     "jumprelu": {"init_threshold": 0.5, "bandwidth": 0.4},
     "gated": {},
     "matryoshka": {"k": 4, "k_aux": 6},
+    "tokenized": {"k": 4, "k_aux": 6, "vocab_size": 7},
 }
 
 
@@ -140,7 +142,8 @@ def test_training_step_sparse_equals_dense(arch, any_dead):
     for mode in ("sparse", "dense"):
         sae.zero_grad()
         with kernel_mode(mode):
-            out = sae.loss_terms(x, StepContext(dead_mask=dead, sparsity_scale=1.0))
+            batch = Batch(x=x, tokens=torch.arange(B) % 7)
+            out = sae.loss_terms(x, StepContext(dead_mask=dead, sparsity_scale=1.0, batch=batch))
         out.loss.backward()
         results[mode] = (out, {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
     (sparse, g_sparse), (dense, g_dense) = results["sparse"], results["dense"]

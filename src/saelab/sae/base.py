@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field, PositiveInt
 
 from saelab.config import StrictModel, describe_validation_error  # noqa: F401 (re-exported)
 from saelab.errors import ConfigError
-from saelab.sae.sparse import Selection, SparseActs, dense_preacts, selected_preacts
+from saelab.sae.sparse import Selection, SparseActs, dense_preacts, selected_preacts, sparse_decode
 
 
 class SAEConfig(StrictModel):
@@ -159,6 +159,10 @@ class SAE(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x), tokens)
+
+    def decode_selected(self, sel: Selection, values: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """`decode` of latents that are `values` at `sel` and zero elsewhere, without densifying."""
+        return sparse_decode(sel, values, self.W_dec) + self.b_dec
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:

@@ -16,9 +16,10 @@ import torch
 from pydantic import Field, PositiveInt
 
 from saelab.errors import ConfigError
-from saelab.sae.base import SAE, StepContext, TrainOutput, mse_per_token
+from saelab.sae.base import SAE, StepContext, TrainOutput
 from saelab.sae.registry import register
-from saelab.sae.topk import TopKConfig, auxk_loss, scatter_topk
+from saelab.sae.sparse import Selection, select_topk
+from saelab.sae.topk import TopKConfig, scatter_topk, selected_step
 
 
 class TokenizedConfig(TopKConfig):
@@ -62,12 +63,13 @@ class TokenizedSAE(SAE):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x), tokens)
 
+    def decode_selected(self, sel: Selection, values: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        return super().decode_selected(sel, values) + self.W_lookup[self.token_index(tokens, sel.n_rows)]
+
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        tokens = getattr(ctx.batch, "tokens", None)
-        pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f, tokens)
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(self, pre, x, x_hat, ctx)})
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+        return selected_step(self, x, pre, select_topk(pre, self.cfg.k), ctx)
 
     @torch.no_grad()
     def init_from_data(self, sample) -> None:

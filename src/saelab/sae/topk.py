@@ -65,13 +65,14 @@ def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, 
     """The TopK-family training step on latents already chosen from `pre` (computed without a
     graph): ReLU of the selected pre-activations, decoded, plus AuxK. Sparse kernels unless
     `kernel_mode("dense")` asks for the dense reference."""
+    tokens = getattr(ctx.batch, "tokens", None)
     if not use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
         f = sel.to_dense(torch.relu(sel.gather(sae.preacts_with_grad(pre, x))))
-        x_hat = sae.decode(f)
+        x_hat = sae.decode(f, tokens)
         acts = f.detach()
     else:
         values = torch.relu(sae.preacts_with_grad(pre, x, sel))
-        x_hat = sparse_decode(sel, values, sae.W_dec) + sae.b_dec
+        x_hat = sae.decode_selected(sel, values, tokens)
         acts = SparseActs(sel, values.detach())
     return TrainOutput(x_hat, acts, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(sae, pre, x, x_hat, ctx)})
 
