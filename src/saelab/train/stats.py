@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
 class LatentStats:
-    def __init__(self, d_sae: int, dead_after_tokens: int, dense_threshold: float):
+    """`reduce` (optional) sums a tensor of counts over data-parallel ranks, so every rank
+    counts the combined batch and agrees on which latents are dead."""
+
+    def __init__(self, d_sae: int, dead_after_tokens: int, dense_threshold: float,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.reduce = reduce
         self.dead_after_tokens = dead_after_tokens
         self.dense_threshold = dense_threshold
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64)
@@ -15,10 +22,15 @@ class LatentStats:
 
     @torch.no_grad()
     def update(self, feature_acts: torch.Tensor) -> None:
-        fired = (feature_acts != 0).sum(0).cpu()
-        self.tokens_seen += feature_acts.shape[0]
+        fired = (feature_acts != 0).sum(0)
+        n = feature_acts.shape[0]
+        if self.reduce is not None:  # one collective for both counts: [fired..., rows]
+            counts = self.reduce(torch.cat([fired, fired.new_full((1,), n)]))
+            fired, n = counts[:-1], int(counts[-1])
+        fired = fired.cpu()
+        self.tokens_seen += n
         self.fire_count += fired
-        self.tokens_since_fired += feature_acts.shape[0]
+        self.tokens_since_fired += n
         self.tokens_since_fired[fired > 0] = 0
 
     def dead_mask(self) -> torch.Tensor:
