@@ -13,6 +13,7 @@ import torch
 from saelab.errors import ConfigError
 from saelab.io.atomic import save_figure, write_json, write_text
 from saelab.report import markdown_table, text_table
+from saelab.train.distributed import DEFAULT_TIMEOUT_S
 
 LEADERBOARD_COLUMNS = [
     "architecture", "l0", "fvu", "dead_fraction", "dense_fraction", "shrinkage",
@@ -33,6 +34,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="Train SAEs from a YAML or JSON config.")
     p.add_argument("config", help="YAML/JSON with `sae` (or `saes`), `train` and `source` sections.")
     p.add_argument("--out", help="Run folder (overrides `out` in the config). Resumes if it has a checkpoint.")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"Under torchrun: how long a rank waits for the others before failing (default: {DEFAULT_TIMEOUT_S:g}).")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser("eval", help="Metrics of a saved SAE on a source.")
@@ -87,6 +90,8 @@ def train_and_evaluate(
     t0 = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - t0
+    if not trainer.dist.is_main:  # data-parallel: rank 0 evaluates and saves
+        return {}
     sae.fold_input_scale(result.input_scale)
     held_out = build_source(eval_spec or {**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
     world = getattr(held_out, "world", None)
@@ -225,6 +230,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- train / eval
 def run_train(args: argparse.Namespace) -> int:
+    """Under `torchrun --nproc_per_node N` the ranks train each SAE data-parallel; rank 0 writes."""
+    from saelab.train import distributed
+
     cfg = read_config_file(args.config)
     valid = {"sae", "saes", "train", "source", "eval_source", "out"}
     unknown = set(cfg) - valid
@@ -235,14 +243,24 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError("the config needs an `sae` mapping (or an `saes` list) with at least `architecture`")
     out = Path(args.out or cfg.get("out") or "runs/train")
     source = cfg.get("source") or {"type": "toy"}
-    records = []
     for i, sae in enumerate(saes):
         if not isinstance(sae, dict):
             raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`")
-        run_dir = out if len(saes) == 1 else out / f"{i:02d}_{sae.get('architecture', 'sae')}"
-        record = train_and_evaluate(sae, cfg.get("train") or {}, source, run_dir, eval_spec=cfg.get("eval_source"))
-        record["path"] = str(run_dir / "sae")
-        records.append(record)
+    train = cfg.get("train") or {}
+    device = str(train.get("device", "cpu")) if isinstance(train, dict) else "cpu"
+    started = distributed.init_from_env(device, args.dist_timeout)
+    try:
+        records = []
+        for i, sae in enumerate(saes):
+            run_dir = out if len(saes) == 1 else out / f"{i:02d}_{sae.get('architecture', 'sae')}"
+            record = train_and_evaluate(sae, train, source, run_dir, eval_spec=cfg.get("eval_source"))
+            records.append({**record, "path": str(run_dir / "sae")})
+        main = distributed.is_main()
+    finally:
+        if started:
+            distributed.shutdown()
+    if not main:
+        return 0
     write_json(out / "results.json", records)
     print(text_table(records, [c for c in LEADERBOARD_COLUMNS if c in records[0]]))
     return 0

@@ -3,6 +3,8 @@
 Toy worlds, model hooks and disk caches all speak it, so every SAE trains on every source.
 `state_dict()` returns tensors only (it goes into a safetensors checkpoint) and
 `load_state_dict()` puts the source back exactly where it was, so training resumes exactly.
+Optionally `shard(rank, world_size)` returns one data-parallel rank's share of every batch
+(see saelab.train.distributed; without it each rank takes its block of rows of each batch).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ batch carries the true feature activations a, so metrics can compare an SAE with
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from typing import Literal
 
 import torch
@@ -133,7 +135,8 @@ class ToySource:
             raise ConfigError(f"batch_size must be positive (got {batch_size})")
         self.world = world
         self.batch_size = batch_size
-        self.gen = torch.Generator().manual_seed(seed + 1_000_003 * (world.cfg.seed + 1))
+        self.stream_seed = seed + 1_000_003 * (world.cfg.seed + 1)
+        self.gen = torch.Generator().manual_seed(self.stream_seed)
         self.position = 0
 
     @property
@@ -146,6 +149,25 @@ class ToySource:
     def __next__(self) -> Batch:
         self.position += 1
         return self.world.sample(self.batch_size, self.gen)
+
+    def shard(self, rank: int, world_size: int) -> "ToySource":
+        """Rank `rank`'s share for data-parallel training (saelab.train.distributed): batches of
+        batch_size / world_size rows from an independent stream seeded by (seed, rank, world_size),
+        so ranks draw different samples and none generates the others'."""
+        if world_size == 1:
+            return self
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"batch_size={self.batch_size} cannot be split evenly over {world_size} ranks; "
+                f"use a multiple of {world_size}"
+            )
+        if self.position:
+            raise ConfigError("shard a toy source before drawing from it")
+        digest = hashlib.blake2b(f"{self.stream_seed}/{rank}/{world_size}".encode(), digest_size=8).digest()
+        part = copy.copy(self)
+        part.batch_size = self.batch_size // world_size
+        part.gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        return part
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.gen.get_state(), "position": torch.tensor(self.position, dtype=torch.int64)}

@@ -3,7 +3,10 @@ every RNG state, in safetensors plus JSON (never pickle). Each checkpoint is a f
 under a temporary name and renamed into place, so a kill mid-write leaves the previous one intact.
 
 Layout: OUT/checkpoints/step_000100/{state.json, tensors.safetensors}; OUT/checkpoints/latest
-names the newest complete one.
+names the newest complete one. A data-parallel run (saelab.train.distributed) stores what
+differs between ranks, the source position and RNG states, once per rank: rank 0's under
+`source.*` / `rng.*` (as in a single-process run), rank r's under `rank{r}.source.*` /
+`rank{r}.rng.*`, with `world_size` in state.json.
 """
 
 from __future__ import annotations
@@ -110,7 +113,26 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer | None, tensors: dict
                     optimizer.state[p][name] = torch.empty_like(p).copy_(value)
 
 
-def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2) -> Path:
+def _rank_prefix(rank: int) -> str:
+    return "" if rank == 0 else f"rank{rank}."
+
+
+def local_state(source) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's source position and RNG states: the part of a checkpoint that differs
+    between data-parallel ranks (tensors, plus the JSON half of the RNG states)."""
+    tensors: dict[str, torch.Tensor] = {}
+    _flatten("source", source.state_dict(), tensors)
+    rng_tensors, rng_meta = _rng_state()
+    _flatten("rng", rng_tensors, tensors)
+    return tensors, rng_meta
+
+
+def save(
+    out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2,
+    ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+) -> Path:
+    """`ranks`: every rank's `local_state`, rank 0 first, in a data-parallel run; by default
+    this process's own."""
     root = _checkpoint_root(Path(out_dir))
     root.mkdir(parents=True, exist_ok=True)
     name = step_name(step)
@@ -119,13 +141,15 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, 
     opt_tensors, groups = _optimizer_state(optimizer)
     _flatten("optimizer", opt_tensors, tensors)
     _flatten("stats", stats.state_dict(), tensors)
-    _flatten("source", source.state_dict(), tensors)
-    rng_tensors, rng_meta = _rng_state()
-    _flatten("rng", rng_tensors, tensors)
+    ranks = ranks if ranks is not None else [local_state(source)]
+    meta: dict[str, Any] = {"world_size": len(ranks)}
+    for rank, (rank_tensors, rng_meta) in enumerate(ranks):
+        tensors.update({_rank_prefix(rank) + k: v for k, v in rank_tensors.items()})
+        meta[_rank_prefix(rank) + "rng"] = rng_meta
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         write_safetensors(tmp / _TENSORS, tensors)
-        write_json(tmp / _STATE, {**state, "optimizer_param_groups": groups, "rng": rng_meta})
+        write_json(tmp / _STATE, {**state, "optimizer_param_groups": groups, **meta})
         final = root / name
         old = None
         if final.exists():  # rewriting the same step: keep the old copy until the new one is in place
@@ -156,7 +180,8 @@ def read_state(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
+def load(path: str | Path, sae, optimizer, stats, source, rank: int = 0) -> dict[str, Any]:
+    """Restore everything; `rank` picks which rank's source position and RNG states to take."""
     path = Path(path)
     state = read_state(path)
     try:
@@ -171,6 +196,10 @@ def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
         raise FileFormatError(f"checkpoint {path} does not fit this SAE: {exc}") from None
     _load_optimizer_state(optimizer, _unflatten("optimizer", tensors), state.pop("optimizer_param_groups"))
     stats.load_state_dict(_unflatten("stats", tensors))
-    source.load_state_dict(_unflatten("source", tensors))
-    _set_rng_state(_unflatten("rng", tensors), state.pop("rng"))
+    prefix = _rank_prefix(rank)
+    rng_meta = {k: state.pop(k) for k in [k for k in state if k.endswith("rng")]}
+    if prefix + "rng" not in rng_meta:
+        raise FileFormatError(f"checkpoint {path} holds no source/RNG state for rank {rank}")
+    source.load_state_dict(_unflatten(prefix + "source", tensors))
+    _set_rng_state(_unflatten(prefix + "rng", tensors), rng_meta[prefix + "rng"])
     return state

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
 class LatentStats:
-    def __init__(self, d_sae: int, dead_after_tokens: int, dense_threshold: float):
+    """`reduce` (optional) sums a tensor of counts over data-parallel ranks, so every rank
+    counts the combined batch and agrees on which latents are dead."""
+
+    def __init__(self, d_sae: int, dead_after_tokens: int, dense_threshold: float,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.reduce = reduce
         self.dead_after_tokens = dead_after_tokens
         self.dense_threshold = dense_threshold
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64)
@@ -16,6 +23,9 @@ class LatentStats:
     @torch.no_grad()
     def update(self, fired: torch.Tensor, n_tokens: int) -> None:
         """`fired[i]`: how many of the batch's `n_tokens` rows latent i fired on."""
+        if self.reduce is not None:  # one collective for both counts: [fired..., rows]
+            counts = self.reduce(torch.cat([fired, fired.new_full((1,), n_tokens)]))
+            fired, n_tokens = counts[:-1], int(counts[-1])
         fired = fired.cpu()
         self.tokens_seen += n_tokens
         self.fire_count += fired

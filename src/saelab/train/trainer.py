@@ -4,6 +4,8 @@ Per step: draw a batch, scale it to E||x|| = sqrt(d_in), ask the SAE for its nam
 backpropagate, let the SAE adjust gradients (unit-norm decoder), clip, take an Adam step, let the
 SAE adjust weights (renormalise, thresholds), and update dead/dense latent statistics. Learning
 rate and sparsity warm-up are pure functions of the step, so a resumed run sees the same values.
+Under torch.distributed each rank trains on its share of every batch and gradients are averaged
+over ranks; everything that involves other ranks goes through `saelab.train.distributed`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from saelab.config import StrictModel
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.sae.base import SAE, StepContext
 from saelab.train import checkpoint as ckpt
+from saelab.train.distributed import DataParallel
 from saelab.train.stats import LatentStats
 
 
@@ -96,14 +99,16 @@ class Trainer:
     def __init__(self, sae: SAE, source: Any, cfg: TrainConfig | dict | None = None, out_dir: str | Path | None = None):
         self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.parse(cfg or {})
         self.sae = sae.to(self.cfg.device)
-        self.source: ActivationSource = as_source(source, sae.cfg.d_in)
+        self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
+        self.source: ActivationSource = self.dist.shard(as_source(source, sae.cfg.d_in))
         if getattr(self.source, "d_in", -1) not in (-1, sae.cfg.d_in):
             raise ConfigError(
                 f"the source yields d_in={self.source.d_in} but the SAE has d_in={sae.cfg.d_in}; set d_in to match"
             )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.optimizer = make_adam(self.sae, self.cfg)
-        self.stats = LatentStats(sae.cfg.d_sae, self.cfg.dead_after_tokens, self.cfg.dense_threshold)
+        self._loss_terms = self.sae.loss_terms  # through DDP once `fit` knows the starting weights
+        self.stats = LatentStats(sae.cfg.d_sae, self.cfg.dead_after_tokens, self.cfg.dense_threshold, self.dist.sum)
         self.step = 0
         self.tokens = 0
         self.input_scale: float | None = None
@@ -139,11 +144,12 @@ class Trainer:
 
     def _initialise(self) -> None:
         """Estimate the input scale and b_dec from the first batches, then rewind the source
-        so training still sees those batches."""
+        so training still sees those batches. With several ranks the estimate uses the combined
+        batches and rank 0's result is given to all."""
         start = self.source.state_dict()
         with torch.no_grad():
             batches = [self._next_batch() for _ in range(self.cfg.norm_estimation_batches)]
-            sample = torch.cat([b.x for b in batches])
+            sample = torch.cat([self.dist.all_rows(b.x) for b in batches])
             if self.cfg.normalize_activations == "expected_norm":
                 mean_norm = float(sample.norm(dim=1).mean())
                 if mean_norm == 0:
@@ -157,24 +163,32 @@ class Trainer:
             elif self.cfg.b_dec_init == "mean":
                 self.sae.b_dec.copy_(sample.mean(0))
             tokens = [b.tokens for b in batches]
-            tokens = torch.cat(tokens).to(sample.device) if all(t is not None for t in tokens) else None
+            if all(t is not None for t in tokens):
+                tokens = torch.cat([self.dist.all_rows(t.to(sample.device)) for t in tokens])
+            else:
+                tokens = None
             self.sae.init_from_data(Batch(x=sample, tokens=tokens))
+            self.input_scale = self.dist.sync_from_main(self.sae, self.input_scale)
         self.source.load_state_dict(start)
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = True) -> TrainResult:
         torch.manual_seed(self.cfg.seed)
-        resumed = resume and self.out_dir is not None and ckpt.latest(self.out_dir) is not None
+        # Rank 0 decides what to resume from, so all ranks agree even while files change.
+        latest = self.dist.from_main(ckpt.latest(self.out_dir) if resume and self.out_dir is not None else None)
+        resumed = latest is not None
         if resumed:
-            self._load(ckpt.latest(self.out_dir))
+            self._load(latest)
         else:
             self._initialise()
-        log_path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        self._loss_terms = self.dist.loss_fn(self.sae, trainable=self.optimizer is not None)
+        log_path = self.out_dir / "metrics.jsonl" if self.out_dir and self.dist.is_main else None
         if log_path is not None:
             self.history = _read_log(log_path, up_to_step=self.step) if resumed else []
             _write_log(log_path, self.history)
         bar = tqdm(
-            total=self.cfg.steps, initial=self.step, disable=None if self.cfg.progress else True, desc=self.sae.architecture,
+            total=self.cfg.steps, initial=self.step, disable=None if self.cfg.progress and self.dist.is_main else True,
+            desc=self.sae.architecture,
             unit="step", dynamic_ncols=True, leave=False,
         )
         start = time.perf_counter()
@@ -189,7 +203,7 @@ class Trainer:
             if self.optimizer is not None or logging:
                 out = self._train_step(x, batch)
             self.step += 1
-            self.tokens += x.shape[0]
+            self.tokens += x.shape[0] * self.dist.world_size  # every rank's share is the same size
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 now = time.perf_counter()
                 record = self._record(out, x, (self.tokens - window_tokens) / max(now - window_start, 1e-9))
@@ -204,7 +218,7 @@ class Trainer:
             if self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.out_dir and getattr(ckpt.latest(self.out_dir), "name", None) != ckpt.step_name(self.step):
+        if self.out_dir and self.dist.from_main(getattr(ckpt.latest(self.out_dir), "name", None)) != ckpt.step_name(self.step):
             self.save_checkpoint()
         self.sae.eval()
         return TrainResult(
@@ -223,7 +237,7 @@ class Trainer:
             batch=batch,
         )
         with torch.set_grad_enabled(self.optimizer is not None):
-            out = self.sae.loss_terms(x, ctx)
+            out = self._loss_terms(x, ctx)
         loss = out.loss
         if not torch.isfinite(loss):
             terms = {k: float(v) for k, v in out.losses.items()}
@@ -246,7 +260,7 @@ class Trainer:
         with torch.no_grad():
             resid = (x - out.x_hat).pow(2).sum(-1).mean()
             total = (x - x.mean(0)).pow(2).sum(-1).mean()
-            remaining = (self.cfg.steps - self.step) * x.shape[0] / max(tokens_per_s, 1e-9)
+            remaining = (self.cfg.steps - self.step) * x.shape[0] * self.dist.world_size / max(tokens_per_s, 1e-9)
             return {
                 "step": self.step,
                 "tokens": self.tokens,
@@ -263,7 +277,13 @@ class Trainer:
             }
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Every rank calls this: rank 0 writes the shared state plus each rank's source and RNG
+        state, and the others wait until it is on disk (None on those ranks)."""
+        ranks = self.dist.gather_to_main(ckpt.local_state(self.source))
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -271,16 +291,24 @@ class Trainer:
             "sae_config": self.sae.cfg.model_dump(),
             "train_config": self.cfg.model_dump(),
         }
-        return ckpt.save(
+        path = ckpt.save(
             self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, self.source,
-            keep=self.cfg.keep_checkpoints,
+            keep=self.cfg.keep_checkpoints, ranks=ranks,
         )
+        self.dist.barrier()
+        return path
 
     def _load(self, path: Path) -> None:
         saved = ckpt.read_state(path)
+        if saved.get("world_size", 1) != self.dist.world_size:
+            raise ConfigError(
+                f"checkpoint {path} was written by a run on {saved.get('world_size', 1)} process(es) but this "
+                f"run has {self.dist.world_size}; each rank's data position is saved, so resume with "
+                f"{saved.get('world_size', 1)} (torchrun --nproc_per_node) or use a new --out folder"
+            )
         _check_same_config("SAE", saved["sae_config"], self.sae.cfg.model_dump(), path)
         _check_same_config("training", saved["train_config"], self.cfg.model_dump(), path, ignore=_BOOKKEEPING)
-        state = ckpt.load(path, self.sae, self.optimizer, self.stats, self.source)
+        state = ckpt.load(path, self.sae, self.optimizer, self.stats, self.source, rank=self.dist.rank)
         self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
 
 
