@@ -1,25 +1,41 @@
-"""Training throughput and peak memory: saelab against sae-lens and the encoder-matmul floor.
+"""Training throughput and peak memory: saelab against sae-lens, dictionary-learning and sparsify.
 
-    .venv/bin/python benchmarks/throughput.py                    # d_in 384 and 768, width 16x, batch 4096, k 32
-    .venv/bin/python benchmarks/throughput.py --d-in 384 --steps 3
+    bash benchmarks/setup_env.sh                                  # the benchmark's own venv, once
+    .bench-venv/bin/python benchmarks/throughput.py              # d_in 384 and 768, width 16x, batch 4096, k 32
+    .bench-venv/bin/python benchmarks/throughput.py --device cuda
+    .bench-venv/bin/python benchmarks/throughput.py --d-in 64 --steps 2 --warmup 1   # a quick check of every adapter
 
-Each (tool, architecture, d_in) runs in a fresh subprocess so its peak resident memory is its
-own. A step is one full optimizer step (forward, backward, Adam, the architecture's own weight
-updates) on a fixed batch of Gaussian activations; the floor is one `x @ W_enc` of the same
-shape, the one matmul no SAE step can avoid. sae-lens runs when it is installed (the test extra
-installs it); other tools are left out when not importable.
+A step is one full optimizer step of each tool's own trainer (forward, backward, its optimizer,
+its own weight constraints such as decoder renormalisation) on one fixed batch of Gaussian
+activations, the same batch (same seed) for every tool. The floor is one `x @ W_enc` of the
+same shape, the one matmul no SAE step can avoid. Each (tool, architecture, d_in) runs in a
+fresh subprocess so its peak memory is its own: peak resident memory on CPU (which includes the
+tool's imports; the after-import figure is in the per-run line and results.json), peak
+allocated CUDA memory with `--device cuda`. Tools that are not importable are skipped with a
+note; so is an architecture a tool does not have (sparsify is TopK only). The TopK family runs
+at k; relu, jumprelu and gated start at L0 ~ k in every tool (see `start_at_l0`), and the table
+shows the L0 after the timed steps. Every run also checks
+that the tool's training loss went down over its steps (warm-up included), so a broken adapter
+cannot pass for a fast one; with a handful of steps this is a sanity check, not a guarantee.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+TOOLS = ["saelab", "sae-lens", "dictionary-learning", "sparsify"]
+MODULES = {"saelab": "saelab", "sae-lens": "sae_lens", "dictionary-learning": "dictionary_learning",
+           "sparsify": "sparsify"}
+ARCHITECTURES = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
 
 SAELENS_CLASSES = {  # saelab architecture -> sae-lens training class and its coefficients
     "topk": ("TopKTrainingSAE", {}),
@@ -29,35 +45,123 @@ SAELENS_CLASSES = {  # saelab architecture -> sae-lens training class and its co
     "gated": ("GatedTrainingSAE", {"l1": 5.0}),
 }
 
+# A latent counts as dead after this many tokens without firing. Every tool's default is far
+# beyond the few steps timed here except saelab's (200k tokens, 49 steps of 4096), so it is
+# raised to dictionary-learning's and sparsify's 10M: no tool pays for AuxK on a fresh SAE.
+DEAD_AFTER_TOKENS = 10_000_000
 
-def timed(step, steps: int, warmup: int) -> float:
+
+class Unsupported(Exception):
+    """The tool has no such architecture."""
+
+
+def fixed_batch(batch: int, d_in: int, device: str) -> torch.Tensor:
+    """The same Gaussian batch in every subprocess (E||x|| ~ sqrt(d_in), so no tool rescales it)."""
+    return torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1234)).to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(step, steps: int, warmup: int, device: str) -> float:
     for _ in range(warmup):
         step()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
-def bench_floor(d_in: int, d_sae: int, batch: int, steps: int, warmup: int) -> float:
-    x, w = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    return timed(lambda: x @ w, steps, warmup)
+def rss_mib() -> float:
+    """Current resident memory (Linux); nan elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
 
 
-def bench_saelab(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, warmup: int) -> float:
+# A ReLU-family SAE (relu, jumprelu, gated) fires latent j on row x when
+# x_in @ W[:, j] + bias[j] > threshold[j]. A fresh one fires about half its latents, far from a
+# trained SAE's L0 and from the TopK runs' k; `--start-l0 k` (the default) shifts each latent's
+# bias on the batch so it fires on k/d_sae of the rows, the same way in every tool, so every
+# step is timed at L0 ~ k (where sparse kernels, if a tool has them, apply).
+def gate(x_in, W, bias, threshold=None):
+    """The firing rule, as a callable read afresh each time (weights change in place)."""
+    return lambda: (x_in(), W(), bias(), None if threshold is None else threshold())
+
+
+@torch.no_grad()
+def margins(g, chunk: int = 2048):
+    x_in, W, bias, threshold = g()
+    for s in range(0, W.shape[1], chunk):
+        m = x_in @ W[:, s:s + chunk] + bias[s:s + chunk]
+        yield s, (m if threshold is None else m - threshold[s:s + chunk])
+
+
+@torch.no_grad()
+def start_at_l0(g, k: int) -> None:
+    _, _, bias, _ = g()
+    for s, m in margins(g):
+        fire = max(1, round(m.shape[0] * k / bias.shape[0]))
+        bias[s:s + m.shape[1]] -= m.kthvalue(m.shape[0] - fire, dim=0).values
+
+
+@torch.no_grad()
+def l0_of(g) -> float:
+    fired, rows = 0, 0
+    for _, m in margins(g):
+        fired, rows = fired + int((m > 0).sum()), m.shape[0]
+    return fired / rows
+
+
+# ---------------------------------------------------------------------------------------- floor
+def make_floor(arch, x, d_sae, k, args):
+    w = torch.randn(x.shape[1], d_sae, device=x.device)
+
+    def step():
+        x @ w
+
+    return step, None
+
+
+# --------------------------------------------------------------------------------------- saelab
+def make_saelab(arch, x, d_sae, k, args):
+    """saelab's own training step (Trainer._train_step): loss terms, backward, the architecture's
+    before/after-step hooks, gradient clipping, fused Adam, latent statistics. Warm-ups off (the
+    steady state); b_dec is not initialised from data (no tool's init is timed)."""
     import saelab
     from saelab.train import Trainer
 
-    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae}
+    cfg = {"architecture": arch, "d_in": x.shape[1], "d_sae": d_sae}
     if saelab.sae.get_class(arch).sweep_parameter == "k":
         cfg["k"] = k
     sae = saelab.create(cfg)
-    x = torch.randn(batch, d_in)
-    trainer = Trainer(sae, [x], {"steps": 10**9, "progress": False})
-    return timed(lambda: trainer._train_step(x), steps, warmup)
+    trainer = Trainer(sae, [x], {"steps": 10**9, "progress": False, "device": args.device, "lr_warmup_steps": 0,
+                                 "sparsity_warmup_steps": 0, "dead_after_tokens": DEAD_AFTER_TOKENS})
+
+    def step():
+        out = trainer._train_step(x)
+        trainer.step += 1
+        trainer.tokens += x.shape[0]
+        return out.loss.detach()
+
+    x_in = (lambda: x - sae.b_dec) if sae.cfg.apply_b_dec_to_input else (lambda: x)
+    gates = {"relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
+             "jumprelu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc, lambda: sae.log_threshold.exp()),
+             "gated": gate(x_in, lambda: sae.W_enc, lambda: sae.b_gate)}
+    return step, gates.get(arch)
 
 
-def bench_saelens(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: int, warmup: int) -> float:
+# ------------------------------------------------------------------------------------- sae-lens
+def make_saelens(arch, x, d_sae, k, args):
+    """sae-lens' SAETrainer._train_step: training_forward_pass with the coefficients, the
+    firing statistics, backward, gradient-norm clipping at 1, Adam (its default lr 3e-4). Its
+    constant lr and coefficient schedulers are left out (a Python call each)."""
     import sae_lens
     from sae_lens.saes.sae import TrainStepInput
 
@@ -65,90 +169,302 @@ def bench_saelens(arch: str, d_in: int, d_sae: int, batch: int, k: int, steps: i
     cls = getattr(sae_lens, cls_name)
     cfg_cls = getattr(sae_lens, cls_name + "Config")
     extra = {"k": k} if "TopK" in cls_name else {}
-    sae = cls(cfg_cls(d_in=d_in, d_sae=d_sae, **extra))
+    sae = cls(cfg_cls(d_in=x.shape[1], d_sae=d_sae, device=args.device, **extra))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
-    x = torch.randn(batch, d_in)
-    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=x.device)
+    since_fired = torch.zeros(d_sae, device=x.device)
+    act_freq = torch.zeros(d_sae, device=x.device)
+    n_steps = [0]
 
     def step():
-        out = sae.training_forward_pass(TrainStepInput(x, coefficients, dead, 1000, False))
-        opt.zero_grad()
+        out = sae.training_forward_pass(TrainStepInput(x, coefficients, dead, n_steps[0], False))
+        with torch.no_grad():
+            firing = out.feature_acts.bool().float()
+            did_fire = firing.sum(-2).bool()
+            since_fired.add_(1)
+            since_fired[did_fire] = 0
+            act_freq.add_(firing.sum(0))
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
+        opt.zero_grad()
+        n_steps[0] += 1
+        return out.loss.detach()
 
-    return timed(step, steps, warmup)
+    x_in = lambda: x - sae.b_dec * sae.cfg.apply_b_dec_to_input  # noqa: E731  (its process_sae_in)
+    gates = {"relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
+             "jumprelu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc, lambda: sae.threshold),
+             "gated": gate(x_in, lambda: sae.W_enc, lambda: sae.b_gate)}
+    return step, gates.get(arch)
+
+
+# -------------------------------------------------------------------------- dictionary-learning
+def make_dictionary_learning(arch, x, d_sae, k, args):
+    """dictionary-learning's own `trainer.update(step, x)`, unchanged: its loss, backward, its
+    gradient projection / ConstrainedAdam, clipping, optimizer and scheduler step, decoder renorm.
+    Warm-ups off and the TopK threshold EMA on (its steady state after step 1000); the first
+    update (step 0, which also sets b_dec to the geometric median) runs before the timed steps."""
+    from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+    from dictionary_learning.trainers.gdm import GatedSAETrainer
+    from dictionary_learning.trainers.jumprelu import JumpReluTrainer
+    from dictionary_learning.trainers.standard import StandardTrainerAprilUpdate
+    from dictionary_learning.trainers.top_k import TopKTrainer
+
+    common = {"steps": 10**9, "activation_dim": x.shape[1], "dict_size": d_sae, "layer": 0,
+              "lm_name": "benchmark", "device": args.device, "warmup_steps": 0}
+    if arch == "topk":
+        trainer = TopKTrainer(k=k, threshold_start_step=0, seed=0, **common)
+    elif arch == "batchtopk":
+        trainer = BatchTopKTrainer(k=k, threshold_start_step=0, seed=0, **common)
+    elif arch == "relu":  # decoder-norm-weighted L1, no unit-norm constraint: saelab's default `relu`
+        trainer = StandardTrainerAprilUpdate(sparsity_warmup_steps=None, seed=0, **common)
+    elif arch == "jumprelu":
+        trainer = JumpReluTrainer(sparsity_warmup_steps=None, target_l0=float(k), seed=0, **common)
+    elif arch == "gated":
+        trainer = GatedSAETrainer(sparsity_warmup_steps=None, seed=0, **common)
+    else:
+        raise Unsupported(arch)
+
+    last = []
+    loss_fn = trainer.loss
+
+    def recording_loss(*a, **kw):  # every trainer computes its loss here; keep it for the check
+        loss = loss_fn(*a, **kw)
+        last[:] = [loss.detach()]
+        return loss
+
+    trainer.loss = recording_loss
+    trainer.update(0, x)
+    count = [1]
+
+    def step():
+        trainer.update(count[0], x)
+        count[0] += 1
+        return last[0]
+
+    ae = trainer.ae
+    gates = {"relu": gate(lambda: x - ae.bias, lambda: ae.encoder.weight.T, lambda: ae.encoder.bias),
+             "jumprelu": gate(lambda: x, lambda: ae.W_enc, lambda: ae.b_enc, lambda: ae.threshold),
+             "gated": gate(lambda: x - ae.decoder_bias, lambda: ae.encoder.weight.T, lambda: ae.gate_bias)}
+    return step, gates.get(arch)
+
+
+# ------------------------------------------------------------------------------------- sparsify
+def make_sparsify(arch, x, d_sae, k, args):
+    """One step of sparsify's Trainer.fit with loss_fn='fvu' (its hook plus the step that
+    follows), on its own SparseCoder: renormalise W_dec, forward (fused TopK encoder, sparse
+    decoder, FVU against the batch variance, AuxK when latents are dead), the firing mask,
+    backward, removal of the gradient parallel to the decoder rows, its default optimizer
+    (sign-SGD in a schedule-free wrapper, or `--sparsify-optimizer adam`), the dead-latent
+    counters. Left out: the model forward and the token mask its hook copies the batch through.
+    b_dec starts at the batch mean, as its first step sets it. Its bf16 autocast and TF32
+    matmuls on CUDA apply only with --native-precision."""
+    if arch != "topk":
+        raise Unsupported(arch)
+    from sparsify import SparseCoder
+    from sparsify.config import SparseCoderConfig, TrainConfig
+
+    cfg = TrainConfig(SparseCoderConfig(k=k, num_latents=d_sae), auxk_alpha=1 / 32,
+                      optimizer=args.sparsify_optimizer, lr_warmup_steps=0)
+    torch.manual_seed(0)
+    sae = SparseCoder(x.shape[1], cfg.sae, x.device, dtype=torch.float32)
+    with torch.no_grad():
+        sae.b_dec.data = x.mean(0).to(sae.dtype)
+    if cfg.optimizer == "signum":
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(),
+                                            "lr": cfg.lr or 5e-3 / (sae.num_latents / 2**14) ** 0.5}]), momentum=0.95)
+        opt.train()
+        scheduler = None
+    else:
+        from transformers import get_linear_schedule_with_warmup
+
+        opt = torch.optim.Adam([{"params": sae.parameters(), "lr": cfg.lr or 2e-4 / (sae.num_latents / 2**14) ** 0.5}])
+        scheduler = get_linear_schedule_with_warmup(opt, cfg.lr_warmup_steps, 10**9)
+    if args.native_precision:
+        torch.set_float32_matmul_precision("high")
+        forward = sae
+    else:  # the forward without its class-level CUDA bf16 autocast: fp32 like every other tool
+        forward = lambda **kw: type(sae).forward.__wrapped__(sae, **kw)  # noqa: E731
+    since_fired = torch.zeros(sae.num_latents, device=x.device, dtype=torch.long)
+    did_fire = torch.zeros(sae.num_latents, device=x.device, dtype=torch.bool)
+    fvu_log = [0.0]
+
+    def step():
+        if sae.cfg.normalize_decoder:
+            sae.set_decoder_norm_to_unit_norm()
+        dead_mask = since_fired > cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = forward(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        did_fire[out.latent_indices.flatten()] = True
+        fvu_log[0] += float(out.fvu.detach())
+        loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+        with torch.no_grad():
+            since_fired.add_(x.shape[0])
+            since_fired[did_fire] = 0
+            did_fire.zero_()
+        return loss.detach()
+
+    return step, None
+
+
+MAKERS = {"floor": make_floor, "saelab": make_saelab, "sae-lens": make_saelens,
+          "dictionary-learning": make_dictionary_learning, "sparsify": make_sparsify}
 
 
 def run_one(args) -> dict:
     d_sae = args.d_in * args.expansion
-    if args.tool == "floor":
-        seconds = bench_floor(args.d_in, d_sae, args.batch, args.steps, args.warmup)
-    elif args.tool == "saelab":
-        seconds = bench_saelab(args.arch, args.d_in, d_sae, args.batch, args.k, args.steps, args.warmup)
+    cuda = args.device.startswith("cuda")
+    if args.tool != "floor":
+        __import__(MODULES[args.tool])
+    after_import = rss_mib()
+    x = fixed_batch(args.batch, args.d_in, args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    step, g = MAKERS[args.tool](args.arch, x, d_sae, args.k, args)
+    if g is not None and args.start_l0 == "k":
+        start_at_l0(g, args.k)
+    l0_start = l0_of(g) if g is not None else None
+    losses = []
+    seconds = timed(lambda: losses.append(step()), args.steps, args.warmup, args.device)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        seconds = bench_saelens(args.arch, args.d_in, d_sae, args.batch, args.k, args.steps, args.warmup)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tool": args.tool, "architecture": args.arch, "d_in": args.d_in, "step_s": seconds,
-            "activations_per_s": args.batch / seconds, "peak_mib": peak_mib}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    losses = [float(v) for v in losses if v is not None]
+    return {"tool": args.tool, "architecture": args.arch, "d_in": args.d_in, "d_sae": d_sae, "device": args.device,
+            "step_s": seconds, "activations_per_s": args.batch / seconds, "peak_mib": peak,
+            "rss_after_import_mib": after_import, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "l0_start": l0_start,
+            "l0": l0_of(g) if g is not None else (None if args.tool == "floor" else float(args.k))}
+
+
+def loss_note(r: dict) -> str:
+    if r["loss_first"] is None:
+        return ""
+    l0 = f"  L0 {r['l0_start']:.1f} -> {r['l0']:.1f}" if r.get("l0_start") is not None else ""
+    ok = r["loss_last"] < r["loss_first"]
+    return l0 + f"  loss {r['loss_first']:.4g} -> {r['loss_last']:.4g}" + ("" if ok else "  (DID NOT DECREASE)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--d-in", type=int, nargs="+", default=[384, 768])
-    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--expansion", type=int, default=16, help="d_sae = expansion * d_in.")
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--architectures", nargs="+", default=list(SAELENS_CLASSES))
+    p.add_argument("--k", type=int, default=32, help="k of the TopK family (dictionary-learning's JumpReLU target L0).")
+    p.add_argument("--steps", type=int, help="Timed steps (default 5 on CPU, 50 on CUDA).")
+    p.add_argument("--warmup", type=int, help="Untimed steps first (default 2 on CPU, 10 on CUDA).")
+    p.add_argument("--architectures", nargs="+", default=ARCHITECTURES, choices=ARCHITECTURES)
+    p.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda when there is one).")
+    p.add_argument("--sparsify-optimizer", default="signum", choices=["signum", "adam"],
+                   help="sparsify's optimizer: its default sign-SGD (schedule-free), or Adam like the others.")
+    p.add_argument("--native-precision", action="store_true",
+                   help="Let sparsify use its own CUDA bf16 autocast and TF32 matmuls (default: fp32 for every tool).")
+    p.add_argument("--start-l0", default="k", choices=["k", "init"],
+                   help="relu, jumprelu, gated: shift each latent's encoder (gate) bias so the fresh SAE starts at "
+                        "L0 ~ k on the batch, in every tool (default), or keep each tool's own init (L0 ~ d_sae/2).")
     p.add_argument("--out", help="Write results.json here.")
     p.add_argument("--one", nargs=3, metavar=("TOOL", "ARCH", "D_IN"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    cuda = args.device.startswith("cuda")
+    args.steps = args.steps or (50 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     if args.one:
         args.tool, args.arch, args.d_in = args.one[0], args.one[1], int(args.one[2])
-        print(json.dumps(run_one(args)))
+        try:
+            print(json.dumps(run_one(args)))
+        except Unsupported:
+            print(json.dumps({"unsupported": True}))
         return
 
-    try:
-        import sae_lens  # noqa: F401
-
-        tools = ["saelab", "sae-lens"]
-    except ImportError:
-        tools = ["saelab"]
-    rows = []
+    tools = []
+    for tool in args.tools:
+        if importlib.util.find_spec(MODULES[tool]) is None:
+            print(f"note: {tool} is not installed (module {MODULES[tool]}); skipped. "
+                  "`bash benchmarks/setup_env.sh` installs every tool.", file=sys.stderr)
+        else:
+            tools.append(tool)
+    name = torch.cuda.get_device_name(args.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}; width {args.expansion}x, batch {args.batch}, k {args.k}, "
+          f"{args.steps} timed steps after {args.warmup}; peak = {'max CUDA allocated' if cuda else 'max RSS'}", flush=True)
+    rows, skipped, broken = [], [], set()
     for d_in in args.d_in:
         jobs = [("floor", "-")] + [(t, a) for a in args.architectures for t in tools]
         for tool, arch in jobs:
+            if tool in broken:
+                continue
             cmd = [sys.executable, __file__, "--one", tool, arch, str(d_in), "--expansion", str(args.expansion),
-                   "--batch", str(args.batch), "--k", str(args.k), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--batch", str(args.batch), "--k", str(args.k), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--device", args.device,
+                   "--sparsify-optimizer", args.sparsify_optimizer, "--start-l0", args.start_l0] + (["--native-precision"] if args.native_precision else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{tool} {arch} d_in={d_in}: failed\n{done.stderr[-800:]}", file=sys.stderr)
+                print(f"{tool} {arch} d_in={d_in}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
+                if "ImportError" in done.stderr or "ModuleNotFoundError" in done.stderr:
+                    print(f"note: {tool} does not import; skipped from here on", file=sys.stderr)
+                    broken.add(tool)
                 continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{tool:9s} {arch:10s} d_in={d_in:4d}  {r['step_s']*1000:8.1f} ms/step  "
-                  f"{r['activations_per_s']:9.0f} act/s  peak {r['peak_mib']:7.0f} MiB", flush=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            if r.get("unsupported"):
+                skipped.append(f"{tool}/{arch}")
+                continue
+            rows.append(r)
+            base = "" if cuda else f" (after import {r['rss_after_import_mib']:.0f})"
+            print(f"{tool:19s} {arch:9s} d_in={d_in:4d}  {r['step_s']*1000:9.2f} ms/step  "
+                  f"{r['activations_per_s']:10.0f} act/s  peak {r['peak_mib']:7.0f} MiB{base}{loss_note(r)}", flush=True)
+    if skipped:
+        print("not in the tool: " + ", ".join(sorted(set(skipped))))
 
-    print("\n| d_in | architecture | saelab ms/step | sae-lens ms/step | speed-up | saelab / floor | peak MiB saelab | peak MiB sae-lens |")
-    print("|---|---|---|---|---|---|---|---|")
+    def find(tool, arch, d_in):
+        return next((r for r in rows if r["tool"] == tool and r["architecture"] == arch and r["d_in"] == d_in), None)
+
+    print("\nspeed-up = the tool's step time / saelab's step time (above 1: saelab is faster); "
+          "/ floor = step time / one x @ W_enc")
+    print("\n| d_in | architecture | tool | L0 | ms/step | activations/s | peak MiB | speed-up | / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for d_in in args.d_in:
-        floor = next((r["step_s"] for r in rows if r["tool"] == "floor" and r["d_in"] == d_in), float("nan"))
+        floor = find("floor", "-", d_in)
+        if floor:
+            print(f"| {d_in} | (floor: x @ W_enc) | torch | | {floor['step_s']*1000:.1f} | "
+                  f"{floor['activations_per_s']:.0f} | {floor['peak_mib']:.0f} | | 1.0x |")
         for arch in args.architectures:
-            ours = next((r for r in rows if r["tool"] == "saelab" and r["architecture"] == arch and r["d_in"] == d_in), None)
-            theirs = next((r for r in rows if r["tool"] == "sae-lens" and r["architecture"] == arch and r["d_in"] == d_in), None)
-            if ours is None:
-                continue
-            t_theirs = theirs["step_s"] * 1000 if theirs else float("nan")
-            print(f"| {d_in} | {arch} | {ours['step_s']*1000:.0f} | {t_theirs:.0f} | "
-                  f"{t_theirs / (ours['step_s']*1000):.2f}x | {ours['step_s']/floor:.1f}x | {ours['peak_mib']:.0f} | "
-                  f"{theirs['peak_mib'] if theirs else float('nan'):.0f} |")
+            ours = find("saelab", arch, d_in)
+            for tool in tools:
+                r = find(tool, arch, d_in)
+                if r is None:
+                    continue
+                speedup = f"{r['step_s'] / ours['step_s']:.2f}x" if ours else "n/a"
+                over_floor = f"{r['step_s'] / floor['step_s']:.1f}x" if floor else "n/a"
+                print(f"| {d_in} | {arch} | {tool} | {r['l0']:.0f} | {r['step_s']*1000:.1f} | {r['activations_per_s']:.0f} | "
+                      f"{r['peak_mib']:.0f} | {speedup} | {over_floor} |")
+    flat = [f"{r['tool']}/{r['architecture']}/{r['d_in']}" for r in rows
+            if r["loss_first"] is not None and not r["loss_last"] < r["loss_first"]]
+    if flat:
+        print("\nWARNING: the training loss did not go down over the steps of " + ", ".join(flat) + " (expected "
+              "early on for sae-lens' jumprelu, whose L0 term's straight-through gradient raises L0 at first "
+              "while the MSE falls; anything else points at a broken adapter)", file=sys.stderr)
     if args.out:
         from pathlib import Path
 
         from saelab.io.atomic import write_json
 
-        write_json(Path(args.out) / "results.json", rows)
+        write_json(Path(args.out) / "results.json", {"config": {k: v for k, v in vars(args).items() if k != "one"},
+                                                     "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":
