@@ -35,6 +35,10 @@ def step_name(step: int) -> str:
     return f"step_{step:09d}"
 
 
+def step_path(out_dir: str | Path, step: int) -> Path:
+    return _checkpoint_root(Path(out_dir)) / step_name(step)
+
+
 def latest(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: the one `latest` names, else the highest complete step."""
     root = _checkpoint_root(Path(out_dir))
@@ -57,7 +61,8 @@ def _unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every global RNG (torch CPU and CUDA, NumPy, Python) as tensors plus JSON-able values."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -70,7 +75,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
@@ -110,7 +115,10 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer | None, tensors: dict
                     optimizer.state[p][name] = torch.empty_like(p).copy_(value)
 
 
-def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2) -> Path:
+def save(
+    out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int | None = 2
+) -> Path:
+    """Write checkpoint `step` and point `latest` at it; then keep the `keep` newest (None: prune later)."""
     root = _checkpoint_root(Path(out_dir))
     root.mkdir(parents=True, exist_ok=True)
     name = step_name(step)
@@ -119,13 +127,15 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, 
     opt_tensors, groups = _optimizer_state(optimizer)
     _flatten("optimizer", opt_tensors, tensors)
     _flatten("stats", stats.state_dict(), tensors)
-    _flatten("source", source.state_dict(), tensors)
-    rng_tensors, rng_meta = _rng_state()
+    if source is not None:  # None: a sweep stores its shared source's position itself
+        _flatten("source", source.state_dict(), tensors)
+    rng_tensors, rng_meta = rng_state()
     _flatten("rng", rng_tensors, tensors)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         write_safetensors(tmp / _TENSORS, tensors)
-        write_json(tmp / _STATE, {**state, "optimizer_param_groups": groups, "rng": rng_meta})
+        write_json(tmp / _STATE, {**state, "optimizer_param_groups": groups, "rng": rng_meta,
+                                  **({"shared_source": True} if source is None else {})})
         final = root / name
         old = None
         if final.exists():  # rewriting the same step: keep the old copy until the new one is in place
@@ -139,10 +149,18 @@ def save(out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text(root / "latest", name + "\n")
-    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
+    if keep is not None:
+        prune(out_dir, keep)
+    return final
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints (the one `latest` names always stays)."""
+    root = _checkpoint_root(Path(out_dir))
+    newest = latest(out_dir)
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != newest)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -159,6 +177,11 @@ def read_state(path: str | Path) -> dict[str, Any]:
 def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
     path = Path(path)
     state = read_state(path)
+    if source is not None and state.pop("shared_source", False):
+        raise FileFormatError(
+            f"checkpoint {path} holds no source position: it belongs to a sweep, which stores the position once "
+            "for all its SAEs; resume it with saelab.train_many on the sweep's folder"
+        )
     try:
         tensors = load_file(str(path / _TENSORS))
     except (OSError, ValueError) as exc:
@@ -171,6 +194,7 @@ def load(path: str | Path, sae, optimizer, stats, source) -> dict[str, Any]:
         raise FileFormatError(f"checkpoint {path} does not fit this SAE: {exc}") from None
     _load_optimizer_state(optimizer, _unflatten("optimizer", tensors), state.pop("optimizer_param_groups"))
     stats.load_state_dict(_unflatten("stats", tensors))
-    source.load_state_dict(_unflatten("source", tensors))
-    _set_rng_state(_unflatten("rng", tensors), state.pop("rng"))
+    if source is not None:
+        source.load_state_dict(_unflatten("source", tensors))
+    set_rng_state(_unflatten("rng", tensors), state.pop("rng"))
     return state
