@@ -72,33 +72,46 @@ def eval_batches(source, n: int) -> list:
 def train_and_evaluate(
     sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = 8, eval_spec: dict | None = None
 ) -> dict:
-    """Train, fold the input scale, evaluate on held-out batches and save the SAE.
+    """Train, fold the input scale, evaluate on held-out batches and save the SAE."""
+    from saelab.activations.factory import build_source
+    from saelab.sae.registry import create
+    from saelab.train.trainer import Trainer
+
+    sae = create(sae_values)
+    trainer = Trainer(sae, build_source(source_spec), train_values, out_dir)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if not trainer.dist.is_main:  # data-parallel: rank 0 evaluates and saves
+        return {}
+    return evaluate_and_save(result, seconds, held_out(source_spec, eval_spec, eval_n), source_spec, out_dir)
+
+
+def held_out(source_spec: dict, eval_spec: dict | None, n: int) -> tuple[list, Any]:
+    """Held-out batches and the ground-truth world (None for real data).
 
     Held out means `eval_spec` when given; otherwise the same source with another seed, which
     for toy worlds is fresh samples but for a fixed text corpus only reshuffles it (pass an
     `eval_source` with other text to measure generalisation on real models).
     """
     from saelab.activations.factory import build_source
+
+    source = build_source(eval_spec or {**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
+    return eval_batches(source, n), getattr(source, "world", None)
+
+
+def evaluate_and_save(result, seconds: float, held: tuple[list, Any], source_spec: dict, out_dir: Path) -> dict:
+    """Fold the input scale into a trained SAE, evaluate it and save it to `out_dir/sae`."""
     from saelab.evals.summary import evaluate
     from saelab.io.saelens import save
-    from saelab.sae.registry import create
-    from saelab.train.trainer import Trainer
 
-    sae = create(sae_values)
-    source = build_source(source_spec)
-    trainer = Trainer(sae, source, train_values, out_dir)
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    seconds = time.perf_counter() - t0
-    if not trainer.dist.is_main:  # data-parallel: rank 0 evaluates and saves
-        return {}
+    sae = result.sae
     sae.fold_input_scale(result.input_scale)
-    held_out = build_source(eval_spec or {**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
-    world = getattr(held_out, "world", None)
+    batches, world = held
     record = {
         "architecture": sae.architecture,
         **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),
-        **evaluate(sae, eval_batches(held_out, eval_n), world.directions if world is not None else None),
+        **evaluate(sae, batches, world.directions if world is not None else None),
         "train_seconds": seconds,
         "train_steps": result.steps,
         "train_tokens": result.tokens,
@@ -238,23 +251,25 @@ def run_train(args: argparse.Namespace) -> int:
     unknown = set(cfg) - valid
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
-    saes = cfg.get("saes") or ([cfg["sae"]] if "sae" in cfg else None)
-    if not saes:
-        raise ConfigError("the config needs an `sae` mapping (or an `saes` list) with at least `architecture`")
+    if ("sae" in cfg) == ("saes" in cfg):
+        raise ConfigError("the config needs either an `sae` mapping or an `saes` list (a sweep), not both or neither")
     out = Path(args.out or cfg.get("out") or "runs/train")
     source = cfg.get("source") or {"type": "toy"}
-    for i, sae in enumerate(saes):
-        if not isinstance(sae, dict):
-            raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`")
     train = cfg.get("train") or {}
     device = str(train.get("device", "cpu")) if isinstance(train, dict) else "cpu"
     started = distributed.init_from_env(device, args.dist_timeout)
     try:
-        records = []
-        for i, sae in enumerate(saes):
-            run_dir = out if len(saes) == 1 else out / f"{i:02d}_{sae.get('architecture', 'sae')}"
-            record = train_and_evaluate(sae, train, source, run_dir, eval_spec=cfg.get("eval_source"))
-            records.append({**record, "path": str(run_dir / "sae")})
+        if "sae" in cfg:
+            if not isinstance(cfg["sae"], dict):
+                raise ConfigError("`sae` must be a mapping with at least `architecture` (use `saes` for a list)")
+            records = [{**train_and_evaluate(cfg["sae"], train, source, out, eval_spec=cfg.get("eval_source")),
+                        "path": str(out / "sae")}]
+        else:
+            if started:
+                raise ConfigError(
+                    "a sweep (`saes`) trains in one process; run it without torchrun, or launch one `sae` per run"
+                )
+            records = train_sweep(cfg["saes"], train, source, out, cfg.get("eval_source"))
         main = distributed.is_main()
     finally:
         if started:
@@ -262,8 +277,27 @@ def run_train(args: argparse.Namespace) -> int:
     if not main:
         return 0
     write_json(out / "results.json", records)
-    print(text_table(records, [c for c in LEADERBOARD_COLUMNS if c in records[0]]))
+    print(text_table(records, [c for c in ["name"] + LEADERBOARD_COLUMNS if c in records[0]]))
     return 0
+
+
+def train_sweep(
+    saes: Any, train_values: dict, source_spec: dict, out: Path, eval_spec: dict | None = None
+) -> list[dict]:
+    """Train the `saes` list from one pass over the source (saelab.train.sweep), then evaluate each on
+    the same held-out batches and save it to OUT/<name>/sae. `train_seconds` is the whole sweep's."""
+    from saelab.activations.factory import build_source
+    from saelab.train.sweep import Sweep
+
+    if not isinstance(saes, list):
+        raise ConfigError("`saes` must be a list of SAE configs (each a mapping with at least `architecture`)")
+    sweep = Sweep(saes, build_source(source_spec), train_values, out)
+    t0 = time.perf_counter()
+    results = sweep.fit()
+    seconds = time.perf_counter() - t0
+    held = held_out(source_spec, eval_spec, 8)
+    return [{"name": name, **evaluate_and_save(result, seconds, held, source_spec, out / name),
+             "path": str(out / name / "sae")} for name, result in results.items()]
 
 
 def run_eval(args: argparse.Namespace) -> int:

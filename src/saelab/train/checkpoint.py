@@ -38,6 +38,10 @@ def step_name(step: int) -> str:
     return f"step_{step:09d}"
 
 
+def step_path(out_dir: str | Path, step: int) -> Path:
+    return _checkpoint_root(Path(out_dir)) / step_name(step)
+
+
 def latest(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: the one `latest` names, else the highest complete step."""
     root = _checkpoint_root(Path(out_dir))
@@ -60,7 +64,8 @@ def _unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every global RNG (torch CPU and CUDA, NumPy, Python) as tensors plus JSON-able values."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -73,7 +78,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
@@ -119,20 +124,24 @@ def _rank_prefix(rank: int) -> str:
 
 def local_state(source) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This process's source position and RNG states: the part of a checkpoint that differs
-    between data-parallel ranks (tensors, plus the JSON half of the RNG states)."""
+    between data-parallel ranks (tensors, plus the JSON half of the RNG states). `source=None`:
+    a sweep member, whose shared source the sweep stores itself."""
     tensors: dict[str, torch.Tensor] = {}
-    _flatten("source", source.state_dict(), tensors)
-    rng_tensors, rng_meta = _rng_state()
+    if source is not None:
+        _flatten("source", source.state_dict(), tensors)
+    rng_tensors, rng_meta = rng_state()
     _flatten("rng", rng_tensors, tensors)
     return tensors, rng_meta
 
 
 def save(
-    out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int = 2,
+    out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int | None = 2,
     ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
 ) -> Path:
-    """`ranks`: every rank's `local_state`, rank 0 first, in a data-parallel run; by default
-    this process's own."""
+    """Write checkpoint `step` and point `latest` at it; then keep the `keep` newest (None: prune later).
+
+    `ranks`: every rank's `local_state`, rank 0 first, in a data-parallel run; by default this
+    process's own."""
     root = _checkpoint_root(Path(out_dir))
     root.mkdir(parents=True, exist_ok=True)
     name = step_name(step)
@@ -142,7 +151,7 @@ def save(
     _flatten("optimizer", opt_tensors, tensors)
     _flatten("stats", stats.state_dict(), tensors)
     ranks = ranks if ranks is not None else [local_state(source)]
-    meta: dict[str, Any] = {"world_size": len(ranks)}
+    meta: dict[str, Any] = {"world_size": len(ranks), **({"shared_source": True} if source is None else {})}
     for rank, (rank_tensors, rng_meta) in enumerate(ranks):
         tensors.update({_rank_prefix(rank) + k: v for k, v in rank_tensors.items()})
         meta[_rank_prefix(rank) + "rng"] = rng_meta
@@ -163,10 +172,18 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text(root / "latest", name + "\n")
-    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
+    if keep is not None:
+        prune(out_dir, keep)
+    return final
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints (the one `latest` names always stays)."""
+    root = _checkpoint_root(Path(out_dir))
+    newest = latest(out_dir)
+    old = sorted(p for p in root.glob("step_*") if p.is_dir() and p != newest)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -184,6 +201,11 @@ def load(path: str | Path, sae, optimizer, stats, source, rank: int = 0) -> dict
     """Restore everything; `rank` picks which rank's source position and RNG states to take."""
     path = Path(path)
     state = read_state(path)
+    if source is not None and state.pop("shared_source", False):
+        raise FileFormatError(
+            f"checkpoint {path} holds no source position: it belongs to a sweep, which stores the position once "
+            "for all its SAEs; resume it with saelab.train_many on the sweep's folder"
+        )
     try:
         tensors = load_file(str(path / _TENSORS))
     except (OSError, ValueError) as exc:
@@ -200,6 +222,7 @@ def load(path: str | Path, sae, optimizer, stats, source, rank: int = 0) -> dict
     rng_meta = {k: state.pop(k) for k in [k for k in state if k.endswith("rng")]}
     if prefix + "rng" not in rng_meta:
         raise FileFormatError(f"checkpoint {path} holds no source/RNG state for rank {rank}")
-    source.load_state_dict(_unflatten(prefix + "source", tensors))
-    _set_rng_state(_unflatten(prefix + "rng", tensors), rng_meta[prefix + "rng"])
+    if source is not None:
+        source.load_state_dict(_unflatten(prefix + "source", tensors))
+    set_rng_state(_unflatten(prefix + "rng", tensors), rng_meta[prefix + "rng"])
     return state

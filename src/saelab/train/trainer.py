@@ -83,6 +83,15 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
 
 
 @dataclass
+class DataInit:
+    """What the first batches decide before step 0, for every SAE trained on that source."""
+
+    input_scale: float
+    b_dec: torch.Tensor | None  # None: keep the SAE's own (zeros)
+    sample: Batch  # the first batches, scaled, for `SAE.init_from_data`
+
+
+@dataclass
 class TrainResult:
     sae: SAE
     input_scale: float
@@ -113,6 +122,9 @@ class Trainer:
         self.tokens = 0
         self.input_scale: float | None = None
         self.history: list[dict[str, Any]] = []
+        # Set by a sweep (train.sweep), which stores the shared source's position once and
+        # prunes old checkpoints only after every member has saved.
+        self.shares_source = False
 
     # ------------------------------------------------------------------ set-up
     def _next_x(self) -> torch.Tensor:
@@ -142,10 +154,9 @@ class Trainer:
         batch.x = x
         return batch
 
-    def _initialise(self) -> None:
-        """Estimate the input scale and b_dec from the first batches, then rewind the source
-        so training still sees those batches. With several ranks the estimate uses the combined
-        batches and rank 0's result is given to all."""
+    def data_init(self) -> DataInit:
+        """The input scale, b_dec and scaled sample from the first batches (every rank's, combined),
+        after which the source is rewound so training still sees those batches."""
         start = self.source.state_dict()
         with torch.no_grad():
             batches = [self._next_batch() for _ in range(self.cfg.norm_estimation_batches)]
@@ -154,75 +165,104 @@ class Trainer:
                 mean_norm = float(sample.norm(dim=1).mean())
                 if mean_norm == 0:
                     raise ConfigError("every activation in the first batches is zero; check the source")
-                self.input_scale = math.sqrt(self.sae.cfg.d_in) / mean_norm
+                input_scale = math.sqrt(self.sae.cfg.d_in) / mean_norm
             else:
-                self.input_scale = 1.0
-            sample = sample * self.input_scale
+                input_scale = 1.0
+            sample = sample * input_scale
+            b_dec = None
             if self.cfg.b_dec_init == "geometric_median":
-                self.sae.b_dec.copy_(geometric_median(sample[:8192]))
+                b_dec = geometric_median(sample[:8192])
             elif self.cfg.b_dec_init == "mean":
-                self.sae.b_dec.copy_(sample.mean(0))
+                b_dec = sample.mean(0)
             tokens = [b.tokens for b in batches]
             if all(t is not None for t in tokens):
                 tokens = torch.cat([self.dist.all_rows(t.to(sample.device)) for t in tokens])
             else:
                 tokens = None
-            self.sae.init_from_data(Batch(x=sample, tokens=tokens))
-            self.input_scale = self.dist.sync_from_main(self.sae, self.input_scale)
         self.source.load_state_dict(start)
+        return DataInit(input_scale, b_dec, Batch(x=sample, tokens=tokens))
+
+    def _initialise(self, init: DataInit | None = None) -> None:
+        """Start from the data: `init` computed once may start several SAEs (see train.sweep)."""
+        init = init or self.data_init()
+        self.input_scale = init.input_scale
+        with torch.no_grad():
+            if init.b_dec is not None:
+                self.sae.b_dec.copy_(init.b_dec)
+            self.sae.init_from_data(init.sample)
+        self.input_scale = self.dist.sync_from_main(self.sae, self.input_scale)  # every rank starts from rank 0's
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = True) -> TrainResult:
         torch.manual_seed(self.cfg.seed)
         # Rank 0 decides what to resume from, so all ranks agree even while files change.
-        latest = self.dist.from_main(ckpt.latest(self.out_dir) if resume and self.out_dir is not None else None)
-        resumed = latest is not None
-        if resumed:
-            self._load(latest)
-        else:
-            self._initialise()
-        self._loss_terms = self.dist.loss_fn(self.sae, trainable=self.optimizer is not None)
-        log_path = self.out_dir / "metrics.jsonl" if self.out_dir and self.dist.is_main else None
-        if log_path is not None:
-            self.history = _read_log(log_path, up_to_step=self.step) if resumed else []
-            _write_log(log_path, self.history)
+        self.start(self.dist.from_main(ckpt.latest(self.out_dir) if resume and self.out_dir is not None else None))
         bar = tqdm(
             total=self.cfg.steps, initial=self.step, disable=None if self.cfg.progress and self.dist.is_main else True,
             desc=self.sae.architecture,
             unit="step", dynamic_ncols=True, leave=False,
         )
-        start = time.perf_counter()
-        window_start, window_tokens = start, self.tokens
-        self.sae.train()
         while self.step < self.cfg.steps:
             batch = self._next_batch()
-            x = batch.x * self.input_scale
-            # A fitted model (no optimizer) does not change between steps: its forward pass runs
-            # only on logging steps, which also feed the latent statistics.
-            logging = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
-            if self.optimizer is not None or logging:
-                out = self._train_step(x, batch)
-            self.step += 1
-            self.tokens += x.shape[0] * self.dist.world_size  # every rank's share is the same size
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                now = time.perf_counter()
-                record = self._record(out, x, (self.tokens - window_tokens) / max(now - window_start, 1e-9))
-                window_start, window_tokens = now, self.tokens
-                self.history.append(record)
-                if log_path is not None:
-                    _append_log(log_path, record)
+            record = self.advance(batch)
+            if record is not None:
                 bar.set_postfix(
                     {**{k: f"{v:.3g}" for k, v in record["losses"].items()}, "L0": f"{record['l0']:.1f}",
                      "tok/s": f"{record['tokens_per_s']:.3g}"}, refresh=False)
             bar.update(1)
-            if self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+            if self.checkpoint_due():
                 self.save_checkpoint()
         bar.close()
         if self.out_dir and self.dist.from_main(getattr(ckpt.latest(self.out_dir), "name", None)) != ckpt.step_name(self.step):
             self.save_checkpoint()
+        return self.result()
+
+    # The loop's pieces, public so that one process can drive several trainers on one stream
+    # (train.sweep): start, then advance once per batch, save when due, and take the result.
+    def start(self, checkpoint: Path | None = None, init: DataInit | None = None) -> None:
+        """Resume from `checkpoint`, or initialise from the data (or from a shared `init`);
+        then open the metrics log and start the clocks."""
+        if checkpoint is not None:
+            self._load(checkpoint)
+        else:
+            self._initialise(init)
+        self._loss_terms = self.dist.loss_fn(self.sae, trainable=self.optimizer is not None)
+        log_path = self.out_dir / "metrics.jsonl" if self.out_dir and self.dist.is_main else None
+        if log_path is not None:
+            self.history = _read_log(log_path, up_to_step=self.step) if checkpoint is not None else []
+            _write_log(log_path, self.history)
+        self._start_time = time.perf_counter()
+        self._window = (self._start_time, self.tokens)
+        self.sae.train()
+
+    def advance(self, batch: Batch, x: torch.Tensor | None = None) -> dict[str, Any] | None:
+        """One step on a checked batch (`x`: its scaled activations, if already computed);
+        returns the metrics record on logging steps."""
+        x = batch.x * self.input_scale if x is None else x
+        # A fitted model (no optimizer) does not change between steps: its forward pass runs
+        # only on logging steps, which also feed the latent statistics.
+        logging = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
+        if self.optimizer is not None or logging:
+            out = self._train_step(x, batch)
+        self.step += 1
+        self.tokens += x.shape[0] * self.dist.world_size  # every rank's share is the same size
+        if not logging:
+            return None
+        now = time.perf_counter()
+        record = self._record(out, x, (self.tokens - self._window[1]) / max(now - self._window[0], 1e-9))
+        self._window = (now, self.tokens)
+        self.history.append(record)
+        if self.out_dir and self.dist.is_main:
+            _append_log(self.out_dir / "metrics.jsonl", record)
+        return record
+
+    def checkpoint_due(self) -> bool:
+        return bool(self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0)
+
+    def result(self) -> TrainResult:
         self.sae.eval()
         return TrainResult(
-            self.sae, self.input_scale, self.step, self.tokens, time.perf_counter() - start,
+            self.sae, self.input_scale, self.step, self.tokens, time.perf_counter() - self._start_time,
             self.history, self.stats,
         )
 
@@ -280,7 +320,8 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Every rank calls this: rank 0 writes the shared state plus each rank's source and RNG
         state, and the others wait until it is on disk (None on those ranks)."""
-        ranks = self.dist.gather_to_main(ckpt.local_state(self.source))
+        source = None if self.shares_source else self.source
+        ranks = self.dist.gather_to_main(ckpt.local_state(source))
         if not self.dist.is_main:
             self.dist.barrier()
             return None
@@ -292,8 +333,8 @@ class Trainer:
             "train_config": self.cfg.model_dump(),
         }
         path = ckpt.save(
-            self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, self.source,
-            keep=self.cfg.keep_checkpoints, ranks=ranks,
+            self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, source,
+            keep=None if self.shares_source else self.cfg.keep_checkpoints, ranks=ranks,
         )
         self.dist.barrier()
         return path
@@ -308,7 +349,8 @@ class Trainer:
             )
         _check_same_config("SAE", saved["sae_config"], self.sae.cfg.model_dump(), path)
         _check_same_config("training", saved["train_config"], self.cfg.model_dump(), path, ignore=_BOOKKEEPING)
-        state = ckpt.load(path, self.sae, self.optimizer, self.stats, self.source, rank=self.dist.rank)
+        source = None if self.shares_source else self.source
+        state = ckpt.load(path, self.sae, self.optimizer, self.stats, source, rank=self.dist.rank)
         self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
 
 
