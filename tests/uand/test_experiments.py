@@ -31,7 +31,7 @@ def test_cli_help_lists_experiments(capsys):
     except SystemExit:
         pass
     out = capsys.readouterr().out
-    for name in ("scaling", "constructions", "frozen", "truth_tables", "noise", "superposition", "all"):
+    for name in ("scaling", "constructions", "frozen", "truth_tables", "noise", "superposition", "scale_m", "all"):
         assert name in out
 
 
@@ -42,3 +42,15 @@ def test_cli_quick_experiment_writes_results(tmp_path, capsys):
     assert record["claims"] and all(isinstance(c["holds"], bool) for c in record["claims"])
     assert (tmp_path / "report.md").read_text().startswith("# U-AND: noise")
     assert (tmp_path / "noise.png").stat().st_size > 0
+
+
+def test_scale_m_quick_scores_every_output_within_memory(tmp_path):
+    from saelab.uand.experiments import run_experiment
+
+    record = run_experiment("scale_m", tmp_path, quick=True)
+    claims = {c["name"]: c for c in record["claims"]}
+    assert claims["fits_memory_large_m"]["holds"] and claims["fits_memory_large_m"]["numbers"]["peak_rss_gib"] < 4
+    assert claims["dense_circuit_large_m"]["holds"]
+    rows = record["results"]["rows"]
+    assert {r["method"] for r in rows} >= {"trained (sampled loss)", "dense_sign"}
+    assert all(r["balanced_mse"] < 0.5 for r in rows)  # every row beats the zero predictor

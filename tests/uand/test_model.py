@@ -8,6 +8,8 @@ from saelab.uand.model import (
     ModelConfig,
     TrainConfig,
     UANDModel,
+    full_output_loss,
+    param_groups,
     random_weights,
     sampled_output_loss,
     train,
@@ -112,3 +114,53 @@ def test_training_with_sampled_outputs_learns():
     train(model, task, TrainConfig(steps=400, batch_size=128, lr=1e-2, output_sample=16))
     m = evaluate(model, task, *task.sample(1000, torch.Generator().manual_seed(4)))
     assert m.balanced_acc > 0.95 and m.mse_pos < 0.25
+
+
+@pytest.mark.parametrize("op, sparsity, circuit", [("and", "exact", None), ("xor", "bernoulli", None),
+                                                   ("or", "at_most", None), ("nand", "exact", None),
+                                                   ("and", "exact", "or")])
+@pytest.mark.parametrize("kind", ["balanced", "cells", "mse"])
+def test_full_output_loss_matches_dense_loss_and_its_gradient(op, sparsity, circuit, kind):
+    task = UANDTask(DataConfig(m=12, s=3, op=op, sparsity=sparsity, circuit_op=circuit))
+    model = UANDModel.for_task(task, ModelConfig(d=10))
+    with torch.no_grad():
+        model.R.normal_(0, 0.3)
+        model.c.normal_(0, 0.1)
+    x, inputs = task.sample(64, torch.Generator().manual_seed(0))
+    grads = []
+    for loss_fn in (lambda: uand_loss(model(inputs), task.targets(x), kind, task.cells(x)),
+                    lambda: full_output_loss(model, task, x, inputs, kind)):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (full, g_full), (fast, g_fast) = grads
+    assert fast == pytest.approx(full, rel=1e-5)
+    for a, b in zip(g_full, g_fast):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_mup_groups_scale_only_hidden_fan_in_weights():
+    task = UANDTask(DataConfig(m=10, s=2, circuit_op="or"))
+    model = UANDModel.for_task(task, ModelConfig(d=200, d2=25, frozen=("c",)))
+    lrs = {g["name"]: g["lr"] for g in param_groups(model, TrainConfig(lr=0.01, base_width=50))}
+    assert lrs == pytest.approx({"W": 0.01, "b": 0.01, "W2": 0.01 * 50 / 200, "b2": 0.01, "R": 0.01 * 50 / 25})
+    flat = {g["name"]: g["lr"] for g in param_groups(model, TrainConfig(lr=0.01, base_width=None))}
+    assert set(flat.values()) == {0.01} and "c" not in flat
+    with pytest.raises(ConfigError, match="base_width="):
+        TrainConfig(base_width=0)
+
+
+def test_width_scaled_training_more_neurons_never_hurt():
+    # muP for Adam (R's lr ~ 1/d): at fixed lr and steps, a 16x wider layer is at least as good.
+    task = UANDTask(DataConfig(m=20, s=2))
+    x, inputs = task.sample(1000, torch.Generator().manual_seed(9))
+    err = {}
+    for d in (12, 192):
+        runs = []
+        for seed in range(2):
+            model = UANDModel.for_task(task, ModelConfig(d=d), seed=seed)
+            train(model, task, TrainConfig(steps=300, batch_size=128, seed=seed))
+            runs.append(evaluate(model, task, x, inputs).balanced_mse)
+        err[d] = sum(runs) / 2
+    assert err[192] < 0.7 * err[12]

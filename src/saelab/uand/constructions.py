@@ -26,7 +26,7 @@ from saelab.uand.readout import fit_readout
 ALL_FROZEN = ("W", "b", "R", "c")
 
 
-def _frozen_model(task: UANDTask, W: torch.Tensor, b: torch.Tensor, R: torch.Tensor, c: torch.Tensor) -> UANDModel:
+def frozen_model(task: UANDTask, W: torch.Tensor, b: torch.Tensor, R: torch.Tensor, c: torch.Tensor) -> UANDModel:
     if task.embed is not None:
         W = W @ task.embed.T
     model = UANDModel(task.n_in, task.n_pairs, ModelConfig(d=W.shape[0], frozen=ALL_FROZEN))
@@ -53,14 +53,18 @@ def hanni_construction(task: UANDTask, d: int, p: float, seed: int = 0) -> UANDM
     i, j = task.pairs
     shared = W[:, i] * W[:, j]  # [d, P]: neuron n is wired to both inputs of the pair
     R = (shared / shared.sum(0).clamp(min=1.0)).T  # pairs with no shared neuron read 0
-    return _frozen_model(task, W, torch.full((d,), -1.0), R, torch.zeros(task.n_pairs))
+    return frozen_model(task, W, torch.full((d,), -1.0), R, torch.zeros(task.n_pairs))
 
 
 def sign_product_readout(W: torch.Tensor, task: UANDTask) -> torch.Tensor:
     """R [P, d] with R_(ij),n = sign(W_ni) sign(W_nj): +1 for classes A and C, -1 for B1 and B2."""
-    sign = torch.sign(W)
+    sign = torch.sign(W).T.contiguous()  # [m, d]
     i, j = task.pairs
-    return (sign[:, i] * sign[:, j]).T.contiguous()
+    R = torch.empty(task.n_pairs, W.shape[0])
+    for start in range(0, task.n_pairs, 65536):  # chunks: no [d, P] temporaries at m = 1000
+        sl = slice(start, start + 65536)
+        torch.mul(sign[i[sl]], sign[j[sl]], out=R[sl])
+    return R
 
 
 @torch.no_grad()
@@ -112,13 +116,13 @@ def dense_binary_construction(
     W = random_weights((d, task.m), "skewed_binary", gen, scale=u, skew=skew)
     b = torch.full((d,), float(bias))
     if readout == "sign":
-        model = _frozen_model(task, W, b, sign_product_readout(W, task), torch.zeros(task.n_pairs))
+        model = frozen_model(task, W, b, sign_product_readout(W, task), torch.zeros(task.n_pairs))
         if calib is None:
             calib = task.sample(2000, torch.Generator().manual_seed(seed + 1))
         calibrate(model, task, *calib)
         return model
     if readout == "lstsq":
-        model = _frozen_model(task, W, b, torch.zeros(task.n_pairs, d), torch.zeros(task.n_pairs))
+        model = frozen_model(task, W, b, torch.zeros(task.n_pairs, d), torch.zeros(task.n_pairs))
         R, c = fit_readout(model.hidden, task, n_fit, seed=seed + 1, weighting=weighting)
         with torch.no_grad():
             model.R.copy_(R)

@@ -6,12 +6,14 @@ figures and Markdown sections. `run_experiment` writes DIR/results.json, DIR/*.p
 DIR/report.md; `all` runs every experiment into DIR/<name>/ and adds a combined claim table.
 
 `--quick` shrinks m, the d grid and the training steps so each experiment takes seconds; the
-defaults (m = 100) take a few minutes each on 2 cores.
+defaults (m = 100, d from 10 to 1000; `scale_m` at m = 1000) take a few minutes each on 2 cores.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,14 @@ from saelab.io.atomic import save_figure, write_json, write_text
 from saelab.plotting import new_figure, plt
 from saelab.report import markdown_table
 from saelab.uand.analysis import analyse
-from saelab.uand.constructions import dense_binary_construction, hanni_construction, tune
+from saelab.uand.constructions import (
+    calibrate,
+    dense_binary_construction,
+    frozen_model,
+    hanni_construction,
+    sign_product_readout,
+    tune,
+)
 from saelab.uand.data import DataConfig, UANDTask
 from saelab.uand.metrics import Metrics, evaluate
 from saelab.uand.model import ModelConfig, TrainConfig, UANDModel, train
@@ -46,15 +55,24 @@ class Scale:
     s_grid: list[int]
     m_grid: list[int]
     seeds: int
-    lr: float = 1e-2
+    lr: float = 1e-2  # at base_width 50; R's lr is lr * 50 / d (muP, see model.py)
+    # scale_m: one large-m run trained on the sampled-output loss and scored on every output
+    m_big: int = 1000
+    d_big: int = 100
+    d_big_grid: list[int] = field(default_factory=lambda: [100, 1000])  # dense construction widths
+    steps_big: int = 200
+    batch_big: int = 64
+    output_sample: int = 1024
+    n_eval_big: int = 300
 
     @classmethod
     def make(cls, quick: bool) -> "Scale":
         if quick:
             return cls(m=30, s=2, d_grid=[5, 10, 20, 40], d=20, d_wide=80, steps=300, batch_size=128, n_eval=1000,
-                       n_fit=20000, s_grid=[2, 3, 4], m_grid=[20, 30, 45], seeds=1)
-        return cls(m=100, s=3, d_grid=[10, 20, 50, 100, 200], d=50, d_wide=200, steps=1000, batch_size=256, n_eval=2000,
-                   n_fit=60000, s_grid=[2, 3, 4, 5], m_grid=[50, 100, 150], seeds=2)
+                       n_fit=20000, s_grid=[2, 3, 4], m_grid=[20, 30, 45], seeds=1, m_big=200, d_big=20,
+                       d_big_grid=[20, 200], steps_big=100, batch_big=64, output_sample=256, n_eval_big=200)
+        return cls(m=100, s=3, d_grid=[10, 20, 50, 100, 200, 500, 1000], d=50, d_wide=200, steps=1000, batch_size=256,
+                   n_eval=2000, n_fit=60000, s_grid=[2, 3, 5], m_grid=[50, 100, 150], seeds=2)
 
 
 @dataclass
@@ -133,17 +151,22 @@ def exp_scaling(scale: Scale, seed: int) -> Outcome:
     rows_d, rows_s, rows_m = [], [], []
     task = UANDTask(base)
     val = _eval_set(task, scale.n_eval, seed)
+    done = {}  # (m, s, d) -> metrics: the base point (m, s, d) is in all three sweeps, trained once
     for d in scale.d_grid:
-        _, met = _train_eval(task, ModelConfig(d=d), scale, seed, val)
-        rows_d.append(_row(met, d=d))
+        _, done[(scale.m, scale.s, d)] = _train_eval(task, ModelConfig(d=d), scale, seed, val)
+        rows_d.append(_row(done[(scale.m, scale.s, d)], d=d))
     for s in scale.s_grid:
-        t = UANDTask(DataConfig(m=scale.m, s=s, seed=seed))
-        _, met = _train_eval(t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed))
-        rows_s.append(_row(met, s=s))
+        if (scale.m, s, scale.d) not in done:
+            t = UANDTask(DataConfig(m=scale.m, s=s, seed=seed))
+            _, done[(scale.m, s, scale.d)] = _train_eval(t, ModelConfig(d=scale.d), scale, seed,
+                                                         _eval_set(t, scale.n_eval, seed))
+        rows_s.append(_row(done[(scale.m, s, scale.d)], s=s))
     for m in scale.m_grid:
-        t = UANDTask(DataConfig(m=m, s=scale.s, seed=seed))
-        _, met = _train_eval(t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed))
-        rows_m.append(_row(met, m=m, pairs=t.n_pairs))
+        if (m, scale.s, scale.d) not in done:
+            t = UANDTask(DataConfig(m=m, s=scale.s, seed=seed))
+            _, done[(m, scale.s, scale.d)] = _train_eval(t, ModelConfig(d=scale.d), scale, seed,
+                                                         _eval_set(t, scale.n_eval, seed))
+        rows_m.append(_row(done[(m, scale.s, scale.d)], m=m, pairs=math.comb(m, 2)))
     errs = [r["balanced_mse"] for r in rows_d]
     rho = _spearman(scale.d_grid, errs)
     s_errs = [r["balanced_mse"] for r in rows_s]
@@ -481,6 +504,74 @@ def exp_circuit(scale: Scale, seed: int) -> Outcome:
     return Outcome({"rows": rows}, claims, {}, [markdown_table(rows)])
 
 
+def exp_scale_m(scale: Scale, seed: int) -> Outcome:
+    """m = 1000 (499,500 pair outputs): a trained model and the dense construction, scored on every output.
+
+    A dense step at m = 1000 computes [batch, 499500] outputs (about 12 GiB at batch 256), so the
+    trained model uses the sampled-output loss (model.sampled_output_loss: every output with an
+    active input plus `output_sample` random others per step). Evaluation streams all outputs in
+    chunks (metrics.evaluate). Each pair has its own read-out row, and at batch 64 a pair is
+    positive in about 3 / C(m, 2) of the samples: a few hundred steps show each pair's positive
+    cell less than once, so the trained read-out is sample-limited at this size (reported as
+    `positives_per_pair`). The dense binary construction needs no per-pair data (a sign-product
+    read-out, two calibrated numbers), so it shows what one shared hidden layer of d neurons does
+    for half a million ANDs. Peak RSS is the process maximum (ru_maxrss) after the experiment.
+    """
+    task = UANDTask(DataConfig(m=scale.m_big, s=scale.s, seed=seed))
+    val = _eval_set(task, scale.n_eval_big, seed)
+    small = _eval_set(task, max(scale.n_eval_big // 4, 50), seed + 1)  # tuning and calibration
+    rows = []
+    start = time.perf_counter()
+    model = UANDModel.for_task(task, ModelConfig(d=scale.d_big), seed=seed)
+    train(model, task, TrainConfig(steps=scale.steps_big, batch_size=scale.batch_big, lr=scale.lr, seed=seed,
+                                   output_sample=scale.output_sample))
+    train_s = time.perf_counter() - start
+    met = evaluate(model, task, *val)
+    seen = scale.steps_big * scale.batch_big * math.comb(scale.s, 2) / task.n_pairs
+    rows.append(_row(met, method="trained (sampled loss)", d=scale.d_big, seconds=time.perf_counter() - start))
+    # The trained hidden layer with the sign-product read-out instead of the per-pair learned one.
+    t0 = time.perf_counter()
+    signed = frozen_model(task, model.W.detach(), model.b.detach(), sign_product_readout(model.W.detach(), task),
+                           torch.zeros(task.n_pairs))
+    calibrate(signed, task, *small)
+    signed_met = evaluate(signed, task, *val)
+    rows.append(_row(signed_met, method="trained W, b + sign read-out", d=scale.d_big,
+                     seconds=time.perf_counter() - t0))
+    del model, signed
+    for d in scale.d_big_grid:
+        t0 = time.perf_counter()
+        bias, built, _, _ = tune(lambda b: dense_binary_construction(task, d, b, seed=seed, calib=small),
+                                 [-3.5, -2.5, -1.5], task, small)
+        rows.append(_row(evaluate(built, task, *val), method="dense_sign", d=d, tuned=f"b={bias}",
+                         seconds=time.perf_counter() - t0))
+        del built
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    dense = {r["d"]: r for r in rows if r["method"] == "dense_sign"}
+    best = dense[max(dense)]
+    bal_acc = lambda r: 0.5 * (r["acc_pos"] + r["acc_neg"])  # noqa: E731
+    claims = [
+        Claim("fits_memory_large_m", f"m = {scale.m_big} ({task.n_pairs} outputs) trains and evaluates within 24 GiB",
+              "process peak RSS <= 24 GiB", peak_gib <= 24,
+              {"peak_rss_gib": peak_gib, "pairs": task.n_pairs, "train_s": train_s}),
+        Claim("dense_circuit_large_m", f"one shared dense layer computes all {task.n_pairs} ANDs",
+              f"dense sign-product construction at d={max(dense)}: balanced accuracy >= 0.9 on every output",
+              bal_acc(best) >= 0.9, {"balanced_acc": bal_acc(best), "balanced_mse": best["balanced_mse"],
+                                     "d": max(dense)}),
+        Claim("trained_large_m_beats_zero", f"the sampled-loss trained model learns at m = {scale.m_big}",
+              "balanced MSE < 0.25 (zero predictor 0.5)", met.balanced_mse < 0.25,
+              {"balanced_mse": met.balanced_mse, "acc_pos": met.acc_pos, "acc_neg": met.acc_neg,
+               "positives_per_pair": seen, "trained_sign_readout_balanced_mse": signed_met.balanced_mse}),
+    ]
+    sections = [
+        f"m={scale.m_big}, s={scale.s}, {task.n_pairs} outputs, scored on all of them for {scale.n_eval_big} "
+        f"samples. Trained: d={scale.d_big}, {scale.steps_big} steps of batch {scale.batch_big}, sampled-output "
+        f"loss ({scale.output_sample} random cell-00 columns per step), {train_s:.0f} s; each pair was positive "
+        f"{seen:.2f} times on average in training. Process peak RSS {peak_gib:.2f} GiB.\n\n" + markdown_table(rows),
+    ]
+    return Outcome({"rows": rows, "peak_rss_gib": peak_gib, "train_s": train_s, "positives_per_pair": seen},
+                   claims, {}, sections)
+
+
 @dataclass
 class Experiment:
     run: Callable[[Scale, int], Outcome]
@@ -496,6 +587,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "noise": Experiment(exp_noise, "noise-sensitivity control"),
     "superposition": Experiment(exp_superposition, "inputs in superposition (d0 < m)"),
     "circuit": Experiment(exp_circuit, "two-step boolean circuit, one vs two hidden layers"),
+    "scale_m": Experiment(exp_scale_m, "m = 1000 (499,500 outputs): sampled-loss training, dense construction, memory"),
 }
 
 
@@ -525,9 +617,9 @@ def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0) -> 
     if name == "all":
         return _run_all(out, quick, seed)
     scale = Scale.make(quick)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outcome = EXPERIMENTS[name].run(scale, seed)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     for stem, fig in outcome.figures.items():
         save_figure(fig, out / f"{stem}.png", dpi=110)
         plt.close(fig)
@@ -537,11 +629,15 @@ def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0) -> 
         "seed": seed,
         "scale": asdict(scale),
         "wall_s": wall,
+        "cpu_s": cpu,  # one thread: about the wall time on a quiet core, whatever else the machine runs
+        "load_avg": list(os.getloadavg()),
         "claims": [asdict(c) for c in outcome.claims],
         "results": outcome.results,
     }
     write_json(out / "results.json", _clean(record))
-    report = [f"# {_title(name)}\n", f"quick={quick}, seed={seed}, wall time {wall:.1f} s.\n"]
+    load = os.getloadavg()[0]
+    report = [f"# {_title(name)}\n",
+              f"quick={quick}, seed={seed}, wall time {wall:.1f} s, CPU time {cpu:.1f} s (load average {load:.1f}).\n"]
     if outcome.claims:
         report.append("## Claims\n\n" + markdown_table(_claim_rows(outcome.claims)))
     report.append("## Results\n")
@@ -553,7 +649,11 @@ def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0) -> 
 def _run_all(out: Path, quick: bool, seed: int) -> dict:
     start = time.perf_counter()
     records = {name: run_experiment(name, out / name, quick, seed) for name in EXPERIMENTS}
-    wall = time.perf_counter() - start
+    return write_combined(out, records, time.perf_counter() - start, quick, seed)
+
+
+def write_combined(out: Path, records: dict, wall: float, quick: bool, seed: int) -> dict:
+    """The `all` summary (results.json, report.md with every claim and wall time) from per-experiment records."""
     claims = [c for rec in records.values() for c in rec["claims"]]
     summary = {
         "experiment": "all",
@@ -561,13 +661,15 @@ def _run_all(out: Path, quick: bool, seed: int) -> dict:
         "seed": seed,
         "wall_s": wall,
         "wall_s_by_experiment": {k: r["wall_s"] for k, r in records.items()},
+        "cpu_s_by_experiment": {k: r.get("cpu_s") for k, r in records.items()},
         "claims": [{"experiment": name, **c} for name, rec in records.items() for c in rec["claims"]],
     }
     write_json(out / "results.json", _clean(summary))
     rows = []
     for name, rec in records.items():
         rows += _claim_rows([Claim(**c) for c in rec["claims"]], experiment=name)
-    times = [{"experiment": k, "wall_s": v} for k, v in summary["wall_s_by_experiment"].items()]
+    times = [{"experiment": k, "wall_s": r["wall_s"], "cpu_s": r.get("cpu_s"),
+              "load_1min_at_end": (r.get("load_avg") or [None])[0]} for k, r in records.items()]
     report = [
         "# U-AND lab: all experiments\n",
         f"quick={quick}, seed={seed}, total wall time {wall:.1f} s; {sum(c['holds'] for c in claims)} of "
