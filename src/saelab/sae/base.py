@@ -79,16 +79,19 @@ class TrainOutput:
         return f.to_dense() if isinstance(f, SparseActs) else f
 
 
-def encoder_matmul(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+def encoder_matmul(
+    x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, bias: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """(x - b_dec) @ W_enc + bias, computed as x @ W_enc + (bias - b_dec @ W_enc).
 
     Same value, but b_dec moves into a [d_sae] bias: when x needs no gradient (training data)
     the backward skips the full-size matmul that would only serve b_dec's gradient, and no
-    extra pass over the [B, d_sae] pre-activations is made.
+    extra pass over the [B, d_sae] pre-activations is made. `out` (2-D x, no autograd) receives
+    the result.
     """
     shift = bias if b_dec is None else bias - b_dec @ W_enc
     if x.dim() == 2:
-        return torch.addmm(shift, x, W_enc)
+        return torch.addmm(shift, x, W_enc, out=out)
     return x @ W_enc + shift
 
 
@@ -120,30 +123,47 @@ class SAE(torch.nn.Module):
         self.W_enc = torch.nn.Parameter(w_dec.t().contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in))
+        self._pre_buffer: torch.Tensor | None = None  # see training_pre_acts
 
     def extra_repr(self) -> str:
         knob = f", {self.sweep_parameter}={getattr(self.cfg, self.sweep_parameter)}" if self.sweep_parameter else ""
         return f"d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}{knob}"
 
     # ------------------------------------------------------------------ inference
+    def encoder_bias(self) -> torch.Tensor:
+        """The [d_sae] bias of the encoder whose pre-activations decide firing (Gated: the gate's)."""
+        return self.b_enc
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.b_enc)
+        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.encoder_bias())
+
+    @torch.no_grad()
+    def training_pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """`pre_acts(x)` without a graph, written into a [B, d_sae] buffer kept between steps.
+
+        The caller must not keep the result past the step. A fresh tensor of that size every step
+        comes from the OS page by page (large blocks are unmapped when freed), which cost 10-20%
+        of the encoder matmul on CPU; the graph is attached later (`preacts_with_grad`).
+        """
+        shape = (x.shape[0], self.cfg.d_sae)
+        buf = self._pre_buffer
+        if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
+            buf = self._pre_buffer = x.new_empty(shape)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return encoder_matmul(x, self.W_enc, b_dec, self.encoder_bias(), out=buf)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def preacts_with_grad(
-        self, pre: torch.Tensor, x: torch.Tensor, sel: Selection | None = None, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def preacts_with_grad(self, pre: torch.Tensor, x: torch.Tensor, sel: Selection | None = None) -> torch.Tensor:
         """Attach the encoder's gradient to pre-activations computed without a graph.
 
         Training steps compute `pre` once under no_grad, choose their latents from it, and then
         ask for gradients only where they need them: at `sel` (sparse backward, see
-        `saelab.sae.sparse`) or everywhere (`sel=None`, the dense backward). `bias` replaces
-        b_enc for encoders with their own bias (Gated's gate).
+        `saelab.sae.sparse`) or everywhere (`sel=None`, the dense backward).
         """
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        bias = self.b_enc if bias is None else bias
+        bias = self.encoder_bias()
         if sel is None:
             return dense_preacts(pre, x, self.W_enc, bias, b_dec)
         return selected_preacts(sel, pre, x, self.W_enc, bias, b_dec)

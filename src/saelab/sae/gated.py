@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, NonNegativeFloat
 
-from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, encoder_matmul, mse_per_token
+from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
 from saelab.sae.sparse import SparseActs, gather_weights, sparse_decode, sparse_selection
 
@@ -45,21 +45,23 @@ class GatedSAE(SAE):
         pi_mag = (pi_gate - self.b_gate) * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+    def encoder_bias(self) -> torch.Tensor:
         """The gate pre-activations decide firing, so they play the role of pre-activations."""
+        return self.b_gate
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.b_gate)
+        return super().pre_acts(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pi_gate, pi_mag = self._paths(x)
         return (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        with torch.no_grad():
-            pre_gate = self.pre_acts(x)
+        pre_gate = self.training_pre_acts(x)
         # Every term reads the gate only where it is open (pi_gate > 0): the sparse path keeps those.
         sel = sparse_selection(pre_gate > 0)
-        pi_gate = self.preacts_with_grad(pre_gate, x, sel, bias=self.b_gate)
+        pi_gate = self.preacts_with_grad(pre_gate, x, sel)
         b_gate, r_mag, b_mag = (p if sel is None else p[sel.flat_cols] for p in (self.b_gate, self.r_mag, self.b_mag))
         pi_mag = (pi_gate - b_gate) * r_mag.exp() + b_mag
         if sel is not None:

@@ -98,8 +98,8 @@ class JumpReLUSAE(SAE):
         return jumprelu(pre, self.threshold, self.cfg.bandwidth)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        pre = self.training_pre_acts(x)
         with torch.no_grad():
-            pre = self.pre_acts(x)
             # Gradients reach the active latents and, for the threshold, those within half a
             # bandwidth below it; everything else has zero gradient and can stay out of the graph.
             sel = sparse_selection(pre >= self.threshold - self.cfg.bandwidth / 2)

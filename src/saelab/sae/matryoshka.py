@@ -106,8 +106,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         return out
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        with torch.no_grad():
-            pre = self.pre_acts(x)
+        pre = self.training_pre_acts(x)
         sel = self.select(pre)
         if use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
             f = torch.relu(self.preacts_with_grad(pre, x, sel))

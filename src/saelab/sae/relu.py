@@ -32,8 +32,7 @@ class ReLUSAE(SAE):
         return torch.relu(pre)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        with torch.no_grad():
-            pre = self.pre_acts(x)
+        pre = self.training_pre_acts(x)
         sel = sparse_selection(pre > 0)
         if sel is not None:  # positive pre-activations only: the ReLU is the identity there
             f = self.preacts_with_grad(pre, x, sel)

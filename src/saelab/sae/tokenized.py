@@ -67,8 +67,7 @@ class TokenizedSAE(SAE):
         return super().decode_selected(sel, values) + self.W_lookup[self.token_index(tokens, sel.n_rows)]
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        with torch.no_grad():
-            pre = self.pre_acts(x)
+        pre = self.training_pre_acts(x)
         return selected_step(self, x, pre, select_topk(pre, self.cfg.k), ctx)
 
     @torch.no_grad()

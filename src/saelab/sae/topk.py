@@ -94,8 +94,7 @@ class TopKSAE(SAE):
         return {"k": int(saved_cfg.get("k", values.get("k", 100)))}  # 100 is SAELens' default
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        with torch.no_grad():
-            pre = self.pre_acts(x)
+        pre = self.training_pre_acts(x)
         return selected_step(self, x, pre, select_topk(pre, self.cfg.k), ctx)
 
 
@@ -131,8 +130,7 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        with torch.no_grad():
-            pre = self.pre_acts(x)
+        pre = self.training_pre_acts(x)
         return selected_step(self, x, pre, self.select(pre), ctx)
 
     @torch.no_grad()
