@@ -216,9 +216,10 @@ class SAE(torch.nn.Module):
     def before_optimizer_step(self) -> None:
         """With unit-norm decoder rows, remove the gradient component parallel to each row."""
         if self.cfg.decoder_norm == "unit" and self.W_dec.grad is not None:
-            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            g = self.W_dec.grad
-            g -= (g * w).sum(dim=1, keepdim=True) * w
+            W, g = self.W_dec, self.W_dec.grad
+            # (g . w/|w|) w/|w| = (g . w) w / |w|^2: no normalised copy of W_dec, one in-place update
+            coef = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+            g.addcmul_(W, coef[:, None], value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self, out: TrainOutput) -> None:
