@@ -10,20 +10,16 @@ source (`TMSWorld`) whose true feature directions are W's columns.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from saelab.activations.base import Batch
-from saelab.errors import ConfigError
-from saelab.sae.base import describe_validation_error
+from saelab.config import StrictModel
 
 
-class TMSConfig(BaseModel):
+class TMSConfig(StrictModel):
     """One sweep of toy models: an instance per entry of `feature_probs`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     n_features: PositiveInt = Field(20, description="Number of input features N.")
     d_hidden: PositiveInt = Field(5, description="Hidden dimensions d (< N for superposition).")
@@ -45,13 +41,6 @@ class TMSConfig(BaseModel):
         if bad:
             raise ValueError(f"firing probabilities must lie in (0, 1]; got {bad}")
         return v
-
-    @classmethod
-    def parse(cls, values: dict[str, Any]) -> "TMSConfig":
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, cls)) from None
 
 
 def sample_tms_features(n: int, probs: torch.Tensor, n_features: int, gen: torch.Generator) -> torch.Tensor:
@@ -213,8 +202,8 @@ def plot_tms(result: TMSResult, diagram: PhaseDiagram | None, path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-class TMSWorldConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TMSWorldConfig(StrictModel):
+    """A trained toy model used as a ground-truth world (see TMSWorld)."""
 
     n_features: PositiveInt = Field(20, description="Input features N.")
     d_hidden: PositiveInt = Field(5, description="Hidden dimensions (the SAE's d_in).")
@@ -230,10 +219,7 @@ class TMSWorld:
 
     def __init__(self, cfg: TMSWorldConfig | dict | None = None):
         if not isinstance(cfg, TMSWorldConfig):
-            try:
-                cfg = TMSWorldConfig(**(cfg or {}))
-            except ValidationError as exc:
-                raise ConfigError(describe_validation_error(exc, TMSWorldConfig)) from None
+            cfg = TMSWorldConfig.parse(cfg or {})
         self.cfg = cfg
         imp = cfg.importance_decay ** torch.arange(cfg.n_features, dtype=torch.float32)
         w, b, loss = train_tms_batched(cfg.n_features, cfg.d_hidden, torch.tensor([cfg.feature_prob]), imp[None],
