@@ -218,7 +218,7 @@ class SAE(torch.nn.Module):
         if self.cfg.decoder_norm == "unit" and self.W_dec.grad is not None:
             W, g = self.W_dec, self.W_dec.grad
             # (g . w/|w|) w/|w| = (g . w) w / |w|^2: no normalised copy of W_dec, one in-place update
-            coef = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+            coef = torch.einsum("ij,ij->i", g, W) / torch.einsum("ij,ij->i", W, W).clamp_min(1e-24)  # row dots, no temporaries
             g.addcmul_(W, coef[:, None], value=-1)
 
     @torch.no_grad()
