@@ -170,3 +170,14 @@ def test_auto_mode_takes_the_dense_path_for_dense_activations():
     with pytest.raises(ValueError, match="kernel mode"):
         with kernel_mode("fast"):
             pass
+
+
+def test_training_buffer_is_reused_between_steps_and_released_after_training():
+    sae = saelab.create({"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "k": 3})
+    x = torch.randn(B, D_IN)
+    first = sae.training_pre_acts(x)
+    assert sae.training_pre_acts(x * 2).data_ptr() == first.data_ptr()
+    torch.testing.assert_close(sae.training_pre_acts(x), sae.pre_acts(x).detach())
+    assert sae.training_pre_acts(x[:5]).shape == (5, D_SAE)  # another batch size: a new buffer
+    result = saelab.train(sae, [x] * 20, {"steps": 3, "progress": False, "norm_estimation_batches": 1})
+    assert result.sae._pre_buffer is None

@@ -152,6 +152,10 @@ class SAE(torch.nn.Module):
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         return encoder_matmul(x, self.W_enc, b_dec, self.encoder_bias(), out=buf)
 
+    def release_training_buffers(self) -> None:
+        """Free the step buffers (`training_pre_acts`); the next training step makes them again."""
+        self._pre_buffer = None
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

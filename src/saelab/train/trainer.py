@@ -261,6 +261,7 @@ class Trainer:
 
     def result(self) -> TrainResult:
         self.sae.eval()
+        self.sae.release_training_buffers()  # a trained SAE kept for analysis should not hold them
         return TrainResult(
             self.sae, self.input_scale, self.step, self.tokens, time.perf_counter() - self._start_time,
             self.history, self.stats,
