@@ -95,13 +95,12 @@ def interference(directions: torch.Tensor) -> dict[str, float]:
     return {"mean_abs_cos": float(off.mean()), "max_abs_cos": float(off.max())}
 
 
-class ToyWorld:
-    """A fixed world (directions and probabilities); sampling takes an explicit generator."""
+class LinearWorld:
+    """What every ground-truth world shares: activations are `features @ directions` plus noise.
 
-    def __init__(self, cfg: ToyWorldConfig | dict | None = None):
-        self.cfg = cfg if isinstance(cfg, ToyWorldConfig) else ToyWorldConfig.parse(cfg or {})
-        self.directions = embed_directions(self.cfg.n_features, self.cfg.d, self.cfg.target_cos_sim, self.cfg.seed)
-        self.probs = firing_probabilities(self.cfg)
+    A subclass sets `cfg` (with `d` and `noise_std`), `directions` [N, d] and `probs` [N], and
+    says how features are drawn (`sample_features`); `ToySource` streams any such world.
+    """
 
     @property
     def d_in(self) -> int:
@@ -115,9 +114,7 @@ class ToyWorld:
         return interference(self.directions)
 
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        active = torch.rand(n, self.cfg.n_features, generator=gen) < self.probs
-        mags = self.cfg.magnitude_mean + self.cfg.magnitude_std * torch.randn(n, self.cfg.n_features, generator=gen)
-        return active * mags.clamp_min(0)
+        raise NotImplementedError
 
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         features = self.sample_features(n, gen)
@@ -127,10 +124,24 @@ class ToyWorld:
         return Batch(x=x, features=features)
 
 
-class ToySource:
-    """An endless, resumable stream of batches from a ToyWorld (the ActivationSource contract)."""
+class ToyWorld(LinearWorld):
+    """A fixed world (directions and probabilities); sampling takes an explicit generator."""
 
-    def __init__(self, world: ToyWorld, batch_size: int = 1024, seed: int = 0):
+    def __init__(self, cfg: ToyWorldConfig | dict | None = None):
+        self.cfg = cfg if isinstance(cfg, ToyWorldConfig) else ToyWorldConfig.parse(cfg or {})
+        self.directions = embed_directions(self.cfg.n_features, self.cfg.d, self.cfg.target_cos_sim, self.cfg.seed)
+        self.probs = firing_probabilities(self.cfg)
+
+    def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        active = torch.rand(n, self.cfg.n_features, generator=gen) < self.probs
+        mags = self.cfg.magnitude_mean + self.cfg.magnitude_std * torch.randn(n, self.cfg.n_features, generator=gen)
+        return active * mags.clamp_min(0)
+
+
+class ToySource:
+    """An endless, resumable stream of batches from a LinearWorld (the ActivationSource contract)."""
+
+    def __init__(self, world: LinearWorld, batch_size: int = 1024, seed: int = 0):
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive (got {batch_size})")
         self.world = world

@@ -22,9 +22,8 @@ from typing import Annotated, Any, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, TypeAdapter, ValidationError, model_validator
 
-from saelab.activations.base import Batch
 from saelab.errors import ConfigError
-from saelab.toys.features import embed_directions, interference
+from saelab.toys.features import LinearWorld, embed_directions
 
 
 class _WorldBase(BaseModel):
@@ -311,11 +310,11 @@ class BundleSampler:
 
 
 # ---------------------------------------------------------------------------- the world
-class World:
+class World(LinearWorld):
     """A fixed world (directions, probabilities, structure); sampling takes an explicit generator.
 
-    Speaks the same interface as `ToyWorld` (`directions`, `probs`, `sample`, `cfg.seed`,
-    `d_in`), so `ToySource` streams it and `saelab train` can name it as a source.
+    A `LinearWorld` like `ToyWorld`, so `ToySource` streams it and `saelab train` can name it
+    as a source.
     """
 
     def __init__(self, spec: dict[str, Any] | BaseModel | None = None):
@@ -343,33 +342,15 @@ class World:
         return self.cfg.kind
 
     @property
-    def d_in(self) -> int:
-        return self.cfg.d
-
-    @property
     def n_features(self) -> int:
         return self.directions.shape[0]
-
-    @property
-    def expected_l0(self) -> float:
-        return float(self.probs.sum())
 
     def parent_child_pairs(self) -> list[tuple[int, int]]:
         """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
         return [(p, c) for c, p in enumerate(self.parents) if p is not None]
 
-    def interference(self) -> dict[str, float]:
-        return interference(self.directions)
-
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return _magnitudes(self.cfg, self.sampler.active(n, gen), gen)
-
-    def sample(self, n: int, gen: torch.Generator) -> Batch:
-        features = self.sample_features(n, gen)
-        x = features @ self.directions
-        if self.cfg.noise_std > 0:
-            x = x + self.cfg.noise_std * torch.randn(x.shape, generator=gen)
-        return Batch(x=x, features=features)
 
 
 def _bundle_directions(cfg: BundleSpec) -> tuple[torch.Tensor, list[list[int]], torch.Tensor | None]:
