@@ -5,6 +5,7 @@ import torch
 
 import saelab
 from saelab.evals import ground_truth_recovery, latent_density, reconstruction_metrics
+from saelab.evals.summary import evaluate
 
 
 def dictionary_sae(directions: torch.Tensor, d_sae: int | None = None, scale: float = 1.0):
@@ -67,6 +68,9 @@ def test_l0_and_density_count_active_latents():
     assert dens.dead_fraction == pytest.approx(0.2)
     assert dens.dense_fraction == pytest.approx(0.8)  # each feature fires ~20% of the time
     assert sum(dens.histogram_counts) == 8
+    record = evaluate(sae, data, dense_threshold=0.15)  # one encoding pass for both
+    assert (record["dead_fraction"], record["dense_fraction"]) == (dens.dead_fraction, dens.dense_fraction)
+    assert record["density_histogram"]["counts"] == dens.histogram_counts
 
 
 def test_recovery_is_one_to_one_so_duplicates_do_not_count_twice():

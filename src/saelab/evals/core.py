@@ -38,19 +38,27 @@ class ReconstructionMetrics:
         return asdict(self)
 
 
-@torch.no_grad()
 def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics:
+    return reconstruction_and_firing(sae, batches)[0]
+
+
+@torch.no_grad()
+def reconstruction_and_firing(sae: SAE, batches: Iterable) -> tuple[ReconstructionMetrics, torch.Tensor]:
+    """Reconstruction metrics and, from the same encoding pass, how many tokens each latent
+    fired on ([d_sae], for `density_from_counts`)."""
     was_training = sae.training
     sae.eval()
     n = 0
     sums = dict(l0=0.0, sq_err=0.0, cos=0.0, cos_n=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
     x_sum = x_sq_sum = None
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     try:
         for batch in _batches(batches):
             x = batch.x.to(sae.W_enc.device, torch.float32)
             f = sae.encode(x)
             x_hat = sae.decode(f, tokens=batch.tokens)
             n += x.shape[0]
+            fired += (f != 0).sum(0).double().cpu()
             sums["l0"] += float((f != 0).sum())
             sums["sq_err"] += float((x - x_hat).pow(2).sum())
             nonzero = x.norm(dim=-1) > 0
@@ -69,7 +77,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics
         raise ConfigError("no batches to evaluate on; give at least one batch")
     total_var = float((x_sq_sum - x_sum.pow(2) / n).sum())
     fvu = sums["sq_err"] / max(total_var, 1e-30)
-    return ReconstructionMetrics(
+    metrics = ReconstructionMetrics(
         l0=sums["l0"] / n,
         mse=sums["sq_err"] / n,
         fvu=fvu,
@@ -79,6 +87,7 @@ def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics
         norm_ratio=sums["xhat_norm"] / max(sums["x_norm"], 1e-30),
         tokens=n,
     )
+    return metrics, fired
 
 
 @dataclass
@@ -107,9 +116,14 @@ def latent_density(sae: SAE, batches: Iterable, dense_threshold: float = 0.1, bi
             n += f.shape[0]
     finally:
         sae.train(was_training)
+    return density_from_counts(counts, n, dense_threshold, bins)
+
+
+def density_from_counts(counts: torch.Tensor, n: int, dense_threshold: float = 0.1, bins: int = 20) -> DensityMetrics:
+    """Density metrics from per-latent firing counts over `n` tokens."""
     if n == 0:
         raise ConfigError("no batches to evaluate on; give at least one batch")
-    freq = counts / n
+    freq = counts.double() / n
     alive = freq[freq > 0]
     low = np.floor(np.log10(max(1.0 / n, 1e-12)))
     edges = np.linspace(low, 0.0, bins + 1)

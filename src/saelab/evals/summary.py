@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from saelab.activations.base import Batch
-from saelab.evals.core import ground_truth_recovery, latent_density, reconstruction_metrics
+from saelab.evals.core import density_from_counts, ground_truth_recovery, reconstruction_and_firing
 from saelab.sae.base import SAE
 
 
@@ -18,8 +18,8 @@ def evaluate(
     recovery_threshold: float = 0.9,
     dense_threshold: float = 0.1,
 ) -> dict[str, Any]:
-    rec = reconstruction_metrics(sae, batches)
-    dens = latent_density(sae, batches, dense_threshold=dense_threshold)
+    rec, fired = reconstruction_and_firing(sae, batches)  # one encoding pass for both
+    dens = density_from_counts(fired, rec.tokens, dense_threshold=dense_threshold)
     record: dict[str, Any] = {
         "l0": rec.l0,
         "fvu": rec.fvu,
