@@ -8,6 +8,7 @@ import torch
 
 import saelab
 from saelab.activations.base import Batch
+from saelab.sae import base
 from saelab.sae.base import StepContext, encoder_matmul
 from saelab.sae.sparse import (
     Selection,
@@ -179,5 +180,7 @@ def test_training_buffer_is_reused_between_steps_and_released_after_training():
     assert sae.training_pre_acts(x * 2).data_ptr() == first.data_ptr()
     torch.testing.assert_close(sae.training_pre_acts(x), sae.pre_acts(x).detach())
     assert sae.training_pre_acts(x[:5]).shape == (5, D_SAE)  # another batch size: a new buffer
-    result = saelab.train(sae, [x] * 20, {"steps": 3, "progress": False, "norm_estimation_batches": 1})
-    assert result.sae._pre_buffer is None
+    other = saelab.create({"architecture": "relu", "d_in": D_IN, "d_sae": D_SAE})
+    assert other.training_pre_acts(x).data_ptr() == first.data_ptr()  # one buffer per shape, shared
+    saelab.train(sae, [x] * 20, {"steps": 3, "progress": False, "norm_estimation_batches": 1})
+    assert not any(key[1] == D_SAE for key in base._PRE_BUFFERS)  # released after training

@@ -95,6 +95,11 @@ def encoder_matmul(
     return x @ W_enc + shift
 
 
+# [B, d_sae] pre-activation buffers by (B, d_sae, dtype, device), shared by every SAE in the
+# process: training steps run one at a time (see SAE.training_pre_acts).
+_PRE_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
 def mse_per_token(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Squared error summed over the activation dimension, averaged over the batch."""
     return (x_hat - x).pow(2).sum(-1).mean()
@@ -123,7 +128,6 @@ class SAE(torch.nn.Module):
         self.W_enc = torch.nn.Parameter(w_dec.t().contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in))
-        self._pre_buffer: torch.Tensor | None = None  # see training_pre_acts
 
     def extra_repr(self) -> str:
         knob = f", {self.sweep_parameter}={getattr(self.cfg, self.sweep_parameter)}" if self.sweep_parameter else ""
@@ -143,18 +147,20 @@ class SAE(torch.nn.Module):
 
         The caller must not keep the result past the step. A fresh tensor of that size every step
         comes from the OS page by page (large blocks are unmapped when freed), which cost 10-20%
-        of the encoder matmul on CPU; the graph is attached later (`preacts_with_grad`).
+        of the encoder matmul on CPU; the graph is attached later (`preacts_with_grad`). SAEs of
+        one shape share the buffer (a sweep's members step one at a time).
         """
-        shape = (x.shape[0], self.cfg.d_sae)
-        buf = self._pre_buffer
-        if buf is None or buf.shape != shape or buf.dtype != x.dtype or buf.device != x.device:
-            buf = self._pre_buffer = x.new_empty(shape)
+        key = (x.shape[0], self.cfg.d_sae, x.dtype, x.device)
+        buf = _PRE_BUFFERS.get(key)
+        if buf is None:
+            buf = _PRE_BUFFERS[key] = x.new_empty(key[:2])
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         return encoder_matmul(x, self.W_enc, b_dec, self.encoder_bias(), out=buf)
 
     def release_training_buffers(self) -> None:
-        """Free the step buffers (`training_pre_acts`); the next training step makes them again."""
-        self._pre_buffer = None
+        """Free the step buffers of this SAE's width (`training_pre_acts` makes them again)."""
+        for key in [k for k in _PRE_BUFFERS if k[1] == self.cfg.d_sae]:
+            del _PRE_BUFFERS[key]
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
