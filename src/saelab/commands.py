@@ -64,13 +64,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- shared pieces
+EVAL_BATCHES = 8  # held-out batches behind every results.json metric of `train` and `demo`
+
+
 def eval_batches(source, n: int) -> list:
     """Fresh held-out batches: a copy of the source's generator state is never reused for training."""
     return [next(source) for _ in range(n)]
 
 
 def train_and_evaluate(
-    sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = 8, eval_spec: dict | None = None
+    sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = EVAL_BATCHES, eval_spec: dict | None = None
 ) -> dict:
     """Train, fold the input scale, evaluate on held-out batches and save the SAE."""
     from saelab.activations.factory import build_source
@@ -295,7 +298,7 @@ def train_sweep(
     t0 = time.perf_counter()
     results = sweep.fit()
     seconds = time.perf_counter() - t0
-    held = held_out(source_spec, eval_spec, 8)
+    held = held_out(source_spec, eval_spec, EVAL_BATCHES)
     return [{"name": name, **evaluate_and_save(result, seconds, held, source_spec, out / name),
              "path": str(out / name / "sae")} for name, result in results.items()]
 

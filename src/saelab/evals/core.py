@@ -49,7 +49,7 @@ def reconstruction_and_firing(sae: SAE, batches: Iterable) -> tuple[Reconstructi
     was_training = sae.training
     sae.eval()
     n = 0
-    sums = dict(l0=0.0, sq_err=0.0, cos=0.0, cos_n=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
+    sums = dict(sq_err=0.0, cos=0.0, cos_n=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
     x_sum = x_sq_sum = None
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     try:
@@ -59,7 +59,6 @@ def reconstruction_and_firing(sae: SAE, batches: Iterable) -> tuple[Reconstructi
             x_hat = sae.decode(f, tokens=batch.tokens)
             n += x.shape[0]
             fired += (f != 0).sum(0).double().cpu()
-            sums["l0"] += float((f != 0).sum())
             sums["sq_err"] += float((x - x_hat).pow(2).sum())
             nonzero = x.norm(dim=-1) > 0
             sums["cos"] += float(torch.nn.functional.cosine_similarity(x[nonzero], x_hat[nonzero], dim=-1).sum())
@@ -78,7 +77,7 @@ def reconstruction_and_firing(sae: SAE, batches: Iterable) -> tuple[Reconstructi
     total_var = float((x_sq_sum - x_sum.pow(2) / n).sum())
     fvu = sums["sq_err"] / max(total_var, 1e-30)
     metrics = ReconstructionMetrics(
-        l0=sums["l0"] / n,
+        l0=float(fired.sum()) / n,
         mse=sums["sq_err"] / n,
         fvu=fvu,
         explained_variance=1.0 - fvu,

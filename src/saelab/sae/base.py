@@ -70,9 +70,7 @@ class TrainOutput:
         return (self.feature_acts.detach() != 0).sum(0)
 
     def mean_l0(self) -> float:
-        f = self.feature_acts
-        nonzero = f.nonzero_count() if isinstance(f, SparseActs) else int((f.detach() != 0).sum())
-        return nonzero / f.shape[0]
+        return int(self.fired_counts().sum()) / self.feature_acts.shape[0]
 
     def dense_feature_acts(self) -> torch.Tensor:
         f = self.feature_acts
@@ -138,8 +136,13 @@ class SAE(torch.nn.Module):
         """The [d_sae] bias of the encoder whose pre-activations decide firing (Gated: the gate's)."""
         return self.b_enc
 
+    @property
+    def input_b_dec(self) -> torch.Tensor | None:
+        """What the encoder subtracts from x: b_dec, or nothing (`apply_b_dec_to_input=False`)."""
+        return self.b_dec if self.cfg.apply_b_dec_to_input else None
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return encoder_matmul(x, self.W_enc, self.b_dec if self.cfg.apply_b_dec_to_input else None, self.encoder_bias())
+        return encoder_matmul(x, self.W_enc, self.input_b_dec, self.encoder_bias())
 
     @torch.no_grad()
     def training_pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +157,7 @@ class SAE(torch.nn.Module):
         buf = _PRE_BUFFERS.get(key)
         if buf is None:
             buf = _PRE_BUFFERS[key] = x.new_empty(key[:2])
-        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        return encoder_matmul(x, self.W_enc, b_dec, self.encoder_bias(), out=buf)
+        return encoder_matmul(x, self.W_enc, self.input_b_dec, self.encoder_bias(), out=buf)
 
     def release_training_buffers(self) -> None:
         """Free the step buffers of this SAE's width (`training_pre_acts` makes them again)."""
@@ -172,11 +174,9 @@ class SAE(torch.nn.Module):
         ask for gradients only where they need them: at `sel` (sparse backward, see
         `saelab.sae.sparse`) or everywhere (`sel=None`, the dense backward).
         """
-        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        bias = self.encoder_bias()
         if sel is None:
-            return dense_preacts(pre, x, self.W_enc, bias, b_dec)
-        return selected_preacts(sel, pre, x, self.W_enc, bias, b_dec)
+            return dense_preacts(pre, x, self.W_enc, self.encoder_bias(), self.input_b_dec)
+        return selected_preacts(sel, pre, x, self.W_enc, self.encoder_bias(), self.input_b_dec)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -66,7 +66,7 @@ class GatedSAE(SAE):
         pi_mag = (pi_gate - b_gate) * r_mag.exp() + b_mag
         if sel is not None:
             f = torch.relu(pi_mag)
-            x_hat = sparse_decode(sel, f, self.W_dec) + self.b_dec
+            x_hat = self.decode_selected(sel, f)
             gate_acts = pi_gate
             l1 = (gate_acts * gather_weights(self.sparsity_weights(), sel)).sum() / x.shape[0]
             x_hat_frozen = sparse_decode(sel, gate_acts, self.W_dec.detach()) + self.b_dec.detach()

@@ -16,7 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat
 
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
-from saelab.sae.sparse import SparseActs, sparse_decode, sparse_selection
+from saelab.sae.sparse import SparseActs, sparse_selection
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class JumpReLUSAE(SAE):
         if sel is not None:
             z, threshold = self.preacts_with_grad(pre, x, sel), threshold[sel.flat_cols]
             f = jumprelu(z, threshold, self.cfg.bandwidth)
-            x_hat = sparse_decode(sel, f, self.W_dec) + self.b_dec
+            x_hat = self.decode_selected(sel, f)
             acts = SparseActs(sel, f.detach())
         else:
             z = self.preacts_with_grad(pre, x)

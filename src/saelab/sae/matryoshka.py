@@ -16,8 +16,8 @@ from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from saelab.sae.base import StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
-from saelab.sae.sparse import Selection, SparseActs, sparse_decode, use_sparse
-from saelab.sae.topk import BatchTopKConfig, BatchTopKSAE, auxk_loss
+from saelab.sae.sparse import Selection, sparse_decode
+from saelab.sae.topk import BatchTopKConfig, BatchTopKSAE, auxk_loss, selected_latents
 
 
 def default_prefixes(d_sae: int, levels: int = 4) -> list[int]:
@@ -107,13 +107,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
         pre = self.training_pre_acts(x)
-        sel = self.select(pre)
-        if use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
-            f = torch.relu(self.preacts_with_grad(pre, x, sel))
-            acts = SparseActs(sel, f.detach())
-        else:
-            f = sel.to_dense(torch.relu(sel.gather(self.preacts_with_grad(pre, x))))
-            acts, sel = f.detach(), None
+        f, sel, acts = selected_latents(self, x, pre, self.select(pre))
         prefixes = self.sample_prefixes() if self.cfg.random_prefixes else self.cfg.resolved_prefixes
         recons = self.nested_reconstructions(f, prefixes, sel)
         weights = self.level_weights(len(prefixes))

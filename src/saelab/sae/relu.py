@@ -13,7 +13,7 @@ from pydantic import Field, NonNegativeFloat
 
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
-from saelab.sae.sparse import SparseActs, gather_weights, sparse_decode, sparse_selection
+from saelab.sae.sparse import SparseActs, gather_weights, sparse_selection
 
 
 class ReLUConfig(SAEConfig):
@@ -36,7 +36,7 @@ class ReLUSAE(SAE):
         sel = sparse_selection(pre > 0)
         if sel is not None:  # positive pre-activations only: the ReLU is the identity there
             f = self.preacts_with_grad(pre, x, sel)
-            x_hat = sparse_decode(sel, f, self.W_dec) + self.b_dec
+            x_hat = self.decode_selected(sel, f)
             l1 = (f * gather_weights(self.sparsity_weights(), sel)).sum() / x.shape[0]
             acts = SparseActs(sel, f.detach())
         else:

@@ -262,6 +262,3 @@ class SparseActs:
     def fired_counts(self) -> torch.Tensor:
         fired = self.selection.flat_cols[self.values.reshape(-1) != 0]
         return torch.bincount(fired, minlength=self.selection.n_cols)
-
-    def nonzero_count(self) -> int:
-        return int((self.values != 0).sum())

@@ -61,19 +61,25 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
     return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
 
 
-def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, ctx: StepContext) -> TrainOutput:
-    """The TopK-family training step on latents already chosen from `pre` (computed without a
-    graph): ReLU of the selected pre-activations, decoded, plus AuxK. Sparse kernels unless
-    `kernel_mode("dense")` asks for the dense reference."""
-    tokens = getattr(ctx.batch, "tokens", None)
-    if not use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
-        f = sel.to_dense(torch.relu(sel.gather(sae.preacts_with_grad(pre, x))))
-        x_hat = sae.decode(f, tokens)
-        acts = f.detach()
-    else:
+def selected_latents(
+    sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection
+) -> tuple[torch.Tensor, Selection | None, torch.Tensor | SparseActs]:
+    """ReLU of the pre-activations chosen at `sel` (from `pre`, computed without a graph), with
+    the encoder's gradient: the values at `sel` on the sparse path, or the dense [B, d_sae] latents
+    (and `sel` None) when `kernel_mode("dense")` asks for the reference. Also the detached latents
+    for the trainer's statistics."""
+    if use_sparse(sel.cols.numel(), pre.numel(), always_sparse=True):
         values = torch.relu(sae.preacts_with_grad(pre, x, sel))
-        x_hat = sae.decode_selected(sel, values, tokens)
-        acts = SparseActs(sel, values.detach())
+        return values, sel, SparseActs(sel, values.detach())
+    f = sel.to_dense(torch.relu(sel.gather(sae.preacts_with_grad(pre, x))))
+    return f, None, f.detach()
+
+
+def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, ctx: StepContext) -> TrainOutput:
+    """The TopK-family training step on latents already chosen from `pre`: decoded, plus AuxK."""
+    tokens = getattr(ctx.batch, "tokens", None)
+    f, sel, acts = selected_latents(sae, x, pre, sel)
+    x_hat = sae.decode(f, tokens) if sel is None else sae.decode_selected(sel, f, tokens)
     return TrainOutput(x_hat, acts, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(sae, pre, x, x_hat, ctx)})
 
 

@@ -150,6 +150,7 @@ def uand_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced", cells
     w_pos, w_neg = 0.5 / n_pos, 0.5 / n_neg
     return (sq * torch.where(pos, w_pos, w_neg)).sum()
 
+
 def full_output_loss(
     model: "UANDModel", task: UANDTask, x: torch.Tensor, inputs: torch.Tensor, kind: str = "balanced"
 ) -> torch.Tensor:
@@ -214,7 +215,7 @@ class _RowDot(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_R = torch.zeros_like(R).index_add_(0, pairs, h.index_select(0, rows) * grad[:, None])
         if ctx.needs_input_grad[2]:
-            grad_c = torch.zeros(R.shape[0], dtype=grad.dtype).index_add_(0, pairs, grad)
+            grad_c = grad.new_zeros(R.shape[0]).index_add_(0, pairs, grad)
         return grad_h, grad_R, grad_c, None, None
 
 
