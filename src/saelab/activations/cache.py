@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from saelab.activations.base import Batch
 from saelab.errors import ConfigError, FileFormatError
-from saelab.io.atomic import write_json, write_safetensors
+from saelab.io.atomic import read_json, write_json, write_safetensors
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activation-cache/1"
@@ -45,10 +45,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
         raise FileFormatError(f"{cache_dir} is not an activation cache: {MANIFEST} is missing; write one with `saelab harvest`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{path} is not valid JSON ({exc}); the cache is damaged, harvest it again") from None
+    manifest = read_json(path, "the cache is damaged, harvest it again")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise FileFormatError(f"{path} has format {found!r}, expected {FORMAT!r}")

@@ -1,7 +1,8 @@
 """Atomic writes: a file is either the old version or the complete new one, never half.
 
 Every writer goes through `atomic_path`: write to a temp file in the same folder, fsync,
-then `os.replace` (atomic on POSIX and Windows within one filesystem).
+then `os.replace` (atomic on POSIX and Windows within one filesystem). `read_json` is the
+reading side: a damaged file is named, with what to do about it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from saelab.errors import FileFormatError
 
 
 @contextlib.contextmanager
@@ -42,6 +45,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike, remedy: str) -> Any:
+    """The JSON in `path`; an unreadable or malformed file raises FileFormatError naming the
+    file, the cause and `remedy` (what the user should do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FileFormatError(f"{path} cannot be read ({exc}); {remedy}") from None
+    except ValueError as exc:  # malformed JSON or not UTF-8
+        raise FileFormatError(f"{path} is not valid JSON ({exc}); {remedy}") from None
 
 
 def write_safetensors(

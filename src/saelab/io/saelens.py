@@ -12,7 +12,6 @@ shared threshold (its inference form) and therefore loads back as a JumpReLU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 import saelab
 from saelab.errors import ConfigError, FileFormatError
-from saelab.io.atomic import write_json, write_safetensors
+from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.sae.base import SAE
 from saelab.sae.registry import get_class, make_config
 
@@ -79,10 +78,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     cfg_path = path / CFG_FILE
     if not cfg_path.exists():
         raise FileFormatError(f"{cfg_path} is missing; an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{cfg_path} is not valid JSON ({exc}); the file may be truncated") from None
+    cfg = read_json(cfg_path, "the file may be truncated")
     if not isinstance(cfg, dict):
         raise FileFormatError(f"{cfg_path} must hold a JSON object")
     return cfg

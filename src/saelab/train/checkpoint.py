@@ -11,7 +11,6 @@ differs between ranks, the source position and RNG states, once per rank: rank 0
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from saelab.errors import FileFormatError
-from saelab.io.atomic import write_json, write_safetensors, write_text
+from saelab.io.atomic import read_json, write_json, write_safetensors, write_text
 
 _STATE = "state.json"
 _TENSORS = "tensors.safetensors"
@@ -188,13 +187,7 @@ def prune(out_dir: str | Path, keep: int) -> None:
 
 def read_state(path: str | Path) -> dict[str, Any]:
     """The JSON half of a checkpoint (configs, step, tokens), read before any tensor is touched."""
-    path = Path(path)
-    try:
-        return json.loads((path / _STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(
-            f"checkpoint {path} is missing or truncated ({exc}); delete it to restart from the previous one"
-        ) from None
+    return read_json(Path(path) / _STATE, f"checkpoint {path} is damaged: delete it to restart from the previous one")
 
 
 def load(path: str | Path, sae, optimizer, stats, source, rank: int = 0) -> dict[str, Any]:

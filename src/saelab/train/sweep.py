@@ -19,7 +19,6 @@ written last, so a run killed mid-save resumes from the previous complete step.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from saelab.activations.base import as_source
 from saelab.errors import ConfigError, FileFormatError
-from saelab.io.atomic import write_json, write_safetensors
+from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.sae.base import SAE
 from saelab.train import checkpoint as ckpt
 from saelab.train.trainer import TrainConfig, Trainer, TrainResult
@@ -140,10 +139,10 @@ class Sweep:
         path = self.out_dir / _COMMIT if self.out_dir is not None else None
         if path is None or not path.exists():
             return None
+        state = read_json(path, f"delete {self.out_dir} to start over")
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
             step, members = int(state["step"]), list(state["members"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise FileFormatError(f"{path} is unreadable ({exc}); delete {self.out_dir} to start over") from None
         if members != list(self.trainers):
             raise ConfigError(
