@@ -44,8 +44,9 @@ def main() -> None:
         from tests.models.tiny import make_texts, make_tokenizer
 
         tokenizer = make_tokenizer()
-        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=len(tokenizer),
-                                           n_positions=args.context_size)).eval()
+        model = GPT2LMHeadModel(
+            GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=len(tokenizer), n_positions=args.context_size)
+        ).eval()
         args.hookpoint = "transformer.h.2"
         texts = make_texts(4000)
         name = "tiny-gpt2"
@@ -64,7 +65,11 @@ def main() -> None:
     parent = model.get_submodule(layer_list_path.rsplit(".", 1)[0]) if "." in layer_list_path else model
     base = copy.copy(parent)  # shallow: shares weights; its own module table so the original is untouched
     base._modules = dict(base._modules)
-    setattr(base, layer_list_path.rsplit(".", 1)[-1], torch.nn.ModuleList(list(model.get_submodule(layer_list_path))[: layer_idx + 1]))
+    setattr(
+        base,
+        layer_list_path.rsplit(".", 1)[-1],
+        torch.nn.ModuleList(list(model.get_submodule(layer_list_path))[: layer_idx + 1]),
+    )
     if hasattr(base, "config"):
         base.config = copy.copy(base.config)
         for key in ("num_hidden_layers", "n_layer"):
@@ -98,17 +103,34 @@ def main() -> None:
     Harvester.harvest_rows = counting
 
     def buffered():
-        src = ModelSource(model, tokenizer, texts, hp.name, context_size=args.context_size, batch_size=256,
-                          buffer_tokens=n_tok // 2, model_batch_size=args.model_batch_size, model_name=name)
+        src = ModelSource(
+            model,
+            tokenizer,
+            texts,
+            hp.name,
+            context_size=args.context_size,
+            batch_size=256,
+            buffer_tokens=n_tok // 2,
+            model_batch_size=args.model_batch_size,
+            model_name=name,
+        )
         while True:
             next(src)
             if src.block == 1 and (src.emitted + 1) * 256 > src._buffer["tokens"].numel():
                 return
 
-    harvester = Harvester(model, tokenizer, texts, [hp.name], context_size=args.context_size,
-                          model_batch_size=args.model_batch_size, model_name=name)
+    harvester = Harvester(
+        model,
+        tokenizer,
+        texts,
+        [hp.name],
+        context_size=args.context_size,
+        model_batch_size=args.model_batch_size,
+        model_name=name,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
+
         def cache():
             import shutil
 
@@ -121,12 +143,15 @@ def main() -> None:
                 start = processed["tokens"]
                 fn()
                 counts[fn.__name__] = processed["tokens"] - start
+
             run.__name__ = fn.__name__
             return run
 
         counts: dict[str, int] = {}
-        t = race({"bare": bare, "full": full, "hooked": hooked, "buffered": counted(buffered), "cache": counted(cache)},
-                 args.repeats)
+        t = race(
+            {"bare": bare, "full": full, "hooked": hooked, "buffered": counted(buffered), "cache": counted(cache)},
+            args.repeats,
+        )
         t_bare, t_full, t_hook, t_buf, t_cache = t["bare"], t["full"], t["hooked"], t["buffered"], t["cache"]
         buf_tokens, cache_tokens = counts["buffered"], counts["cache"]
         reader = CachedSource(f"{tmp}/c", hp.name, batch_size=1024, repeat=True)
@@ -141,12 +166,18 @@ def main() -> None:
     d = harvester.widths[hp]
     sae = saelab.create({"architecture": "topk", "d_in": d, "d_sae": 8 * d, "k": 32})
     x = torch.randn(4096, d)
-    res = saelab.train(sae, [x[i:i + 1024] for i in range(0, 4096, 1024)] * 10,
-                       {"steps": 30, "progress": False, "norm_estimation_batches": 1})
+    res = saelab.train(
+        sae,
+        [x[i : i + 1024] for i in range(0, 4096, 1024)] * 10,
+        {"steps": 30, "progress": False, "norm_estimation_batches": 1},
+    )
     train_tps = res.tokens / res.seconds
 
     out = {
-        "model": name, "hookpoint": hp.name, "tokens_per_measurement": n_tok, "threads": torch.get_num_threads(),
+        "model": name,
+        "hookpoint": hp.name,
+        "tokens_per_measurement": n_tok,
+        "threads": torch.get_num_threads(),
         "full_forward_tok_s": n_tok / t_full,
         "bare_forward_to_layer_tok_s": n_tok / t_bare,
         "hooks_early_stop_tok_s": n_tok / t_hook,

@@ -33,8 +33,14 @@ def compare(name: str, saes: list[dict], make_source, train: dict, repeats: int)
         saelab.train_many(saes, make_source(), train)
 
     t = race({"separate": separate, "sweep": sweep}, repeats)
-    row = {"source": name, "n_saes": len(saes), "steps": train["steps"], "separate_s": round(t["separate"], 3),
-           "sweep_s": round(t["sweep"], 3), "ratio": round(t["sweep"] / t["separate"], 3)}
+    row = {
+        "source": name,
+        "n_saes": len(saes),
+        "steps": train["steps"],
+        "separate_s": round(t["separate"], 3),
+        "sweep_s": round(t["sweep"], 3),
+        "ratio": round(t["sweep"] / t["separate"], 3),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -51,8 +57,14 @@ def main() -> None:
     from saelab.toys import ToySource, ToyWorld
     from tests.models.tiny import make_texts, make_tokenizer
 
-    train = {"steps": args.steps, "progress": False, "lr_warmup_steps": 10, "sparsity_warmup_steps": 20,
-             "norm_estimation_batches": 2, "log_every": 50}
+    train = {
+        "steps": args.steps,
+        "progress": False,
+        "lr_warmup_steps": 10,
+        "sparsity_warmup_steps": 20,
+        "norm_estimation_batches": 2,
+        "log_every": 50,
+    }
     rows = []
 
     # (a) toy world: 256 true features in 64 dimensions; four TopK widths of k plus a ReLU
@@ -66,21 +78,41 @@ def main() -> None:
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=len(tokenizer), n_positions=64,
-                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=4,
+            n_embd=256,
+            n_head=4,
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
     texts = make_texts(2000)
     model_saes = [{"architecture": "topk", "d_in": 256, "d_sae": 1024, "k": k} for k in (8, 16, 32)]
     model_saes.append({"architecture": "relu", "d_in": 256, "d_sae": 1024})
 
     def model_source():
-        return ModelSource(model, tokenizer, texts, "transformer.h.2", batch_size=512, buffer_tokens=4096,
-                           repeat=True, context_size=64, model_batch_size=16)
+        return ModelSource(
+            model,
+            tokenizer,
+            texts,
+            "transformer.h.2",
+            batch_size=512,
+            buffer_tokens=4096,
+            repeat=True,
+            context_size=64,
+            model_batch_size=16,
+        )
 
     rows.append(compare("tiny_gpt2", model_saes, model_source, train, args.repeats))
     load = os.getloadavg()
-    print(f"load average (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          f"on {os.cpu_count()} cores", flush=True)
+    print(
+        f"load average (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "loadavg": load}, f, indent=2)

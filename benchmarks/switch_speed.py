@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 d_in, m, k, B = 256, 256, 16, 4096
 x = torch.randn(B, d_in)
 print(f"d_in={d_in}, expert size m={m}, k={k}, batch={B}")
-print(f"{'N':>4} {'width':>7} {'switch us/tok':>14} {'topk us/tok':>12} {'switch enc FLOPs':>17} {'topk enc FLOPs':>15}")
+print(
+    f"{'N':>4} {'width':>7} {'switch us/tok':>14} {'topk us/tok':>12} {'switch enc FLOPs':>17} {'topk enc FLOPs':>15}"
+)
 for n in (2, 8, 32):
     sw = saelab.create({"architecture": "switch", "d_in": d_in, "d_sae": n * m, "k": k, "n_experts": n}).eval()
     tk = saelab.create({"architecture": "topk", "d_in": d_in, "d_sae": n * m, "k": k}).eval()
@@ -32,5 +34,7 @@ for n in (2, 8, 32):
                 ts.append(time.perf_counter() - t)
         times[name] = sorted(ts)[2] / B * 1e6
     fl = sw.flops_per_token()
-    print(f"{n:>4} {n * m:>7} {times['switch']:>14.2f} {times['topk']:>12.2f} {fl['router'] + fl['encoder']:>17,} "
-          f"{fl['dense_topk_encoder']:>15,}")
+    print(
+        f"{n:>4} {n * m:>7} {times['switch']:>14.2f} {times['topk']:>12.2f} {fl['router'] + fl['encoder']:>17,} "
+        f"{fl['dense_topk_encoder']:>15,}"
+    )

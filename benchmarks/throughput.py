@@ -33,8 +33,12 @@ import time
 import torch
 
 TOOLS = ["saelab", "sae-lens", "dictionary-learning", "sparsify"]
-MODULES = {"saelab": "saelab", "sae-lens": "sae_lens", "dictionary-learning": "dictionary_learning",
-           "sparsify": "sparsify"}
+MODULES = {
+    "saelab": "saelab",
+    "sae-lens": "sae_lens",
+    "dictionary-learning": "dictionary_learning",
+    "sparsify": "sparsify",
+}
 ARCHITECTURES = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
 
 SAELENS_CLASSES = {  # saelab architecture -> sae-lens training class and its coefficients
@@ -99,8 +103,8 @@ def gate(x_in, W, bias, threshold=None):
 def margins(g, chunk: int = 2048):
     x_in, W, bias, threshold = g()
     for s in range(0, W.shape[1], chunk):
-        m = x_in @ W[:, s:s + chunk] + bias[s:s + chunk]
-        yield s, (m if threshold is None else m - threshold[s:s + chunk])
+        m = x_in @ W[:, s : s + chunk] + bias[s : s + chunk]
+        yield s, (m if threshold is None else m - threshold[s : s + chunk])
 
 
 @torch.no_grad()
@@ -108,7 +112,7 @@ def start_at_l0(g, k: int) -> None:
     _, _, bias, _ = g()
     for s, m in margins(g):
         fire = max(1, round(m.shape[0] * k / bias.shape[0]))
-        bias[s:s + m.shape[1]] -= m.kthvalue(m.shape[0] - fire, dim=0).values
+        bias[s : s + m.shape[1]] -= m.kthvalue(m.shape[0] - fire, dim=0).values
 
 
 @torch.no_grad()
@@ -141,8 +145,18 @@ def make_saelab(arch, x, d_sae, k, args):
     if saelab.sae.get_class(arch).sweep_parameter == "k":
         cfg["k"] = k
     sae = saelab.create(cfg)
-    trainer = Trainer(sae, [x], {"steps": 10**9, "progress": False, "device": args.device, "lr_warmup_steps": 0,
-                                 "sparsity_warmup_steps": 0, "dead_after_tokens": DEAD_AFTER_TOKENS})
+    trainer = Trainer(
+        sae,
+        [x],
+        {
+            "steps": 10**9,
+            "progress": False,
+            "device": args.device,
+            "lr_warmup_steps": 0,
+            "sparsity_warmup_steps": 0,
+            "dead_after_tokens": DEAD_AFTER_TOKENS,
+        },
+    )
 
     def step():
         out = trainer._train_step(x)
@@ -151,9 +165,11 @@ def make_saelab(arch, x, d_sae, k, args):
         return out.loss.detach()
 
     x_in = (lambda: x - sae.b_dec) if sae.cfg.apply_b_dec_to_input else (lambda: x)
-    gates = {"relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
-             "jumprelu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc, lambda: sae.log_threshold.exp()),
-             "gated": gate(x_in, lambda: sae.W_enc, lambda: sae.b_gate)}
+    gates = {
+        "relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
+        "jumprelu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc, lambda: sae.log_threshold.exp()),
+        "gated": gate(x_in, lambda: sae.W_enc, lambda: sae.b_gate),
+    }
     return step, gates.get(arch)
 
 
@@ -192,9 +208,11 @@ def make_saelens(arch, x, d_sae, k, args):
         return out.loss.detach()
 
     x_in = lambda: x - sae.b_dec * sae.cfg.apply_b_dec_to_input  # noqa: E731  (its process_sae_in)
-    gates = {"relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
-             "jumprelu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc, lambda: sae.threshold),
-             "gated": gate(x_in, lambda: sae.W_enc, lambda: sae.b_gate)}
+    gates = {
+        "relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
+        "jumprelu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc, lambda: sae.threshold),
+        "gated": gate(x_in, lambda: sae.W_enc, lambda: sae.b_gate),
+    }
     return step, gates.get(arch)
 
 
@@ -210,8 +228,15 @@ def make_dictionary_learning(arch, x, d_sae, k, args):
     from dictionary_learning.trainers.standard import StandardTrainerAprilUpdate
     from dictionary_learning.trainers.top_k import TopKTrainer
 
-    common = {"steps": 10**9, "activation_dim": x.shape[1], "dict_size": d_sae, "layer": 0,
-              "lm_name": "benchmark", "device": args.device, "warmup_steps": 0}
+    common = {
+        "steps": 10**9,
+        "activation_dim": x.shape[1],
+        "dict_size": d_sae,
+        "layer": 0,
+        "lm_name": "benchmark",
+        "device": args.device,
+        "warmup_steps": 0,
+    }
     if arch == "topk":
         trainer = TopKTrainer(k=k, threshold_start_step=0, seed=0, **common)
     elif arch == "batchtopk":
@@ -243,9 +268,11 @@ def make_dictionary_learning(arch, x, d_sae, k, args):
         return last[0]
 
     ae = trainer.ae
-    gates = {"relu": gate(lambda: x - ae.bias, lambda: ae.encoder.weight.T, lambda: ae.encoder.bias),
-             "jumprelu": gate(lambda: x, lambda: ae.W_enc, lambda: ae.b_enc, lambda: ae.threshold),
-             "gated": gate(lambda: x - ae.decoder_bias, lambda: ae.encoder.weight.T, lambda: ae.gate_bias)}
+    gates = {
+        "relu": gate(lambda: x - ae.bias, lambda: ae.encoder.weight.T, lambda: ae.encoder.bias),
+        "jumprelu": gate(lambda: x, lambda: ae.W_enc, lambda: ae.b_enc, lambda: ae.threshold),
+        "gated": gate(lambda: x - ae.decoder_bias, lambda: ae.encoder.weight.T, lambda: ae.gate_bias),
+    }
     return step, gates.get(arch)
 
 
@@ -264,8 +291,12 @@ def make_sparsify(arch, x, d_sae, k, args):
     from sparsify import SparseCoder
     from sparsify.config import SparseCoderConfig, TrainConfig
 
-    cfg = TrainConfig(SparseCoderConfig(k=k, num_latents=d_sae), auxk_alpha=1 / 32,
-                      optimizer=args.sparsify_optimizer, lr_warmup_steps=0)
+    cfg = TrainConfig(
+        SparseCoderConfig(k=k, num_latents=d_sae),
+        auxk_alpha=1 / 32,
+        optimizer=args.sparsify_optimizer,
+        lr_warmup_steps=0,
+    )
     torch.manual_seed(0)
     sae = SparseCoder(x.shape[1], cfg.sae, x.device, dtype=torch.float32)
     with torch.no_grad():
@@ -274,8 +305,10 @@ def make_sparsify(arch, x, d_sae, k, args):
         from schedulefree import ScheduleFreeWrapper
         from sparsify.sign_sgd import SignSGD
 
-        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(),
-                                            "lr": cfg.lr or 5e-3 / (sae.num_latents / 2**14) ** 0.5}]), momentum=0.95)
+        opt = ScheduleFreeWrapper(
+            SignSGD([{"params": sae.parameters(), "lr": cfg.lr or 5e-3 / (sae.num_latents / 2**14) ** 0.5}]),
+            momentum=0.95,
+        )
         opt.train()
         scheduler = None
     else:
@@ -316,8 +349,13 @@ def make_sparsify(arch, x, d_sae, k, args):
     return step, None
 
 
-MAKERS = {"floor": make_floor, "saelab": make_saelab, "sae-lens": make_saelens,
-          "dictionary-learning": make_dictionary_learning, "sparsify": make_sparsify}
+MAKERS = {
+    "floor": make_floor,
+    "saelab": make_saelab,
+    "sae-lens": make_saelens,
+    "dictionary-learning": make_dictionary_learning,
+    "sparsify": make_sparsify,
+}
 
 
 def run_one(args) -> dict:
@@ -341,11 +379,21 @@ def run_one(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses = [float(v) for v in losses if v is not None]
-    return {"tool": args.tool, "architecture": args.arch, "d_in": args.d_in, "d_sae": d_sae, "device": args.device,
-            "step_s": seconds, "activations_per_s": args.batch / seconds, "peak_mib": peak,
-            "rss_after_import_mib": after_import, "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None, "l0_start": l0_start,
-            "l0": l0_of(g) if g is not None else (None if args.tool == "floor" else float(args.k))}
+    return {
+        "tool": args.tool,
+        "architecture": args.arch,
+        "d_in": args.d_in,
+        "d_sae": d_sae,
+        "device": args.device,
+        "step_s": seconds,
+        "activations_per_s": args.batch / seconds,
+        "peak_mib": peak,
+        "rss_after_import_mib": after_import,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "l0_start": l0_start,
+        "l0": l0_of(g) if g is not None else (None if args.tool == "floor" else float(args.k)),
+    }
 
 
 def loss_note(r: dict) -> str:
@@ -367,13 +415,24 @@ def main() -> None:
     p.add_argument("--architectures", nargs="+", default=ARCHITECTURES, choices=ARCHITECTURES)
     p.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda when there is one).")
-    p.add_argument("--sparsify-optimizer", default="signum", choices=["signum", "adam"],
-                   help="sparsify's optimizer: its default sign-SGD (schedule-free), or Adam like the others.")
-    p.add_argument("--native-precision", action="store_true",
-                   help="Let sparsify use its own CUDA bf16 autocast and TF32 matmuls (default: fp32 for every tool).")
-    p.add_argument("--start-l0", default="k", choices=["k", "init"],
-                   help="relu, jumprelu, gated: shift each latent's encoder (gate) bias so the fresh SAE starts at "
-                        "L0 ~ k on the batch, in every tool (default), or keep each tool's own init (L0 ~ d_sae/2).")
+    p.add_argument(
+        "--sparsify-optimizer",
+        default="signum",
+        choices=["signum", "adam"],
+        help="sparsify's optimizer: its default sign-SGD (schedule-free), or Adam like the others.",
+    )
+    p.add_argument(
+        "--native-precision",
+        action="store_true",
+        help="Let sparsify use its own CUDA bf16 autocast and TF32 matmuls (default: fp32 for every tool).",
+    )
+    p.add_argument(
+        "--start-l0",
+        default="k",
+        choices=["k", "init"],
+        help="relu, jumprelu, gated: shift each latent's encoder (gate) bias so the fresh SAE starts at "
+        "L0 ~ k on the batch, in every tool (default), or keep each tool's own init (L0 ~ d_sae/2).",
+    )
     p.add_argument("--out", help="Write results.json here.")
     p.add_argument("--one", nargs=3, metavar=("TOOL", "ARCH", "D_IN"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -395,23 +454,49 @@ def main() -> None:
     tools = []
     for tool in args.tools:
         if importlib.util.find_spec(MODULES[tool]) is None:
-            print(f"note: {tool} is not installed (module {MODULES[tool]}); skipped. "
-                  "`bash benchmarks/setup_env.sh` installs every tool.", file=sys.stderr)
+            print(
+                f"note: {tool} is not installed (module {MODULES[tool]}); skipped. "
+                "`bash benchmarks/setup_env.sh` installs every tool.",
+                file=sys.stderr,
+            )
         else:
             tools.append(tool)
     name = torch.cuda.get_device_name(args.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}; width {args.expansion}x, batch {args.batch}, k {args.k}, "
-          f"{args.steps} timed steps after {args.warmup}; peak = {'max CUDA allocated' if cuda else 'max RSS'}", flush=True)
+    print(
+        f"torch {torch.__version__}, {name}; width {args.expansion}x, batch {args.batch}, k {args.k}, "
+        f"{args.steps} timed steps after {args.warmup}; peak = {'max CUDA allocated' if cuda else 'max RSS'}",
+        flush=True,
+    )
     rows, skipped, broken = [], [], set()
     for d_in in args.d_in:
         jobs = [("floor", "-")] + [(t, a) for a in args.architectures for t in tools]
         for tool, arch in jobs:
             if tool in broken:
                 continue
-            cmd = [sys.executable, __file__, "--one", tool, arch, str(d_in), "--expansion", str(args.expansion),
-                   "--batch", str(args.batch), "--k", str(args.k), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--device", args.device,
-                   "--sparsify-optimizer", args.sparsify_optimizer, "--start-l0", args.start_l0] + (["--native-precision"] if args.native_precision else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                tool,
+                arch,
+                str(d_in),
+                "--expansion",
+                str(args.expansion),
+                "--batch",
+                str(args.batch),
+                "--k",
+                str(args.k),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--device",
+                args.device,
+                "--sparsify-optimizer",
+                args.sparsify_optimizer,
+                "--start-l0",
+                args.start_l0,
+            ] + (["--native-precision"] if args.native_precision else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{tool} {arch} d_in={d_in}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
@@ -425,23 +510,30 @@ def main() -> None:
                 continue
             rows.append(r)
             base = "" if cuda else f" (after import {r['rss_after_import_mib']:.0f})"
-            print(f"{tool:19s} {arch:9s} d_in={d_in:4d}  {r['step_s']*1000:9.2f} ms/step  "
-                  f"{r['activations_per_s']:10.0f} act/s  peak {r['peak_mib']:7.0f} MiB{base}{loss_note(r)}", flush=True)
+            print(
+                f"{tool:19s} {arch:9s} d_in={d_in:4d}  {r['step_s'] * 1000:9.2f} ms/step  "
+                f"{r['activations_per_s']:10.0f} act/s  peak {r['peak_mib']:7.0f} MiB{base}{loss_note(r)}",
+                flush=True,
+            )
     if skipped:
         print("not in the tool: " + ", ".join(sorted(set(skipped))))
 
     def find(tool, arch, d_in):
         return next((r for r in rows if r["tool"] == tool and r["architecture"] == arch and r["d_in"] == d_in), None)
 
-    print("\nspeed-up = the tool's step time / saelab's step time (above 1: saelab is faster); "
-          "/ floor = step time / one x @ W_enc")
+    print(
+        "\nspeed-up = the tool's step time / saelab's step time (above 1: saelab is faster); "
+        "/ floor = step time / one x @ W_enc"
+    )
     print("\n| d_in | architecture | tool | L0 | ms/step | activations/s | peak MiB | speed-up | / floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for d_in in args.d_in:
         floor = find("floor", "-", d_in)
         if floor:
-            print(f"| {d_in} | (floor: x @ W_enc) | torch | | {floor['step_s']*1000:.1f} | "
-                  f"{floor['activations_per_s']:.0f} | {floor['peak_mib']:.0f} | | 1.0x |")
+            print(
+                f"| {d_in} | (floor: x @ W_enc) | torch | | {floor['step_s'] * 1000:.1f} | "
+                f"{floor['activations_per_s']:.0f} | {floor['peak_mib']:.0f} | | 1.0x |"
+            )
         for arch in args.architectures:
             ours = find("saelab", arch, d_in)
             for tool in tools:
@@ -450,21 +542,31 @@ def main() -> None:
                     continue
                 speedup = f"{r['step_s'] / ours['step_s']:.2f}x" if ours else "n/a"
                 over_floor = f"{r['step_s'] / floor['step_s']:.1f}x" if floor else "n/a"
-                print(f"| {d_in} | {arch} | {tool} | {r['l0']:.0f} | {r['step_s']*1000:.1f} | {r['activations_per_s']:.0f} | "
-                      f"{r['peak_mib']:.0f} | {speedup} | {over_floor} |")
-    flat = [f"{r['tool']}/{r['architecture']}/{r['d_in']}" for r in rows
-            if r["loss_first"] is not None and not r["loss_last"] < r["loss_first"]]
+                print(
+                    f"| {d_in} | {arch} | {tool} | {r['l0']:.0f} | {r['step_s'] * 1000:.1f} | {r['activations_per_s']:.0f} | "
+                    f"{r['peak_mib']:.0f} | {speedup} | {over_floor} |"
+                )
+    flat = [
+        f"{r['tool']}/{r['architecture']}/{r['d_in']}"
+        for r in rows
+        if r["loss_first"] is not None and not r["loss_last"] < r["loss_first"]
+    ]
     if flat:
-        print("\nWARNING: the training loss did not go down over the steps of " + ", ".join(flat) + " (expected "
-              "early on for sae-lens' jumprelu, whose L0 term's straight-through gradient raises L0 at first "
-              "while the MSE falls; anything else points at a broken adapter)", file=sys.stderr)
+        print(
+            "\nWARNING: the training loss did not go down over the steps of " + ", ".join(flat) + " (expected "
+            "early on for sae-lens' jumprelu, whose L0 term's straight-through gradient raises L0 at first "
+            "while the MSE falls; anything else points at a broken adapter)",
+            file=sys.stderr,
+        )
     if args.out:
         from pathlib import Path
 
         from saelab.io.atomic import write_json
 
-        write_json(Path(args.out) / "results.json", {"config": {k: v for k, v in vars(args).items() if k != "one"},
-                                                     "torch": torch.__version__, "rows": rows})
+        write_json(
+            Path(args.out) / "results.json",
+            {"config": {k: v for k, v in vars(args).items() if k != "one"}, "torch": torch.__version__, "rows": rows},
+        )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def absorption(sae, src: HierarchySource, n: int = 20000) -> dict:
     cos = dec @ src.directions[: src.n_par].t()  # [d_sae, n_par]
     best = cos.argmax(0)
     par = feats[:, : src.n_par] > 0
-    child_any = (feats[:, src.n_par:].reshape(n, src.n_par, src.n_child) > 0).any(-1)
+    child_any = (feats[:, src.n_par :].reshape(n, src.n_par, src.n_child) > 0).any(-1)
     rates, base, match = [], [], []
     for p in range(src.n_par):
         on = f[:, best[p]] > 0
@@ -85,8 +85,11 @@ def absorption(sae, src: HierarchySource, n: int = 20000) -> dict:
             rates.append(float((~on[with_child]).float().mean()))
             base.append(float((~on[alone]).float().mean()))
             match.append(float(cos[best[p], p]))
-    return {"absorption": statistics.mean(r - b for r, b in zip(rates, base)),
-            "miss_with_child": statistics.mean(rates), "parent_cos": statistics.mean(match)}
+    return {
+        "absorption": statistics.mean(r - b for r, b in zip(rates, base)),
+        "miss_with_child": statistics.mean(rates),
+        "parent_cos": statistics.mean(match),
+    }
 
 
 def fvu_l0(sae, batches) -> dict:
@@ -143,15 +146,27 @@ def plan(steps: int, seeds: int) -> list[dict]:
         for arch in ("batchtopk", "matryoshka"):
             jobs.append({"claim": "matryoshka", "sae": {**base, "d_sae": 160, "architecture": arch, "k": 3, "seed": s}})
         for arch in ("topk", "tokenized"):
-            jobs.append({"claim": "tokenized", "sae": {**base, "architecture": arch, "k": 5, "seed": s,
-                                                       **({"vocab_size": 64} if arch == "tokenized" else {})}})
+            jobs.append(
+                {
+                    "claim": "tokenized",
+                    "sae": {
+                        **base,
+                        "architecture": arch,
+                        "k": 5,
+                        "seed": s,
+                        **({"vocab_size": 64} if arch == "tokenized" else {}),
+                    },
+                }
+            )
         jobs.append({"claim": "switch", "sae": {**base, "architecture": "topk", "k": 5, "seed": s}})
         jobs.append({"claim": "switch", "sae": {**base, "architecture": "switch", "k": 5, "n_experts": 4, "seed": s}})
         for arch in ("topk", "archetypal"):
             jobs.append({"claim": "stability", "sae": {**base, "architecture": arch, "k": 5, "seed": s}})
     for lam in (1.5, 3.0, 6.0):  # a small sweep each, to compare L0 at matched FVU
         jobs.append({"claim": "panneal", "sae": {**base, "architecture": "relu", "l1_coefficient": lam, "seed": 0}})
-        jobs.append({"claim": "panneal", "sae": {**base, "architecture": "relu_panneal", "l1_coefficient": lam, "seed": 0}})
+        jobs.append(
+            {"claim": "panneal", "sae": {**base, "architecture": "relu_panneal", "l1_coefficient": lam, "seed": 0}}
+        )
     for j in jobs:
         j["seed"], j["steps"] = j["sae"]["seed"], steps
     return jobs
@@ -175,27 +190,41 @@ def summarise(results: list[dict]) -> dict:
     def ms(v):
         return f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f} (n={len(v)})"
 
-    out["1 matryoshka absorption"] = {a: {"absorption": ms(by("matryoshka", a, "absorption")),
-                                           "l0": ms(by("matryoshka", a, "l0")), "fvu": ms(by("matryoshka", a, "fvu"))}
-                                      for a in ("batchtopk", "matryoshka")}
-    out["2 tokenized fvu at equal k"] = {a: {"fvu": ms(by("tokenized", a, "fvu")), "l0": ms(by("tokenized", a, "l0"))}
-                                         for a in ("topk", "tokenized")}
-    out["3 switch vs dense topk"] = {a: {"fvu": ms(by("switch", a, "fvu")), "encoder_flops": by("switch", a, "encoder_flops")[0]}
-                                     for a in ("topk", "switch")}
+    out["1 matryoshka absorption"] = {
+        a: {
+            "absorption": ms(by("matryoshka", a, "absorption")),
+            "l0": ms(by("matryoshka", a, "l0")),
+            "fvu": ms(by("matryoshka", a, "fvu")),
+        }
+        for a in ("batchtopk", "matryoshka")
+    }
+    out["2 tokenized fvu at equal k"] = {
+        a: {"fvu": ms(by("tokenized", a, "fvu")), "l0": ms(by("tokenized", a, "l0"))} for a in ("topk", "tokenized")
+    }
+    out["3 switch vs dense topk"] = {
+        a: {"fvu": ms(by("switch", a, "fvu")), "encoder_flops": by("switch", a, "encoder_flops")[0]}
+        for a in ("topk", "switch")
+    }
     stab = {}
     for a in ("topk", "archetypal"):
-        decs = [torch.tensor(r["W_dec"]) for r in results if r["claim"] == "stability" and r["sae"]["architecture"] == a]
+        decs = [
+            torch.tensor(r["W_dec"]) for r in results if r["claim"] == "stability" and r["sae"]["architecture"] == a
+        ]
         pairs = [matched_cosine(decs[i], decs[j]) for i in range(len(decs)) for j in range(i + 1, len(decs))]
         stab[a] = {"matched_cos": ms(pairs) if pairs else "n/a", "fvu": ms(by("stability", a, "fvu"))}
     out["5 stability across seeds"] = stab
     relu = [(r["fvu"], r["l0"]) for r in results if r["claim"] == "panneal" and r["sae"]["architecture"] == "relu"]
-    pan = [(r["fvu"], r["l0"]) for r in results if r["claim"] == "panneal" and r["sae"]["architecture"] == "relu_panneal"]
+    pan = [
+        (r["fvu"], r["l0"]) for r in results if r["claim"] == "panneal" and r["sae"]["architecture"] == "relu_panneal"
+    ]
     lo = max(min(p[0] for p in relu), min(p[0] for p in pan))
     hi = min(max(p[0] for p in relu), max(p[0] for p in pan))
     common = [float(np.exp(t)) for t in np.linspace(np.log(lo), np.log(hi), 3)] if lo < hi else []
-    out["4 p-annealing vs L1"] = {"relu (fvu, l0)": relu, "relu_panneal (fvu, l0)": pan,
-                                  "l0 at common fvu": [{"fvu": t, "relu": l0_at_fvu(relu, t), "panneal": l0_at_fvu(pan, t)}
-                                                       for t in common]}
+    out["4 p-annealing vs L1"] = {
+        "relu (fvu, l0)": relu,
+        "relu_panneal (fvu, l0)": pan,
+        "l0 at common fvu": [{"fvu": t, "relu": l0_at_fvu(relu, t), "panneal": l0_at_fvu(pan, t)} for t in common],
+    }
     return out
 
 

@@ -1,6 +1,6 @@
 """Train a TopK SAE on a ground-truth toy world, check it against the truth, save and reload it.
 
-    .venv/bin/python examples/quickstart.py
+.venv/bin/python examples/quickstart.py
 """
 
 import torch

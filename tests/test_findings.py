@@ -34,8 +34,11 @@ def run(arch_cfg: dict, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def results():
     true_l0 = round(128 * 0.03)
-    archs = {"topk": {"architecture": "topk", "k": true_l0}, "relu": {"architecture": "relu"},
-             "jumprelu": {"architecture": "jumprelu"}}
+    archs = {
+        "topk": {"architecture": "topk", "k": true_l0},
+        "relu": {"architecture": "relu"},
+        "jumprelu": {"architecture": "jumprelu"},
+    }
     return {name: [run(cfg, s) for s in SEEDS] for name, cfg in archs.items()}
 
 

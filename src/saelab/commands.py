@@ -16,8 +16,16 @@ from saelab.report import markdown_table, text_table
 from saelab.train.distributed import DEFAULT_TIMEOUT_S
 
 LEADERBOARD_COLUMNS = [
-    "architecture", "l0", "fvu", "dead_fraction", "dense_fraction", "shrinkage",
-    "mmcs_decoder", "mmcs_encoder", "recovered_fraction", "train_seconds",
+    "architecture",
+    "l0",
+    "fvu",
+    "dead_fraction",
+    "dense_fraction",
+    "shrinkage",
+    "mmcs_decoder",
+    "mmcs_encoder",
+    "recovered_fraction",
+    "train_seconds",
 ]
 
 
@@ -27,15 +35,21 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=800, help="Training steps per SAE (default: 800).")
     p.add_argument("--quick", action="store_true", help="A tiny run for smoke tests (about 10 s).")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=0,
-                   help="Parallel training processes, one thread each (default: one per CPU core).")
+    p.add_argument(
+        "--jobs", type=int, default=0, help="Parallel training processes, one thread each (default: one per CPU core)."
+    )
     p.set_defaults(func=run_demo)
 
     p = subparsers.add_parser("train", help="Train SAEs from a YAML or JSON config.")
     p.add_argument("config", help="YAML/JSON with `sae` (or `saes`), `train` and `source` sections.")
     p.add_argument("--out", help="Run folder (overrides `out` in the config). Resumes if it has a checkpoint.")
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help=f"Under torchrun: how long a rank waits for the others before failing (default: {DEFAULT_TIMEOUT_S:g}).")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"Under torchrun: how long a rank waits for the others before failing (default: {DEFAULT_TIMEOUT_S:g}).",
+    )
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser("eval", help="Metrics of a saved SAE on a source.")
@@ -73,7 +87,12 @@ def eval_batches(source, n: int) -> list:
 
 
 def train_and_evaluate(
-    sae_values: dict, train_values: dict, source_spec: dict, out_dir: Path, eval_n: int = EVAL_BATCHES, eval_spec: dict | None = None
+    sae_values: dict,
+    train_values: dict,
+    source_spec: dict,
+    out_dir: Path,
+    eval_n: int = EVAL_BATCHES,
+    eval_spec: dict | None = None,
 ) -> dict:
     """Train, fold the input scale, evaluate on held-out batches and save the SAE."""
     from saelab.activations.factory import build_source
@@ -119,7 +138,12 @@ def evaluate_and_save(result, seconds: float, held: tuple[list, Any], source_spe
         "train_steps": result.steps,
         "train_tokens": result.tokens,
     }
-    save(sae, out_dir / "sae", sparsity=result.latent_stats.frequencies().float(), metadata={"saelab_source": source_spec})
+    save(
+        sae,
+        out_dir / "sae",
+        sparsity=result.latent_stats.frequencies().float(),
+        metadata={"saelab_source": source_spec},
+    )
     return record
 
 
@@ -140,10 +164,20 @@ def plot_frontier(records: list[dict], path: Path, title: str) -> None:
         axes[0][0].plot([r["l0"] for r in rs], [max(r["fvu"], FVU_FLOOR) for r in rs], "-", **style)
         if "recovered_fraction" in rs[0]:
             axes[0][1].plot([r["l0"] for r in rs], [r["recovered_fraction"] for r in rs], "-", **style)
-    axes[0][0].set(xlabel="L0 (active latents per token)", ylabel=f"FVU (lower is better; shown >= {FVU_FLOOR:g})", title=title,
-                   xscale="log", yscale="log")
-    axes[0][1].set(xlabel="L0", ylabel="true features recovered (cos >= 0.9)", title="ground-truth recovery",
-                   xscale="log", ylim=(0, 1.02))
+    axes[0][0].set(
+        xlabel="L0 (active latents per token)",
+        ylabel=f"FVU (lower is better; shown >= {FVU_FLOOR:g})",
+        title=title,
+        xscale="log",
+        yscale="log",
+    )
+    axes[0][1].set(
+        xlabel="L0",
+        ylabel="true features recovered (cos >= 0.9)",
+        title="ground-truth recovery",
+        xscale="log",
+        ylim=(0, 1.02),
+    )
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
@@ -162,8 +196,13 @@ def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict
         world.update(n_features=64, d=32, firing_prob=0.05)
     true_l0 = float(firing_probabilities(ToyWorldConfig(**world)).sum())
     source = {"type": "toy", "world": world, "batch_size": 256 if quick else 1024, "seed": seed}
-    train = {"steps": 60 if quick else steps, "progress": not quick, "lr_warmup_steps": 10 if quick else 50,
-             "sparsity_warmup_steps": 10 if quick else 200, "seed": seed}
+    train = {
+        "steps": 60 if quick else steps,
+        "progress": not quick,
+        "lr_warmup_steps": 10 if quick else 50,
+        "sparsity_warmup_steps": 10 if quick else 200,
+        "seed": seed,
+    }
     runs = []
     for arch in list_architectures():
         cls = get_class(arch)
@@ -207,23 +246,30 @@ def run_demo(args: argparse.Namespace) -> int:
         name = sae["architecture"] + (f"_{knob}{sae[knob]:g}" if knob else "")
         jobs.append((name, sae, {**train, "progress": False}, source, str(out / "runs" / name), run["default"]))
     workers = args.jobs or default_workers(len(jobs))
-    print(f"saelab demo: {len(jobs)} SAEs on a toy world of {source['world']['n_features']} true features "
-          f"in {source['world']['d']} dimensions, {workers} at a time -> {out}", flush=True)
+    print(
+        f"saelab demo: {len(jobs)} SAEs on a toy world of {source['world']['n_features']} true features "
+        f"in {source['world']['d']} dimensions, {workers} at a time -> {out}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     all_records = []
 
     def report(record: dict) -> None:
         all_records.append(record)
-        print(f"  {record['run']:28s} L0 {record['l0']:6.2f}  FVU {record['fvu']:.4f}  "
-              f"recovered {record['recovered_fraction']:.2f}  ({record['train_seconds']:.1f}s)", flush=True)
+        print(
+            f"  {record['run']:28s} L0 {record['l0']:6.2f}  FVU {record['fvu']:.4f}  "
+            f"recovered {record['recovered_fraction']:.2f}  ({record['train_seconds']:.1f}s)",
+            flush=True,
+        )
 
     run_jobs(_demo_worker, jobs, workers, report)
     order = {job[0]: i for i, job in enumerate(jobs)}
     all_records.sort(key=lambda r: order[r["run"]])
     # Ground truth is the point of a toy world: rank by true features recovered, then by FVU
     # (FVU alone would crown dense baselines such as PCA, which reconstruct with L0 = d_in).
-    leaderboard = sorted((r for r in all_records if r["default_setting"]),
-                         key=lambda r: (-r.get("recovered_fraction", 0.0), r["fvu"]))
+    leaderboard = sorted(
+        (r for r in all_records if r["default_setting"]), key=lambda r: (-r.get("recovered_fraction", 0.0), r["fvu"])
+    )
     wall = time.perf_counter() - t0
     write_json(out / "results.json", leaderboard)
     write_json(out / "sweep.json", all_records)
@@ -265,8 +311,12 @@ def run_train(args: argparse.Namespace) -> int:
         if "sae" in cfg:
             if not isinstance(cfg["sae"], dict):
                 raise ConfigError("`sae` must be a mapping with at least `architecture` (use `saes` for a list)")
-            records = [{**train_and_evaluate(cfg["sae"], train, source, out, eval_spec=cfg.get("eval_source")),
-                        "path": str(out / "sae")}]
+            records = [
+                {
+                    **train_and_evaluate(cfg["sae"], train, source, out, eval_spec=cfg.get("eval_source")),
+                    "path": str(out / "sae"),
+                }
+            ]
         else:
             if started:
                 raise ConfigError(
@@ -299,8 +349,14 @@ def train_sweep(
     results = sweep.fit()
     seconds = time.perf_counter() - t0
     held = held_out(source_spec, eval_spec, EVAL_BATCHES)
-    return [{"name": name, **evaluate_and_save(result, seconds, held, source_spec, out / name),
-             "path": str(out / name / "sae")} for name, result in results.items()]
+    return [
+        {
+            "name": name,
+            **evaluate_and_save(result, seconds, held, source_spec, out / name),
+            "path": str(out / name / "sae"),
+        }
+        for name, result in results.items()
+    ]
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -321,8 +377,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if source.d_in != sae.cfg.d_in:
         raise ConfigError(f"the source has d_in={source.d_in} but the SAE has d_in={sae.cfg.d_in}")
     world = getattr(source, "world", None)
-    record = {"path": str(args.path), "architecture": sae.architecture,
-              **evaluate(sae, eval_batches(source, args.batches), world.directions if world is not None else None)}
+    record = {
+        "path": str(args.path),
+        "architecture": sae.architecture,
+        **evaluate(sae, eval_batches(source, args.batches), world.directions if world is not None else None),
+    }
     if args.out:
         write_json(Path(args.out) / "results.json", record)
     printable = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}

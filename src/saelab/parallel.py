@@ -10,7 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 def run_jobs(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int, on_result: Callable[[Any], None]) -> None:

@@ -103,8 +103,16 @@ def test_model_source_with_cache_dir_harvests_once(tmp_path, parts):
     model, tok, texts = parts
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    spec = {"type": "model", "model": str(tmp_path / "m"), "hookpoint": "transformer.h.1", "data": {"texts": texts},
-            "context_size": 16, "batch_size": 32, "cache_dir": str(tmp_path / "cache"), "repeat": True}
+    spec = {
+        "type": "model",
+        "model": str(tmp_path / "m"),
+        "hookpoint": "transformer.h.1",
+        "data": {"texts": texts},
+        "context_size": 16,
+        "batch_size": 32,
+        "cache_dir": str(tmp_path / "cache"),
+        "repeat": True,
+    }
     first = build_source(spec)
     stamp = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
     second = build_source({**spec, "seed": 5})  # e.g. the held-out evaluation: reads, does not harvest

@@ -37,8 +37,14 @@ def test_a_failing_architecture_becomes_an_error_record():
 
 def test_benchmark_writes_results_report_and_plots(tmp_path):
     torch.set_num_threads(1)
-    cfg = BenchConfig.quick_config(worlds=["hierarchical", "bundle"], architectures=["topk", "relu"],
-                                   multipliers=[0.5, 1.0], steps=40, eval_tokens=1024, jobs=1)
+    cfg = BenchConfig.quick_config(
+        worlds=["hierarchical", "bundle"],
+        architectures=["topk", "relu"],
+        multipliers=[0.5, 1.0],
+        steps=40,
+        eval_tokens=1024,
+        jobs=1,
+    )
     result = run_toy_bench(cfg, tmp_path, log=lambda *_: None)
     records = json.loads((tmp_path / "results.json").read_text())
     assert len(records) == len(result.records) == 2 * 2 * 2
@@ -57,8 +63,23 @@ def test_benchmark_writes_results_report_and_plots(tmp_path):
 
 def test_cli_runs_the_quick_benchmark(tmp_path, capsys):
     torch.set_num_threads(1)
-    rc = main(["bench", "toy", "--quick", "--out", str(tmp_path), "--worlds", "independent",
-               "--architectures", "topk", "--steps", "30", "--jobs", "1"])
+    rc = main(
+        [
+            "bench",
+            "toy",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--worlds",
+            "independent",
+            "--architectures",
+            "topk",
+            "--steps",
+            "30",
+            "--jobs",
+            "1",
+        ]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "results.json").read_text())[0]["world"] == "independent"
     assert "recovered_fraction" in capsys.readouterr().out

@@ -31,7 +31,9 @@ def batches(directions, n_batches=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_batches):
-        codes = (torch.rand(256, directions.shape[0], generator=gen) < 0.2).float() * torch.rand(256, directions.shape[0], generator=gen)
+        codes = (torch.rand(256, directions.shape[0], generator=gen) < 0.2).float() * torch.rand(
+            256, directions.shape[0], generator=gen
+        )
         out.append(codes @ directions)
     return out
 

@@ -14,10 +14,21 @@ def setup():
     torch.set_num_threads(1)
     tok = tiny.make_tokenizer()
     model = tiny.trained_gpt2()
-    src = ModelSource(model, tok, tiny.make_texts(60), "transformer.h.0", context_size=16, batch_size=64,
-                      buffer_tokens=512, repeat=True)
-    sae = saelab.train({"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8}, src,
-                       {"steps": 120, "progress": False, "lr": 3e-3, "lr_warmup_steps": 10}).sae
+    src = ModelSource(
+        model,
+        tok,
+        tiny.make_texts(60),
+        "transformer.h.0",
+        context_size=16,
+        batch_size=64,
+        buffer_tokens=512,
+        repeat=True,
+    )
+    sae = saelab.train(
+        {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8},
+        src,
+        {"steps": 120, "progress": False, "lr": 3e-3, "lr_warmup_steps": 10},
+    ).sae
     rows = TokenRows(load_texts(tiny.make_texts(12, seed=9)), tok, context_size=16)
     return model, tok, sae, [rows.next_rows(6) for _ in range(2)]
 

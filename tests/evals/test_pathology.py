@@ -29,8 +29,11 @@ def world_and_data(spec, n=8192, seed=0):
     return world, [world.sample(n // 4, torch.Generator().manual_seed(seed + i)) for i in range(4)]
 
 
-PARENT_CHILD = {"kind": "hierarchy", "d": 8, "nodes": [
-    {"parent": None, "prob": 0.3}, {"parent": 0, "prob": 0.4}, {"parent": None, "prob": 0.3}]}
+PARENT_CHILD = {
+    "kind": "hierarchy",
+    "d": 8,
+    "nodes": [{"parent": None, "prob": 0.3}, {"parent": 0, "prob": 0.4}, {"parent": None, "prob": 0.3}],
+}
 
 
 def test_the_true_dictionary_is_perfect_on_every_metric():
@@ -40,7 +43,11 @@ def test_the_true_dictionary_is_perfect_on_every_metric():
     assert rec.recovered_fraction == 1.0 and rec.mcc == pytest.approx(1.0, abs=1e-5)
     assert rec.matched_latents == [0, 1, 2]
     ab = P.absorption(sae, data, world.directions, world.parent_child_pairs())
-    assert ab.absorption_rate == 0.0 and ab.parent_alone_miss_rate == 0.0 and ab.absorbed_fraction == pytest.approx(0, abs=1e-6)
+    assert (
+        ab.absorption_rate == 0.0
+        and ab.parent_alone_miss_rate == 0.0
+        and ab.absorbed_fraction == pytest.approx(0, abs=1e-6)
+    )
     assert P.hedging(sae, world.directions, world.parent_child_pairs()).hedging == pytest.approx(0, abs=1e-6)
     assert P.splitting(sae, world.directions, data).split_fraction == 0.0
     assert P.merging(sae, data, world.directions).merged_feature_fraction == 0.0

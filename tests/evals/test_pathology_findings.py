@@ -45,15 +45,20 @@ def test_l1_sae_absorbs_the_parent_and_tying_reduces_it():
 
 def _correlated_run(k: int, seed: int) -> dict:
     world = World(world_spec("correlated", quick=False, seed=seed))
-    result = saelab.train({"architecture": "topk", "d_in": world.d_in, "d_sae": world.n_features, "k": k, "seed": seed},
-                          ToySource(world, 512, seed), {"steps": 1000, "progress": False, "seed": seed})
+    result = saelab.train(
+        {"architecture": "topk", "d_in": world.d_in, "d_sae": world.n_features, "k": k, "seed": seed},
+        ToySource(world, 512, seed),
+        {"steps": 1000, "progress": False, "seed": seed},
+    )
     gen = torch.Generator().manual_seed(777 + seed)
     held_out = [world.sample(1024, gen) for _ in range(4)]
     c = P.collect(result.sae, held_out)
-    return {"merging": P.merging(result.sae, c, world.directions).merged_feature_fraction,
-            "nth": P.nth_decoder_projection(result.sae, held_out).value,
-            "recovered": P.matched_recovery(result.sae, world.directions).recovered_fraction,
-            "true_l0": world.expected_l0}
+    return {
+        "merging": P.merging(result.sae, c, world.directions).merged_feature_fraction,
+        "nth": P.nth_decoder_projection(result.sae, held_out).value,
+        "recovered": P.matched_recovery(result.sae, world.directions).recovered_fraction,
+        "true_l0": world.expected_l0,
+    }
 
 
 @pytest.mark.slow

@@ -24,7 +24,11 @@ def trained_like(arch: str):
 def test_save_then_load_gives_identical_outputs(arch, tmp_path):
     sae = trained_like(arch)
     saelab.save(sae, tmp_path / "sae", sparsity=torch.rand(32))
-    assert {p.name for p in (tmp_path / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors"}
+    assert {p.name for p in (tmp_path / "sae").iterdir()} == {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    }
     loaded = saelab.load(tmp_path / "sae")
     x = torch.randn(100, 12)
     assert torch.equal(loaded.encode(x), sae.encode(x))
@@ -90,8 +94,13 @@ def test_sae_lens_loads_a_saelab_sae_with_the_same_encodings(arch, tmp_path):
 
 @pytest.mark.parametrize(
     "cls_name, extra",
-    [("StandardSAE", {}), ("GatedSAE", {}), ("JumpReLUSAE", {}), ("TopKSAE", {"k": 4}),
-     ("TopKSAE", {"k": 4, "rescale_acts_by_decoder_norm": True})],
+    [
+        ("StandardSAE", {}),
+        ("GatedSAE", {}),
+        ("JumpReLUSAE", {}),
+        ("TopKSAE", {"k": 4}),
+        ("TopKSAE", {"k": 4, "rescale_acts_by_decoder_norm": True}),
+    ],
 )
 def test_saelab_loads_an_sae_saved_by_sae_lens(cls_name, extra, tmp_path):
     sae_lens = _sae_lens()

@@ -13,12 +13,13 @@ def test_top_contexts_density_and_logit_lens(gpt2, tokenizer, texts):
     batches = []
     while (b := rows.next_rows(4)) is not None:
         batches.append(b)
-    res = inspect_latents(sae, gpt2, tokenizer, "transformer.h.0", batches, n_latents=5, top_k=3,
-                          specials=special_ids(tokenizer))
+    res = inspect_latents(
+        sae, gpt2, tokenizer, "transformer.h.0", batches, n_latents=5, top_k=3, specials=special_ids(tokenizer)
+    )
     assert len(res["latents"]) == 5 and res["tokens_scanned"] > 0
     dens = [e["density"] for e in res["latents"]]
     assert dens == sorted(dens, reverse=True) and 0 < dens[0] <= 1
-    all_ids, all_mask = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    all_ids, _all_mask = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     for e in res["latents"]:
         acts = [c["activation"] for c in e["top_contexts"]]
         assert acts == sorted(acts, reverse=True)
@@ -26,7 +27,7 @@ def test_top_contexts_density_and_logit_lens(gpt2, tokenizer, texts):
         # the reported per-token activation at the peak equals the SAE on that token's activation
         from saelab.models import hooks
 
-        h = hooks.run(gpt2, all_ids[c["row"]:c["row"] + 1], hooks.resolve(gpt2, "transformer.h.0"))["transformer.h.0"]
+        h = hooks.run(gpt2, all_ids[c["row"] : c["row"] + 1], hooks.resolve(gpt2, "transformer.h.0"))["transformer.h.0"]
         f = sae.encode(h[0, c["position"]])[e["latent"]].detach()
         assert abs(float(f) - c["activation"]) < 1e-4 and c["activations"][c["max_index"]] == round(c["activation"], 4)
         assert c["tokens"][c["max_index"]] == tokenizer.decode([int(all_ids[c["row"], c["position"]])])

@@ -11,7 +11,13 @@ from saelab.models.text import TokenRows, keep_mask, load_texts, special_ids
 def _source(model, tokenizer, texts, **kw):
     args = dict(context_size=16, batch_size=32, buffer_tokens=256, model_batch_size=4, seed=0)
     args.update(kw)
-    return ModelSource(model, tokenizer, texts, kw.pop("hookpoint", "transformer.h.0"), **{k: v for k, v in args.items() if k != "hookpoint"})
+    return ModelSource(
+        model,
+        tokenizer,
+        texts,
+        kw.pop("hookpoint", "transformer.h.0"),
+        **{k: v for k, v in args.items() if k != "hookpoint"},
+    )
 
 
 def _unshuffled(model, tokenizer, texts, hookpoint="transformer.h.0"):
@@ -60,8 +66,16 @@ def test_exact_resume_across_blocks(gpt2, tokenizer, texts):
 
 
 def test_target_hookpoint_gives_transcoder_pairs(llama, tokenizer, texts):
-    src = ModelSource(llama, tokenizer, texts, "model.layers.0.mlp:input", target_hookpoint="model.layers.0.mlp",
-                      context_size=16, batch_size=16, buffer_tokens=64)
+    src = ModelSource(
+        llama,
+        tokenizer,
+        texts,
+        "model.layers.0.mlp:input",
+        target_hookpoint="model.layers.0.mlp",
+        context_size=16,
+        batch_size=16,
+        buffer_tokens=64,
+    )
     b = next(src)
     assert b.x.shape == b.target.shape == (16, 64)
     with torch.no_grad():
@@ -71,11 +85,22 @@ def test_target_hookpoint_gives_transcoder_pairs(llama, tokenizer, texts):
 def test_train_from_a_saved_model_folder(tmp_path, gpt2, tokenizer, texts):
     gpt2.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    spec = {"type": "model", "model": str(tmp_path / "m"), "hookpoint": "transformer.h.1", "data": {"texts": texts},
-            "context_size": 16, "batch_size": 32, "buffer_tokens": 256, "repeat": True}
+    spec = {
+        "type": "model",
+        "model": str(tmp_path / "m"),
+        "hookpoint": "transformer.h.1",
+        "data": {"texts": texts},
+        "context_size": 16,
+        "batch_size": 32,
+        "buffer_tokens": 256,
+        "repeat": True,
+    }
     src = build_source(spec)
-    result = saelab.train({"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8}, src,
-                          {"steps": 30, "progress": False, "lr_warmup_steps": 5, "norm_estimation_batches": 2})
+    result = saelab.train(
+        {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8},
+        src,
+        {"steps": 30, "progress": False, "lr_warmup_steps": 5, "norm_estimation_batches": 2},
+    )
     assert result.tokens == 30 * 32
     with pytest.raises(ConfigError, match=r"d_in=64 but the SAE has d_in=32"):
         saelab.train({"architecture": "topk", "d_in": 32, "d_sae": 64, "k": 4}, build_source(spec), {"steps": 1})

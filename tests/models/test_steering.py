@@ -25,7 +25,9 @@ def test_adding_a_direction_before_the_unembedding_moves_logits_along_w_u_d(gpt2
 
 
 @pytest.mark.parametrize("family,hookpoint", [("gpt2", "transformer.h.1"), ("llama", "model.layers.1")])
-def test_steering_upstream_of_the_final_norm_promotes_the_predicted_tokens(family, hookpoint, request, tokenizer, texts):
+def test_steering_upstream_of_the_final_norm_promotes_the_predicted_tokens(
+    family, hookpoint, request, tokenizer, texts
+):
     model, ids, sae = request.getfixturevalue(family), _ids(tokenizer, texts), _sae()
     unembed = model.get_output_embeddings().weight
     for latent in range(4):

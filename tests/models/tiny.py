@@ -22,8 +22,10 @@ def make_texts(n_docs: int = 40, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
 
     def sentence() -> str:
-        return (f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
-                f"{rng.choice(PREPS)} the {rng.choice(PLACES)}")
+        return (
+            f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
+            f"{rng.choice(PREPS)} the {rng.choice(PLACES)}"
+        )
 
     return [" and then ".join(sentence() for _ in range(rng.randint(1, 4))) for _ in range(n_docs)]
 
@@ -50,8 +52,9 @@ def make_gpt2(seed: int = 0):
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=64,
-                                      **_ids(tok))).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=64, **_ids(tok))
+    ).eval()
 
 
 def make_llama(seed: int = 1):
@@ -59,9 +62,18 @@ def make_llama(seed: int = 1):
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                        max_position_embeddings=64, **_ids(tok))).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            max_position_embeddings=64,
+            **_ids(tok),
+        )
+    ).eval()
 
 
 @functools.lru_cache(None)
@@ -77,7 +89,7 @@ def trained_gpt2(steps: int = 80):
         data.append(b)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
-    for step in range(steps):
+    for _step in range(steps):
         ids, mask = data[int(torch.randint(len(data), (1,), generator=gen))]
         labels = ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -52,8 +52,9 @@ def test_dictionary_learning_codes_have_at_most_k_non_zeros():
 
 
 def test_matching_pursuit_explains_away_and_recovers_an_exact_sparse_code():
-    sae = saelab.create({"architecture": "matching_pursuit", "d_in": 12, "d_sae": 12, "k": 3,
-                         "apply_b_dec_to_input": False})
+    sae = saelab.create(
+        {"architecture": "matching_pursuit", "d_in": 12, "d_sae": 12, "k": 3, "apply_b_dec_to_input": False}
+    )
     with torch.no_grad():
         sae.W_dec.copy_(torch.eye(12))
     f_true = torch.zeros(5, 12)
@@ -64,6 +65,9 @@ def test_matching_pursuit_explains_away_and_recovers_an_exact_sparse_code():
 
 def test_fitted_baselines_train_through_the_trainer_without_an_optimizer():
     src = ToySource(ToyWorld(WORLD), batch_size=128, seed=0)
-    r = saelab.train({"architecture": "pca", "d_in": 12, "d_sae": 12}, src,
-                     {"steps": 20, "progress": False, "log_every": 10, "norm_estimation_batches": 4})
+    r = saelab.train(
+        {"architecture": "pca", "d_in": 12, "d_sae": 12},
+        src,
+        {"steps": 20, "progress": False, "log_every": 10, "norm_estimation_batches": 4},
+    )
     assert r.steps == 20 and r.history[-1]["fvu"] < 1e-3

@@ -15,8 +15,7 @@ def test_meta_latents_recover_the_shared_parts_of_composite_latents():
     sae = saelab.create({"architecture": "topk", "d_in": 32, "d_sae": 28, "k": 2})
     with torch.no_grad():
         sae.W_dec.copy_(combos / combos.norm(dim=1, keepdim=True))
-    res = train_meta_sae(sae, d_meta=8, k=2, steps=400, batch_size=28,
-                         train_config={"lr": 3e-3, "lr_warmup_steps": 10})
+    res = train_meta_sae(sae, d_meta=8, k=2, steps=400, batch_size=28, train_config={"lr": 3e-3, "lr_warmup_steps": 10})
     assert res.codes.shape == (28, 8) and res.fvu < 0.2
     # each meta-latent's decoder direction lines up with one true part
     cos = torch.nn.functional.normalize(res.meta_sae.W_dec, dim=1) @ parts.t()

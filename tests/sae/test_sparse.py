@@ -66,7 +66,9 @@ SELECTIONS = {
 @pytest.mark.parametrize("with_b_dec", [True, False])
 @pytest.mark.parametrize("ties", [False, True])
 def test_selected_preacts_and_sparse_decode_match_dense_autograd(name, with_b_dec, ties):
-    params, (x, W_enc, b_enc, b_dec) = encoder_params(list(SELECTIONS).index(name) * 4 + 2 * with_b_dec + ties, with_b_dec, ties)
+    params, (x, W_enc, b_enc, b_dec) = encoder_params(
+        list(SELECTIONS).index(name) * 4 + 2 * with_b_dec + ties, with_b_dec, ties
+    )
     W_dec = torch.randn(D_SAE, D_IN, requires_grad=True)
     target = torch.randn(B, D_IN)
     pre_graph = encoder_matmul(x, W_enc, b_dec, b_enc)

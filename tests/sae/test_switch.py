@@ -19,16 +19,18 @@ def test_each_token_uses_only_its_argmax_expert_and_is_scaled_by_its_probability
     probs = sae.router_probs(x)
     expert = probs.argmax(-1)
     blocks = (f != 0).view(100, 4, 8).any(-1)
-    assert (blocks.sum(-1) <= 1).all() and torch.equal(blocks.float().argmax(-1)[blocks.any(-1)], expert[blocks.any(-1)])
+    assert (blocks.sum(-1) <= 1).all() and torch.equal(
+        blocks.float().argmax(-1)[blocks.any(-1)], expert[blocks.any(-1)]
+    )
     assert ((f != 0).sum(-1) <= 3).all()
     # same codes as a TopK of the chosen expert, times p_e*
     xc = x - sae.b_dec
     for i in range(5):
         e = int(expert[i])
-        pre = xc[i] @ sae.W_enc[:, e * 8:(e + 1) * 8] + sae.b_enc[e * 8:(e + 1) * 8]
+        pre = xc[i] @ sae.W_enc[:, e * 8 : (e + 1) * 8] + sae.b_enc[e * 8 : (e + 1) * 8]
         top = pre.topk(3)
         expected = torch.zeros(8).scatter(0, top.indices, torch.relu(top.values)) * probs[i, e]
-        torch.testing.assert_close(f[i, e * 8:(e + 1) * 8], expected)
+        torch.testing.assert_close(f[i, e * 8 : (e + 1) * 8], expected)
 
 
 def test_load_balance_is_alpha_when_balanced_and_router_gets_gradient():
@@ -44,7 +46,9 @@ def test_load_balance_is_alpha_when_balanced_and_router_gets_gradient():
 
 def test_flops_per_token_scale_with_expert_size_not_total_width():
     small = make().flops_per_token()
-    wide = saelab.create({"architecture": "switch", "d_in": 12, "d_sae": 128, "k": 3, "n_experts": 16}).flops_per_token()
+    wide = saelab.create(
+        {"architecture": "switch", "d_in": 12, "d_sae": 128, "k": 3, "n_experts": 16}
+    ).flops_per_token()
     assert wide["encoder"] == small["encoder"] and wide["dense_topk_encoder"] == 4 * small["dense_topk_encoder"]
     util = make().expert_utilisation(torch.randn(300, 12))
     assert util.shape == (4,) and float(util.sum()) == pytest.approx(1.0)

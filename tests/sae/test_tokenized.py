@@ -25,8 +25,16 @@ def test_decode_adds_the_row_of_each_token():
 
 
 def test_init_from_data_recovers_the_known_per_token_means():
-    src = build_source({"type": "toy_tokens", "world": {"n_features": 40, "d": 12, "firing_prob": 0.05},
-                        "vocab_size": 10, "mean_norm": 2.0, "zipf_exponent": 0.0, "batch_size": 4000})
+    src = build_source(
+        {
+            "type": "toy_tokens",
+            "world": {"n_features": 40, "d": 12, "firing_prob": 0.05},
+            "vocab_size": 10,
+            "mean_norm": 2.0,
+            "zipf_exponent": 0.0,
+            "batch_size": 4000,
+        }
+    )
     b = next(src)
     sae = make()
     sae.init_from_data(Batch(x=b.x, tokens=b.tokens))

@@ -1,7 +1,5 @@
 """The toy world: firing statistics, magnitudes, interference, and a resumable stream."""
 
-import math
-
 import pytest
 import torch
 
@@ -52,7 +50,10 @@ def test_orthogonal_when_room_and_interference_near_target_otherwise():
     n, dim = 128, 32
     tight = embed_directions(n, dim, 0.0, seed=0)
     rand = torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(0)), dim=1)
-    sq = lambda u: (u @ u.t())[~torch.eye(n, dtype=torch.bool)].pow(2).mean().item()
+
+    def sq(u):
+        return (u @ u.t())[~torch.eye(n, dtype=torch.bool)].pow(2).mean().item()
+
     welch = (n - dim) / (dim * (n - 1))
     assert sq(tight) < 1.05 * welch < sq(rand)
 
@@ -72,8 +73,13 @@ def test_source_resumes_exactly_from_its_state():
 
 @pytest.mark.parametrize(
     "bad, field",
-    [({"firing_prob": 0}, "firing_prob"), ({"n_features": -3}, "n_features"), ({"magnitude_mean": -1.0}, "magnitude_mean"),
-     ({"dim": 3}, "dim"), ({"target_cos_sim": 1.5}, "target_cos_sim")],
+    [
+        ({"firing_prob": 0}, "firing_prob"),
+        ({"n_features": -3}, "n_features"),
+        ({"magnitude_mean": -1.0}, "magnitude_mean"),
+        ({"dim": 3}, "dim"),
+        ({"target_cos_sim": 1.5}, "target_cos_sim"),
+    ],
 )
 def test_bad_world_settings_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):

@@ -26,8 +26,17 @@ def test_geometry_of_known_configurations():
 
 def test_sparser_features_are_stored_in_superposition():
     torch.set_num_threads(1)
-    res = train_tms({"n_features": 12, "d_hidden": 3, "feature_probs": [1.0, 0.03], "steps": 1500,
-                     "batch_size": 512, "lr": 3e-3, "importance_decay": 0.9})
+    res = train_tms(
+        {
+            "n_features": 12,
+            "d_hidden": 3,
+            "feature_probs": [1.0, 0.03],
+            "steps": 1500,
+            "batch_size": 512,
+            "lr": 3e-3,
+            "importance_decay": 0.9,
+        }
+    )
     dense, sparse = res.geometry
     assert dense.n_represented <= 4  # about d features when dense
     assert sparse.n_represented >= 6  # many more than d when sparse

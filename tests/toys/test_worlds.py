@@ -19,12 +19,15 @@ def within_sampling_error(freq, p, n):
     return bool(((freq - p).abs() <= 5 * sigma + 1e-4).all())  # 5 sigma per feature
 
 
-@pytest.mark.parametrize("spec", [
-    {"kind": "independent", "n_features": 48, "d": 16, "firing": "zipf", "firing_prob": 0.05},
-    {"kind": "correlated", "n_features": 32, "d": 32, "firing_prob": 0.1, "group_size": 4, "correlation": 0.7},
-    {"kind": "hierarchy", "d": 32, "n_roots": 4, "branching": 2, "depth": 3, "root_prob": 0.3, "child_prob": 0.5},
-    {"kind": "bundle", "d": 24, "n_attributes": 8, "n_entities": 20},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "independent", "n_features": 48, "d": 16, "firing": "zipf", "firing_prob": 0.05},
+        {"kind": "correlated", "n_features": 32, "d": 32, "firing_prob": 0.1, "group_size": 4, "correlation": 0.7},
+        {"kind": "hierarchy", "d": 32, "n_roots": 4, "branching": 2, "depth": 3, "root_prob": 0.3, "child_prob": 0.5},
+        {"kind": "bundle", "d": 24, "n_attributes": 8, "n_entities": 20},
+    ],
+)
 def test_every_kind_yields_x_equal_to_features_times_directions_with_the_stated_marginals(spec):
     world = make_world({**spec, "magnitude_std": 0.2})
     batch = sample(world)
@@ -44,10 +47,16 @@ def test_same_generator_state_gives_the_same_batch_and_noise_is_added():
 
 
 def test_correlation_sign_follows_the_spec_and_groups_are_independent():
-    pos = sample(make_world({"kind": "correlated", "n_features": 8, "d": 8, "firing_prob": 0.2, "group_size": 4,
-                             "correlation": 0.8}))
-    neg = sample(make_world({"kind": "correlated", "n_features": 8, "d": 8, "firing_prob": 0.3, "group_size": 2,
-                             "correlation": -0.9}))
+    pos = sample(
+        make_world(
+            {"kind": "correlated", "n_features": 8, "d": 8, "firing_prob": 0.2, "group_size": 4, "correlation": 0.8}
+        )
+    )
+    neg = sample(
+        make_world(
+            {"kind": "correlated", "n_features": 8, "d": 8, "firing_prob": 0.3, "group_size": 2, "correlation": -0.9}
+        )
+    )
     cp = torch.corrcoef((pos.features > 0).float().t())
     cn = torch.corrcoef((neg.features > 0).float().t())
     assert cp[0, 1] > 0.3 and abs(float(cp[0, 4])) < 0.03  # within a group vs across groups
@@ -55,8 +64,18 @@ def test_correlation_sign_follows_the_spec_and_groups_are_independent():
 
 
 def test_hierarchy_children_fire_only_with_parents_and_exclusive_siblings_never_co_fire():
-    world = make_world({"kind": "hierarchy", "d": 64, "n_roots": 3, "branching": 3, "depth": 3, "root_prob": 0.5,
-                        "child_prob": 0.3, "mutually_exclusive": True})
+    world = make_world(
+        {
+            "kind": "hierarchy",
+            "d": 64,
+            "n_roots": 3,
+            "branching": 3,
+            "depth": 3,
+            "root_prob": 0.5,
+            "child_prob": 0.3,
+            "mutually_exclusive": True,
+        }
+    )
     assert world.n_features == 3 + 9 + 27
     act = sample(world).features > 0
     pairs = world.parent_child_pairs()
@@ -71,8 +90,18 @@ def test_hierarchy_children_fire_only_with_parents_and_exclusive_siblings_never_
 
 
 def test_explicit_nodes_with_non_exclusive_children():
-    world = make_world({"kind": "hierarchy", "d": 8, "nodes": [
-        {"parent": None, "prob": 0.5}, {"parent": 0, "prob": 0.5}, {"parent": 0, "prob": 0.5}, {"parent": 1, "prob": 1.0}]})
+    world = make_world(
+        {
+            "kind": "hierarchy",
+            "d": 8,
+            "nodes": [
+                {"parent": None, "prob": 0.5},
+                {"parent": 0, "prob": 0.5},
+                {"parent": 0, "prob": 0.5},
+                {"parent": 1, "prob": 1.0},
+            ],
+        }
+    )
     act = sample(world).features > 0
     both = (act[:, 1] & act[:, 2]).float().mean()
     assert 0.11 < float(both) < 0.14  # 0.5 * 0.5 * 0.5 = 0.125
@@ -87,30 +116,47 @@ def test_bundle_entities_lie_in_the_attribute_span_plus_an_orthogonal_label():
     assert torch.allclose(proj, ent, atol=1e-5)  # fully in the attributes' span
     for e, bundle in enumerate(plain.bundles):
         cos = ent[e] @ a.t()
-        assert torch.allclose(cos[bundle], torch.full((3,), 3 ** -0.5), atol=1e-5)
+        assert torch.allclose(cos[bundle], torch.full((3,), 3**-0.5), atol=1e-5)
     labelled = make_world({"kind": "bundle", "d": 24, "n_attributes": 8, "n_entities": 12, "label_weight": 0.6})
     assert torch.allclose(labelled.label_directions @ labelled.attribute_directions.t(), torch.zeros(12, 8), atol=1e-5)
     cos_label = (labelled.directions[:12] * labelled.label_directions).sum(1)
     assert torch.allclose(cos_label, torch.full((12,), 0.6), atol=1e-4)
 
 
-@pytest.mark.parametrize("spec, field", [
-    ({"kind": "independent", "firing_prob": 1.5}, "firing_prob"),
-    ({"kind": "hierarchy", "nodes": [{"parent": None, "prob": 1.2}]}, "nodes[0].prob"),
-    ({"kind": "hierarchy", "root_prob": -0.1}, "root_prob"),
-    ({"kind": "hierarchy", "nodes": [{"parent": None, "prob": 0.5}, {"parent": 5, "prob": 0.5}]}, "nodes[1].parent=5 does not exist"),
-    ({"kind": "hierarchy", "nodes": [{"parent": 1, "prob": 0.5}, {"parent": 0, "prob": 0.5}]}, "cycle"),
-    ({"kind": "hierarchy", "nodes": [{"parent": None, "prob": 0.5, "mutually_exclusive_children": True},
-                                     {"parent": 0, "prob": 0.7}, {"parent": 0, "prob": 0.7}]}, "sum to 1.400"),
-    ({"kind": "bundle", "d": 8, "n_attributes": 16}, "d=8 is smaller than n_attributes=16"),
-    ({"kind": "bundle", "d": 16, "n_attributes": 16, "label_weight": 0.5}, "label_weight>0 needs d > n_attributes"),
-    ({"kind": "correlated", "n_features": 10, "group_size": 4}, "group_size=4 must divide n_features=10"),
-    ({"kind": "correlated", "n_features": 8, "group_size": 4, "correlation": -0.6}, "correlation=-0.6"),
-    ({"kind": "independent", "colour": "red"}, "unknown key 'colour'"),
-    ({"kind": "spiral"}, "unknown world kind 'spiral'"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        ({"kind": "independent", "firing_prob": 1.5}, "firing_prob"),
+        ({"kind": "hierarchy", "nodes": [{"parent": None, "prob": 1.2}]}, "nodes[0].prob"),
+        ({"kind": "hierarchy", "root_prob": -0.1}, "root_prob"),
+        (
+            {"kind": "hierarchy", "nodes": [{"parent": None, "prob": 0.5}, {"parent": 5, "prob": 0.5}]},
+            "nodes[1].parent=5 does not exist",
+        ),
+        ({"kind": "hierarchy", "nodes": [{"parent": 1, "prob": 0.5}, {"parent": 0, "prob": 0.5}]}, "cycle"),
+        (
+            {
+                "kind": "hierarchy",
+                "nodes": [
+                    {"parent": None, "prob": 0.5, "mutually_exclusive_children": True},
+                    {"parent": 0, "prob": 0.7},
+                    {"parent": 0, "prob": 0.7},
+                ],
+            },
+            "sum to 1.400",
+        ),
+        ({"kind": "bundle", "d": 8, "n_attributes": 16}, "d=8 is smaller than n_attributes=16"),
+        ({"kind": "bundle", "d": 16, "n_attributes": 16, "label_weight": 0.5}, "label_weight>0 needs d > n_attributes"),
+        ({"kind": "correlated", "n_features": 10, "group_size": 4}, "group_size=4 must divide n_features=10"),
+        ({"kind": "correlated", "n_features": 8, "group_size": 4, "correlation": -0.6}, "correlation=-0.6"),
+        ({"kind": "independent", "colour": "red"}, "unknown key 'colour'"),
+        ({"kind": "spiral"}, "unknown world kind 'spiral'"),
+    ],
+)
 def test_bad_specs_fail_naming_the_field(spec, field):
-    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.").replace(">", ">")):
+    with pytest.raises(
+        ConfigError, match=field.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.").replace(">", ">")
+    ):
         World(spec)
 
 

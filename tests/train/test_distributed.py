@@ -25,8 +25,17 @@ from tests.conftest import small_config
 
 WORLD = {"n_features": 16, "d": 16, "firing_prob": 0.05, "magnitude_std": 0.2}  # orthonormal: instant to build
 BATCH = 64  # the global batch; each of the 2 ranks trains on 32 rows of it
-TRAIN = {"steps": 20, "progress": False, "lr": 3e-3, "lr_warmup_steps": 2, "sparsity_warmup_steps": 5,
-         "norm_estimation_batches": 2, "log_every": 10, "dead_after_tokens": 64, "checkpoint_every": 10}
+TRAIN = {
+    "steps": 20,
+    "progress": False,
+    "lr": 3e-3,
+    "lr_warmup_steps": 2,
+    "sparsity_warmup_steps": 5,
+    "norm_estimation_batches": 2,
+    "log_every": 10,
+    "dead_after_tokens": 64,
+    "checkpoint_every": 10,
+}
 ARCHS = ("relu", "topk")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,8 +122,9 @@ def _job_fail(rank: int, out: Path) -> None:
 
 def _worker(rank: int, world_size: int, port: int, out: str, job: str, timeout_s: float) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     from saelab.train import distributed
 
     assert distributed.init_from_env("cpu", timeout_s=timeout_s)
@@ -128,8 +138,9 @@ START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 def start(job: str, out: Path, timeout_s: float):
-    return mp.start_processes(_worker, args=(2, free_port(), str(out), job, timeout_s), nprocs=2,
-                              join=False, start_method=START_METHOD)
+    return mp.start_processes(
+        _worker, args=(2, free_port(), str(out), job, timeout_s), nprocs=2, join=False, start_method=START_METHOD
+    )
 
 
 def run_to_end(job: str, out: Path, timeout_s: float, deadline_s: float) -> None:
@@ -233,7 +244,9 @@ def test_a_stopped_two_rank_run_resumes_exactly(ddp_run, arch):
             assert torch.equal(value, resumed[rank][key]), f"rank {rank}: {key} differs after resume"
     # each rank resumed its own data stream (toy shards differ between ranks)
     assert not torch.equal(straight[0]["source.generator"], straight[1]["source.generator"])
-    steps = [json.loads(line)["step"] for line in (ddp_run / f"{arch}_resume" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (ddp_run / f"{arch}_resume" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [10, 20]  # rank 0 alone writes the log
 
 
@@ -293,8 +306,23 @@ def test_saelab_train_under_torchrun(tmp_path):
     )
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "saelab.cli", "train", str(cfg), "--out", str(out), "--dist-timeout", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "saelab.cli",
+        "train",
+        str(cfg),
+        "--out",
+        str(out),
+        "--dist-timeout",
+        "60",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())

@@ -25,8 +25,10 @@ def members():
     stream would change both) and per-member widths, seeds and learning rates."""
     saes = {arch: small_config(arch, d_in=16, d_sae=48) for arch in saelab.list_architectures()}
     saes["matryoshka_random"] = small_config("matryoshka", d_in=16, d_sae=32, random_prefixes=True)
-    saes["matryoshka_random3"] = {**small_config("matryoshka", d_in=16, d_sae=40, random_prefixes=True,
-                                                 n_random_prefixes=3), "train": {"seed": 5, "lr": 3e-3}}
+    saes["matryoshka_random3"] = {
+        **small_config("matryoshka", d_in=16, d_sae=40, random_prefixes=True, n_random_prefixes=3),
+        "train": {"seed": 5, "lr": 3e-3},
+    }
     return saes
 
 
@@ -44,9 +46,15 @@ def test_each_member_trains_exactly_as_it_would_alone():
 
 @pytest.mark.parametrize("kill", ["mid-stream", "between members' checkpoints"])
 def test_killed_sweep_resumes_to_the_same_weights(kill, tmp_path, monkeypatch):
-    saes = {name: small_config(arch, d_in=16, d_sae=48, **extra) for name, arch, extra in [
-        ("relu", "relu", {}), ("batchtopk", "batchtopk", {}), ("jumprelu", "jumprelu", {}),
-        ("matryoshka", "matryoshka", {"random_prefixes": True})]}
+    saes = {
+        name: small_config(arch, d_in=16, d_sae=48, **extra)
+        for name, arch, extra in [
+            ("relu", "relu", {}),
+            ("batchtopk", "batchtopk", {}),
+            ("jumprelu", "jumprelu", {}),
+            ("matryoshka", "matryoshka", {"random_prefixes": True}),
+        ]
+    }
     cfg = {**FAST, "checkpoint_every": 10, "keep_checkpoints": 1}
     straight = train_many(saes, toy_source(), cfg, tmp_path / "a")
 
@@ -83,32 +91,43 @@ def test_killed_sweep_resumes_to_the_same_weights(kill, tmp_path, monkeypatch):
 
 
 def test_train_command_trains_an_saes_list_as_one_sweep(tmp_path):
-    cfg = {"saes": [{"architecture": "topk", "d_in": 16, "d_sae": 48, "k": 3, "name": "k3"},
-                    {"architecture": "topk", "d_in": 16, "d_sae": 48, "k": 6, "name": "k6"},
-                    {"architecture": "relu", "d_in": 16, "d_sae": 32, "train": {"lr": 3e-3}}],
-           "train": FAST, "source": {"type": "toy", "world": WORLD, "batch_size": 64}}
+    cfg = {
+        "saes": [
+            {"architecture": "topk", "d_in": 16, "d_sae": 48, "k": 3, "name": "k3"},
+            {"architecture": "topk", "d_in": 16, "d_sae": 48, "k": 6, "name": "k6"},
+            {"architecture": "relu", "d_in": 16, "d_sae": 32, "train": {"lr": 3e-3}},
+        ],
+        "train": FAST,
+        "source": {"type": "toy", "world": WORLD, "batch_size": 64},
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
     records = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [(r["name"], r["architecture"]) for r in records] == [("k3", "topk"), ("k6", "topk"), ("02_relu", "relu")]
     assert records[0]["l0"] <= 3 + 1e-6 < records[1]["l0"] <= 6 + 1e-6
     assert {r["train_steps"] for r in records} == {40}
-    alone = saelab.train({"architecture": "relu", "d_in": 16, "d_sae": 32},
-                         ToySource(ToyWorld(WORLD), 64), {**FAST, "lr": 3e-3})
+    alone = saelab.train(
+        {"architecture": "relu", "d_in": 16, "d_sae": 32}, ToySource(ToyWorld(WORLD), 64), {**FAST, "lr": 3e-3}
+    )
     assert_same_weights(alone.sae, saelab.load(records[2]["path"]), "02_relu")
 
 
-@pytest.mark.parametrize("saes, message", [
-    ([], "non-empty list"),
-    ([small_config("relu", d_in=16), small_config("relu", d_in=12)], r"d_in differ \(00_relu: 16, 01_relu: 12\)"),
-    ([{**small_config("relu", d_in=16), "name": "a"}, {**small_config("topk", d_in=16), "name": "a"}],
-     r"saes\[1\]: the name 'a' is already used by saes\[0\]"),
-    ([{**small_config("relu", d_in=16), "name": "../up"}], "plain folder name"),
-    ([{**small_config("relu", d_in=16), "train": {"steps": 10}}], r"\['steps'\] cannot differ"),
-    ([{**small_config("relu", d_in=16), "train": {"lr_warmup": 10}}], r"saes\[0\]: train: unknown key 'lr_warmup'"),
-    ([{"architecture": "relu", "d_in": 16, "d_sea": 32}], r"saes\[0\]: .*unknown key 'd_sea'"),
-    (["relu"], r"saes\[0\] must be an SAE or a config mapping"),
-])
+@pytest.mark.parametrize(
+    "saes, message",
+    [
+        ([], "non-empty list"),
+        ([small_config("relu", d_in=16), small_config("relu", d_in=12)], r"d_in differ \(00_relu: 16, 01_relu: 12\)"),
+        (
+            [{**small_config("relu", d_in=16), "name": "a"}, {**small_config("topk", d_in=16), "name": "a"}],
+            r"saes\[1\]: the name 'a' is already used by saes\[0\]",
+        ),
+        ([{**small_config("relu", d_in=16), "name": "../up"}], "plain folder name"),
+        ([{**small_config("relu", d_in=16), "train": {"steps": 10}}], r"\['steps'\] cannot differ"),
+        ([{**small_config("relu", d_in=16), "train": {"lr_warmup": 10}}], r"saes\[0\]: train: unknown key 'lr_warmup'"),
+        ([{"architecture": "relu", "d_in": 16, "d_sea": 32}], r"saes\[0\]: .*unknown key 'd_sea'"),
+        (["relu"], r"saes\[0\] must be an SAE or a config mapping"),
+    ],
+)
 def test_bad_sweeps_are_refused_with_the_problem_named(saes, message):
     with pytest.raises(ConfigError, match=message):
         Sweep(saes, toy_source(), FAST)

@@ -9,13 +9,20 @@ import torch
 import saelab
 from saelab.errors import ConfigError, NonFiniteError
 from saelab.toys import ToySource, ToyWorld
-from saelab.train import Trainer, TrainConfig
+from saelab.train import TrainConfig, Trainer
 from saelab.train.trainer import geometric_median, lr_factor, sparsity_factor
 from tests.conftest import small_config
 
 WORLD = {"n_features": 48, "d": 16, "firing_prob": 0.06, "magnitude_std": 0.2}
-FAST = {"steps": 40, "progress": False, "lr_warmup_steps": 5, "sparsity_warmup_steps": 10,
-        "norm_estimation_batches": 2, "log_every": 10, "dead_after_tokens": 2000}
+FAST = {
+    "steps": 40,
+    "progress": False,
+    "lr_warmup_steps": 5,
+    "sparsity_warmup_steps": 10,
+    "norm_estimation_batches": 2,
+    "log_every": 10,
+    "dead_after_tokens": 2000,
+}
 
 
 def toy_source(seed=0):
@@ -115,8 +122,11 @@ def test_geometric_median_is_robust_to_outliers():
     points = torch.cat([points, torch.full((200, 5), 100.0)])
     median = geometric_median(points)
     assert (median - 2.0).abs().max() < 0.1  # the mean would be near 18
+
     # it minimises the summed distance: small perturbations do not lower it
-    cost = lambda m: (points - m).norm(dim=1).sum()
+    def cost(m):
+        return (points - m).norm(dim=1).sum()
+
     for _ in range(20):
         assert cost(median) <= cost(median + 0.01 * torch.randn(5, generator=gen)) + 1e-3
 
@@ -142,14 +152,21 @@ def test_dead_latents_are_counted_in_tokens():
 
 @pytest.mark.parametrize(
     "change, field",
-    [({"sae": {"d_sae": 40}}, "d_sae"), ({"sae": {"architecture": "relu"}}, "architecture"),
-     ({"train": {"lr": 0.01}}, "lr"), ({"train": {"steps": 60}}, "steps")],
+    [
+        ({"sae": {"d_sae": 40}}, "d_sae"),
+        ({"sae": {"architecture": "relu"}}, "architecture"),
+        ({"train": {"lr": 0.01}}, "lr"),
+        ({"train": {"steps": 60}}, "steps"),
+    ],
 )
 def test_resuming_with_changed_settings_names_what_changed(change, field, tmp_path):
     sae_cfg = small_config("topk", d_in=16, d_sae=48)
     Trainer(saelab.create(sae_cfg), toy_source(), FAST, tmp_path).fit()
-    new_sae = {k: v for k, v in {**sae_cfg, **change.get("sae", {})}.items()
-               if not (k == "k" and change.get("sae", {}).get("architecture") == "relu")}
+    new_sae = {
+        k: v
+        for k, v in {**sae_cfg, **change.get("sae", {})}.items()
+        if not (k == "k" and change.get("sae", {}).get("architecture") == "relu")
+    }
     with pytest.raises(ConfigError, match=field):
         Trainer(saelab.create(new_sae), toy_source(), {**FAST, **change.get("train", {})}, tmp_path).fit()
 
@@ -164,7 +181,8 @@ def test_logging_and_checkpoint_frequency_may_change_on_resume(tmp_path):
 def test_a_checkpoint_folder_without_its_pointer_is_still_found(tmp_path):
     from saelab.train import checkpoint as ckpt
 
-    Trainer(saelab.create(small_config("relu", d_in=16, d_sae=48)), toy_source(), {**FAST, "checkpoint_every": 10},
-            tmp_path).fit()
+    Trainer(
+        saelab.create(small_config("relu", d_in=16, d_sae=48)), toy_source(), {**FAST, "checkpoint_every": 10}, tmp_path
+    ).fit()
     (tmp_path / "checkpoints" / "latest").unlink()  # as if killed between the folder and the pointer
     assert ckpt.latest(tmp_path).name == "step_000000040"

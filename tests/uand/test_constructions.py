@@ -47,7 +47,9 @@ def test_sign_product_readoff_computes_and_on_noiseless_inputs():
 def test_dense_error_shrinks_with_d():
     task = UANDTask(DataConfig(m=30, s=3))
     test = sample(task, 800, 3)
-    errs = [evaluate(dense_binary_construction(task, d, -1.0, seed=0), task, *test).balanced_mse for d in (30, 300, 3000)]
+    errs = [
+        evaluate(dense_binary_construction(task, d, -1.0, seed=0), task, *test).balanced_mse for d in (30, 300, 3000)
+    ]
     assert errs[0] > errs[1] > errs[2]
 
 

@@ -59,8 +59,13 @@ def test_two_layer_model_shapes_and_freezing():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"d": 0}, "d="), ({"d": -3}, "d="), ({"frozen": ("W", "Q")}, "frozen="), ({"init": "cauchy"}, "init="),
-     ({"skew": 1.5}, "skew=")],
+    [
+        ({"d": 0}, "d="),
+        ({"d": -3}, "d="),
+        ({"frozen": ("W", "Q")}, "frozen="),
+        ({"init": "cauchy"}, "init="),
+        ({"skew": 1.5}, "skew="),
+    ],
 )
 def test_bad_model_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -116,9 +121,16 @@ def test_training_with_sampled_outputs_learns():
     assert m.balanced_acc > 0.95 and m.mse_pos < 0.25
 
 
-@pytest.mark.parametrize("op, sparsity, circuit", [("and", "exact", None), ("xor", "bernoulli", None),
-                                                   ("or", "at_most", None), ("nand", "exact", None),
-                                                   ("and", "exact", "or")])
+@pytest.mark.parametrize(
+    "op, sparsity, circuit",
+    [
+        ("and", "exact", None),
+        ("xor", "bernoulli", None),
+        ("or", "at_most", None),
+        ("nand", "exact", None),
+        ("and", "exact", "or"),
+    ],
+)
 @pytest.mark.parametrize("kind", ["balanced", "cells", "mse"])
 def test_full_output_loss_matches_dense_loss_and_its_gradient(op, sparsity, circuit, kind):
     task = UANDTask(DataConfig(m=12, s=3, op=op, sparsity=sparsity, circuit_op=circuit))
@@ -128,8 +140,10 @@ def test_full_output_loss_matches_dense_loss_and_its_gradient(op, sparsity, circ
         model.c.normal_(0, 0.1)
     x, inputs = task.sample(64, torch.Generator().manual_seed(0))
     grads = []
-    for loss_fn in (lambda: uand_loss(model(inputs), task.targets(x), kind, task.cells(x)),
-                    lambda: full_output_loss(model, task, x, inputs, kind)):
+    for loss_fn in (
+        lambda: uand_loss(model(inputs), task.targets(x), kind, task.cells(x)),
+        lambda: full_output_loss(model, task, x, inputs, kind),
+    ):
         model.zero_grad()
         loss = loss_fn()
         loss.backward()

@@ -9,8 +9,9 @@ Optionally `shard(rank, world_size)` returns one data-parallel rank's share of e
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -52,7 +53,7 @@ class IteratorSource:
         self.position = 0
         self.d_in = d_in if d_in is not None else -1
 
-    def __iter__(self) -> "IteratorSource":
+    def __iter__(self) -> IteratorSource:
         return self
 
     def __next__(self) -> Batch:
@@ -90,7 +91,5 @@ def as_source(data: Any, d_in: int | None = None) -> ActivationSource:
     if isinstance(data, ActivationSource):
         return data
     if isinstance(data, torch.Tensor):
-        raise ConfigError(
-            "pass an iterable of [B, d_in] batches, not one tensor; e.g. data.split(batch_size)"
-        )
+        raise ConfigError("pass an iterable of [B, d_in] batches, not one tensor; e.g. data.split(batch_size)")
     return IteratorSource(data, d_in)

@@ -44,7 +44,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
-        raise FileFormatError(f"{cache_dir} is not an activation cache: {MANIFEST} is missing; write one with `saelab harvest`")
+        raise FileFormatError(
+            f"{cache_dir} is not an activation cache: {MANIFEST} is missing; write one with `saelab harvest`"
+        )
     manifest = read_json(path, "the cache is damaged, harvest it again")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
@@ -127,10 +129,14 @@ def write_cache(
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
         write_safetensors(cache_dir / name, tensors)
         path = cache_dir / name
-        manifest["shards"].append({
-            "file": name, "tokens": int(tensors["tokens"].numel()),
-            "bytes": path.stat().st_size, "sha256": sha256_file(path),
-        })
+        manifest["shards"].append(
+            {
+                "file": name,
+                "tokens": int(tensors["tokens"].numel()),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
         manifest["total_tokens"] += int(tensors["tokens"].numel())
         manifest["rows_state"] = {k: v.tolist() for k, v in rows.state_dict().items()}
         write_json(cache_dir / MANIFEST, manifest)
@@ -205,7 +211,9 @@ class CachedSource:
             hookpoint = next(iter(widths))
         for hp in (hookpoint, target_hookpoint):
             if hp is not None and hp not in widths:
-                raise ConfigError(f"{self.dir} has no hookpoint '{hp}' (model {self.manifest['model']}); it holds {list(widths)}")
+                raise ConfigError(
+                    f"{self.dir} has no hookpoint '{hp}' (model {self.manifest['model']}); it holds {list(widths)}"
+                )
         if not self.manifest["shards"]:
             raise FileFormatError(f"{self.dir} holds no shards; the harvest wrote nothing")
         if batch_size <= 0:
@@ -241,7 +249,7 @@ class CachedSource:
             data = {k: v[perm] for k, v in data.items()}
         self._data = data
 
-    def __iter__(self) -> "CachedSource":
+    def __iter__(self) -> CachedSource:
         return self
 
     def __next__(self) -> Batch:
@@ -267,12 +275,16 @@ class CachedSource:
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor(getattr(self, k), dtype=torch.int64)
-                for k in ("epoch", "shard_pos", "taken", "position", "seed")}
+        return {
+            k: torch.tensor(getattr(self, k), dtype=torch.int64)
+            for k in ("epoch", "shard_pos", "taken", "position", "seed")
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if int(state["seed"]) != self.seed:
-            raise ConfigError(f"the checkpoint was written with seed {int(state['seed'])}, this source has seed {self.seed}")
+            raise ConfigError(
+                f"the checkpoint was written with seed {int(state['seed'])}, this source has seed {self.seed}"
+            )
         self.epoch, self.shard_pos = int(state["epoch"]), int(state["shard_pos"])
         self.taken, self.position = int(state["taken"]), int(state["position"])
         self._data = None
@@ -292,11 +304,16 @@ def cached_model_source(spec: dict[str, Any]) -> CachedSource:
     cache_dir = Path(spec.pop("cache_dir"))
     max_tokens = spec.pop("cache_tokens", None)
     shard_tokens = int(spec.pop("shard_tokens", 262_144))
-    reader = {"batch_size": int(spec.pop("batch_size", 1024)), "seed": int(spec.pop("seed", 0)),
-              "repeat": bool(spec.pop("repeat", False))}
+    reader = {
+        "batch_size": int(spec.pop("batch_size", 1024)),
+        "seed": int(spec.pop("seed", 0)),
+        "repeat": bool(spec.pop("repeat", False)),
+    }
     spec.pop("buffer_tokens", None)
     manifest = read_manifest(cache_dir) if (cache_dir / MANIFEST).exists() else None
-    finished = manifest is not None and (manifest["complete"] or (max_tokens and manifest["total_tokens"] >= max_tokens))
+    finished = manifest is not None and (
+        manifest["complete"] or (max_tokens and manifest["total_tokens"] >= max_tokens)
+    )
     if finished:
         names = list(manifest["hookpoints"])
         hookpoint = _match(names, spec["hookpoint"], cache_dir)
@@ -304,7 +321,13 @@ def cached_model_source(spec: dict[str, Any]) -> CachedSource:
     else:
         harvester = harvester_from_spec(spec)
         data = spec.get("data", "pydoc")
-        write_cache(harvester, cache_dir, max_tokens, shard_tokens, data_desc=data if isinstance(data, (str, dict)) else "in-memory")
+        write_cache(
+            harvester,
+            cache_dir,
+            max_tokens,
+            shard_tokens,
+            data_desc=data if isinstance(data, (str, dict)) else "in-memory",
+        )
         hookpoint = harvester.hookpoints[0].name
         target = harvester.hookpoints[-1].name if spec.get("target_hookpoint") else None
     return CachedSource(cache_dir, hookpoint, target_hookpoint=target, model=spec["model"], **reader)

@@ -21,8 +21,15 @@ class TokenMeanSource:
     """Wrap `base` (an ActivationSource): add a token id per row and that token's mean to x.
     `token_seed` fixes the means (part of the world); `seed` only the sampling of ids."""
 
-    def __init__(self, base, vocab_size: int = 64, mean_norm: float = 1.0, zipf_exponent: float = 1.0,
-                 seed: int = 0, token_seed: int = 0):
+    def __init__(
+        self,
+        base,
+        vocab_size: int = 64,
+        mean_norm: float = 1.0,
+        zipf_exponent: float = 1.0,
+        seed: int = 0,
+        token_seed: int = 0,
+    ):
         if vocab_size <= 0:
             raise ConfigError(f"vocab_size must be positive (got {vocab_size})")
         if mean_norm < 0:
@@ -45,7 +52,7 @@ class TokenMeanSource:
     def world(self):
         return getattr(self.base, "world", None)
 
-    def __iter__(self) -> "TokenMeanSource":
+    def __iter__(self) -> TokenMeanSource:
         return self
 
     def __next__(self) -> Batch:
@@ -75,5 +82,11 @@ def _toy_tokens(spec: dict[str, Any]):
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in toy_tokens source; valid keys: {sorted(allowed)}")
     seed = int(spec.get("seed", 0))
     base = ToySource(ToyWorld(spec.get("world") or {}), int(spec.get("batch_size", 1024)), seed)
-    return TokenMeanSource(base, int(spec.get("vocab_size", 64)), float(spec.get("mean_norm", 1.0)),
-                           float(spec.get("zipf_exponent", 1.0)), seed, int(spec.get("token_seed", 0)))
+    return TokenMeanSource(
+        base,
+        int(spec.get("vocab_size", 64)),
+        float(spec.get("mean_norm", 1.0)),
+        float(spec.get("zipf_exponent", 1.0)),
+        seed,
+        int(spec.get("token_seed", 0)),
+    )

@@ -109,8 +109,12 @@ class ICABaseline(FittedSAE):
 
         from sklearn.decomposition import FastICA
 
-        ica = FastICA(n_components=self._n_linear(len(centred)), whiten="unit-variance",
-                      max_iter=self.cfg.max_iter, random_state=self.cfg.seed)
+        ica = FastICA(
+            n_components=self._n_linear(len(centred)),
+            whiten="unit-variance",
+            max_iter=self.cfg.max_iter,
+            random_state=self.cfg.seed,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence warnings on tiny samples
             sources = ica.fit_transform(centred)
@@ -152,8 +156,15 @@ class NMFBaseline(FittedSAE):
         from sklearn.decomposition import NMF
 
         fits_svd = self.cfg.d_sae <= min(len(centred), 2 * self.cfg.d_in)
-        model = NMF(n_components=self.cfg.d_sae, init="nndsvda" if fits_svd else "random", solver="mu",
-                    alpha_W=self.cfg.alpha, l1_ratio=1.0, max_iter=self.cfg.max_iter, random_state=self.cfg.seed)
+        model = NMF(
+            n_components=self.cfg.d_sae,
+            init="nndsvda" if fits_svd else "random",
+            solver="mu",
+            alpha_W=self.cfg.alpha,
+            l1_ratio=1.0,
+            max_iter=self.cfg.max_iter,
+            random_state=self.cfg.seed,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(self.split(torch.as_tensor(centred[: self.cfg.fit_samples])).numpy())
@@ -171,8 +182,12 @@ class NMFBaseline(FittedSAE):
         with torch.no_grad():
             xs = self.split((x - self.b_dec) * self.input_scale)
             H = self.components
-            w = torch.full((x.shape[0], self.cfg.d_sae), float((xs.mean() / self.cfg.d_sae).clamp_min(1e-12).sqrt()),
-                           dtype=x.dtype, device=x.device)
+            w = torch.full(
+                (x.shape[0], self.cfg.d_sae),
+                float((xs.mean() / self.cfg.d_sae).clamp_min(1e-12).sqrt()),
+                dtype=x.dtype,
+                device=x.device,
+            )
             numer = xs @ H.t()
             gram = H @ H.t()
             for _ in range(self.cfg.encode_iter):
@@ -212,13 +227,18 @@ class DictionaryLearningBaseline(FittedSAE):
         self.register_buffer("components", self.W_dec.detach().clone())
 
     def fit(self, centred: np.ndarray) -> None:
-        from sklearn.decomposition import MiniBatchDictionaryLearning
-
         import warnings
 
+        from sklearn.decomposition import MiniBatchDictionaryLearning
+
         model = MiniBatchDictionaryLearning(
-            n_components=self.cfg.d_sae, alpha=self.cfg.alpha, batch_size=256, max_iter=self.cfg.epochs,
-            fit_algorithm="cd", random_state=self.cfg.seed)  # cd: several times faster than lars here
+            n_components=self.cfg.d_sae,
+            alpha=self.cfg.alpha,
+            batch_size=256,
+            max_iter=self.cfg.epochs,
+            fit_algorithm="cd",
+            random_state=self.cfg.seed,
+        )  # cd: several times faster than lars here
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-minibatch lasso convergence warnings
             model.fit(centred[: self.cfg.fit_samples])
@@ -237,6 +257,7 @@ class DictionaryLearningBaseline(FittedSAE):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # OMP stops early on linearly dependent atoms; fine
-            codes = sparse_encode(xs, self.components.double().cpu().numpy(), algorithm="omp",
-                                  n_nonzero_coefs=self.cfg.k)
+            codes = sparse_encode(
+                xs, self.components.double().cpu().numpy(), algorithm="omp", n_nonzero_coefs=self.cfg.k
+            )
         return torch.as_tensor(codes, dtype=x.dtype, device=x.device)

@@ -27,15 +27,40 @@ def run_bench_toy(args: argparse.Namespace) -> int:
     from saelab.bench.report import default_rows
     from saelab.bench.toy import BenchConfig, run_toy_bench
 
-    overrides = {k: v for k, v in {"worlds": args.worlds, "architectures": args.architectures, "steps": args.steps,
-                                   "seeds": args.seeds, "jobs": args.jobs}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "worlds": args.worlds,
+            "architectures": args.architectures,
+            "steps": args.steps,
+            "seeds": args.seeds,
+            "jobs": args.jobs,
+        }.items()
+        if v is not None
+    }
     if args.no_tms:
         overrides["tms"] = False
     cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig.parse(overrides)
     result = run_toy_bench(cfg, args.out)
     rows = sorted(default_rows(result.records), key=lambda r: (r["world"], -r["recovered_fraction"]))
     print()
-    print(text_table(rows, ["world", "architecture", "l0", "fvu", "recovered_fraction", "mcc", "shrinkage",
-                            "absorption", "hedging", "splitting", "merging"]))
+    print(
+        text_table(
+            rows,
+            [
+                "world",
+                "architecture",
+                "l0",
+                "fvu",
+                "recovered_fraction",
+                "mcc",
+                "shrinkage",
+                "absorption",
+                "hedging",
+                "splitting",
+                "merging",
+            ],
+        )
+    )
     print(f"wrote {args.out}/results.json, report.md, report.html and plots ({result.wall_seconds:.1f} s)")
     return 0

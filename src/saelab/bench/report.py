@@ -10,12 +10,44 @@ from typing import Any
 from saelab.io.atomic import save_figure, write_json, write_text
 from saelab.report import _fmt, markdown_table
 
-LEADERBOARD = ["architecture", "setting", "l0", "fvu", "recovered_fraction", "mcc", "mean_matched_cosine",
-               "shrinkage", "dead_fraction", "train_seconds"]
-PATHOLOGY = ["world", "architecture", "l0", "shrinkage", "feature_magnitude_ratio", "absorption",
-             "absorption_baseline", "hedging", "splitting", "merging", "entity_recovered", "attribute_recovered"]
-L0_CHOICE = ["world", "architecture", "multiplier", "setting", "l0", "true_l0", "nth_decoder_projection",
-             "merging", "recovered_fraction", "fvu"]
+LEADERBOARD = [
+    "architecture",
+    "setting",
+    "l0",
+    "fvu",
+    "recovered_fraction",
+    "mcc",
+    "mean_matched_cosine",
+    "shrinkage",
+    "dead_fraction",
+    "train_seconds",
+]
+PATHOLOGY = [
+    "world",
+    "architecture",
+    "l0",
+    "shrinkage",
+    "feature_magnitude_ratio",
+    "absorption",
+    "absorption_baseline",
+    "hedging",
+    "splitting",
+    "merging",
+    "entity_recovered",
+    "attribute_recovered",
+]
+L0_CHOICE = [
+    "world",
+    "architecture",
+    "multiplier",
+    "setting",
+    "l0",
+    "true_l0",
+    "nth_decoder_projection",
+    "merging",
+    "recovered_fraction",
+    "fvu",
+]
 
 
 def default_rows(records: list[dict]) -> list[dict]:
@@ -29,7 +61,10 @@ def default_rows(records: list[dict]) -> list[dict]:
         row: dict[str, Any] = {"world": world, "architecture": arch, "setting": rs[0]["setting"], "seeds": len(rs)}
         for key in rs[0]:
             vals = [r.get(key) for r in rs]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and key not in ("seed", "multiplier"):
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and key not in (
+                "seed",
+                "multiplier",
+            ):
                 row[key] = sum(vals) / len(vals)
         rows.append(row)
     return rows
@@ -41,7 +76,9 @@ def _columns(rows: list[dict], wanted: list[str]) -> list[str]:
 
 def _html_table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -66,7 +103,9 @@ def plot_world(records: list[dict], world: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set(xlabel="L0", ylabel="FVU", yscale="log", title=f"{world}: sparsity / fidelity")
-    axes[0][1].set(xlabel="L0", ylabel="true features recovered (cos >= 0.9)", ylim=(0, 1.02), title=f"{world}: recovery")
+    axes[0][1].set(
+        xlabel="L0", ylabel="true features recovered (cos >= 0.9)", ylim=(0, 1.02), title=f"{world}: recovery"
+    )
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
@@ -88,8 +127,15 @@ def plot_pathologies(rows: list[dict], path: Path) -> None:
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if not np.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if data[i, j] < 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if data[i, j] < 0.5 else "black",
+                )
     ax.set_xticks(range(len(metrics)), metrics, rotation=30, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=6)
     ax.set_title("pathologies at the default setting (blank: does not apply)")
@@ -121,22 +167,51 @@ def write_report(result, cfg, out: Path) -> None:
         board = sorted((r for r in rows if r["world"] == w), key=lambda r: (-r["recovered_fraction"], r["fvu"]))
         spec = {**WORLDS[w][1 if cfg.quick else 0]}
         true_l0 = board[0]["true_l0"] if board else float("nan")
-        sections.append((f"Leaderboard: {w}", f"World `{json.dumps(spec)}`, true L0 {true_l0:.2f}. "
-                         "Default setting of each architecture, sorted by recovered fraction.", board, _columns(board, LEADERBOARD)))
-    sections.append(("Pathology table", "Default settings. shrinkage is gamma* (< 1: shrinks); absorption is "
-                     "P(parent latent silent | child fires) with its baseline P(silent | parent alone); hedging is "
-                     "the child direction's excess cosine in the parent latent; splitting and merging are fractions "
-                     "of true features.", rows, _columns(rows, PATHOLOGY)))
+        sections.append(
+            (
+                f"Leaderboard: {w}",
+                f"World `{json.dumps(spec)}`, true L0 {true_l0:.2f}. "
+                "Default setting of each architecture, sorted by recovered fraction.",
+                board,
+                _columns(board, LEADERBOARD),
+            )
+        )
+    sections.append(
+        (
+            "Pathology table",
+            "Default settings. shrinkage is gamma* (< 1: shrinks); absorption is "
+            "P(parent latent silent | child fires) with its baseline P(silent | parent alone); hedging is "
+            "the child direction's excess cosine in the parent latent; splitting and merging are fractions "
+            "of true features.",
+            rows,
+            _columns(rows, PATHOLOGY),
+        )
+    )
     l0_rows = [r for r in records if "error" not in r and isinstance(r.get("setting"), int)]
-    sections.append(("Choosing L0", "k-like architectures across the sweep: the nth decoder projection "
-                     "(n = d_sae / 8) should fall towards the true L0 and flatten after it.", l0_rows, _columns(l0_rows, L0_CHOICE)))
+    sections.append(
+        (
+            "Choosing L0",
+            "k-like architectures across the sweep: the nth decoder projection "
+            "(n = d_sae / 8) should fall towards the true L0 and flatten after it.",
+            l0_rows,
+            _columns(l0_rows, L0_CHOICE),
+        )
+    )
     errors = [r for r in records if "error" in r]
     if errors:
-        sections.append(("Runs that failed", "These architectures could not train on toy data as configured.",
-                         errors, ["world", "architecture", "multiplier", "error"]))
+        sections.append(
+            (
+                "Runs that failed",
+                "These architectures could not train on toy data as configured.",
+                errors,
+                ["world", "architecture", "multiplier", "error"],
+            )
+        )
 
-    header = (f"{len(records)} runs, {len(worlds)} worlds, {'quick' if cfg.quick else 'full'} mode, "
-              f"{cfg.steps} steps per SAE, seeds {cfg.seeds}; wall time {result.wall_seconds:.1f} s.")
+    header = (
+        f"{len(records)} runs, {len(worlds)} worlds, {'quick' if cfg.quick else 'full'} mode, "
+        f"{cfg.steps} steps per SAE, seeds {cfg.seeds}; wall time {result.wall_seconds:.1f} s."
+    )
     md = ["# saelab bench toy\n", header + "\n"]
     for title, text, rs, cols in sections:
         md += [f"## {title}\n", text + "\n", markdown_table(rs, cols)]
@@ -146,7 +221,12 @@ def write_report(result, cfg, out: Path) -> None:
     for title, text, rs, cols in sections:
         body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>{_html_table(rs, cols)}")
     body.append("<h2>Plots</h2>" + "".join(f'<p><img src="{p}" alt="{p}"></p>' for p in plots))
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}")
-    write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>saelab bench toy</title>"
-                                    f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
+    )
+    write_text(
+        out / "report.html",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>saelab bench toy</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n",
+    )

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
-from saelab.parallel import run_jobs
 from saelab.errors import ConfigError
+from saelab.parallel import run_jobs
 from saelab.sae.base import describe_validation_error
 
 # Named worlds: (full spec, quick spec). Each is a saelab.toys.worlds spec.
@@ -32,22 +32,72 @@ WORLDS: dict[str, tuple[dict, dict]] = {
         {"kind": "independent", "n_features": 48, "d": 24, "firing_prob": 0.06, "magnitude_std": 0.2},
     ),
     "correlated": (
-        {"kind": "correlated", "n_features": 64, "d": 64, "firing_prob": 0.08, "group_size": 4,
-         "correlation": 0.7, "magnitude_std": 0.15},
-        {"kind": "correlated", "n_features": 32, "d": 32, "firing_prob": 0.1, "group_size": 4,
-         "correlation": 0.7, "magnitude_std": 0.15},
+        {
+            "kind": "correlated",
+            "n_features": 64,
+            "d": 64,
+            "firing_prob": 0.08,
+            "group_size": 4,
+            "correlation": 0.7,
+            "magnitude_std": 0.15,
+        },
+        {
+            "kind": "correlated",
+            "n_features": 32,
+            "d": 32,
+            "firing_prob": 0.1,
+            "group_size": 4,
+            "correlation": 0.7,
+            "magnitude_std": 0.15,
+        },
     ),
     "hierarchical": (
-        {"kind": "hierarchy", "d": 64, "n_roots": 12, "branching": 3, "depth": 2, "root_prob": 0.15,
-         "child_prob": 0.3, "mutually_exclusive": True, "magnitude_std": 0.15},
-        {"kind": "hierarchy", "d": 32, "n_roots": 8, "branching": 2, "depth": 2, "root_prob": 0.2,
-         "child_prob": 0.4, "mutually_exclusive": True, "magnitude_std": 0.15},
+        {
+            "kind": "hierarchy",
+            "d": 64,
+            "n_roots": 12,
+            "branching": 3,
+            "depth": 2,
+            "root_prob": 0.15,
+            "child_prob": 0.3,
+            "mutually_exclusive": True,
+            "magnitude_std": 0.15,
+        },
+        {
+            "kind": "hierarchy",
+            "d": 32,
+            "n_roots": 8,
+            "branching": 2,
+            "depth": 2,
+            "root_prob": 0.2,
+            "child_prob": 0.4,
+            "mutually_exclusive": True,
+            "magnitude_std": 0.15,
+        },
     ),
     "bundle": (
-        {"kind": "bundle", "d": 48, "n_attributes": 16, "n_entities": 96, "attributes_per_entity": 3,
-         "entity_prob": 0.03, "attribute_prob": 0.1, "label_weight": 0.5, "magnitude_std": 0.15},
-        {"kind": "bundle", "d": 24, "n_attributes": 8, "n_entities": 32, "attributes_per_entity": 3,
-         "entity_prob": 0.06, "attribute_prob": 0.15, "label_weight": 0.5, "magnitude_std": 0.15},
+        {
+            "kind": "bundle",
+            "d": 48,
+            "n_attributes": 16,
+            "n_entities": 96,
+            "attributes_per_entity": 3,
+            "entity_prob": 0.03,
+            "attribute_prob": 0.1,
+            "label_weight": 0.5,
+            "magnitude_std": 0.15,
+        },
+        {
+            "kind": "bundle",
+            "d": 24,
+            "n_attributes": 8,
+            "n_entities": 32,
+            "attributes_per_entity": 3,
+            "entity_prob": 0.06,
+            "attribute_prob": 0.15,
+            "label_weight": 0.5,
+            "magnitude_std": 0.15,
+        },
     ),
     "high_interference": (
         {"kind": "independent", "n_features": 256, "d": 32, "firing_prob": 0.01, "magnitude_std": 0.2},
@@ -90,16 +140,25 @@ class BenchConfig(BaseModel):
         return v
 
     @classmethod
-    def parse(cls, values: dict[str, Any]) -> "BenchConfig":
+    def parse(cls, values: dict[str, Any]) -> BenchConfig:
         try:
             return cls(**values)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc, cls)) from None
 
     @classmethod
-    def quick_config(cls, **overrides: Any) -> "BenchConfig":
-        return cls.parse({"multipliers": [1.0], "steps": 200, "batch_size": 256, "eval_tokens": 2048,
-                          "quick": True, "tms": False, **overrides})
+    def quick_config(cls, **overrides: Any) -> BenchConfig:
+        return cls.parse(
+            {
+                "multipliers": [1.0],
+                "steps": 200,
+                "batch_size": 256,
+                "eval_tokens": 2048,
+                "quick": True,
+                "tms": False,
+                **overrides,
+            }
+        )
 
 
 # ---------------------------------------------------------------------------- plan
@@ -113,7 +172,9 @@ def knob_value(cls, multiplier: float, true_l0: float) -> tuple[str | None, Any]
     if knob is None:
         return None, None
     info = cls.Config.model_fields.get(knob)
-    integer = knob in K_LIKE or (info is not None and info.annotation in (int,) or "Int" in str(getattr(info, "annotation", "")))
+    integer = knob in K_LIKE or (
+        info is not None and info.annotation in (int,) or "Int" in str(getattr(info, "annotation", ""))
+    )
     if integer:
         return knob, max(1, round(true_l0 * multiplier))
     default = info.default if info is not None else None
@@ -141,12 +202,26 @@ def plan(cfg: BenchConfig) -> list[dict]:
                     sae = {"architecture": arch, "d_in": world.d_in, "d_sae": world.n_features, "seed": seed}
                     if knob is not None:
                         sae[knob] = value
-                    jobs.append({"world": wname, "world_spec": spec, "sae": sae, "knob": knob, "multiplier": m,
-                                 "seed": seed, "true_l0": world.expected_l0,
-                                 "train": {"steps": cfg.steps, "progress": False, "seed": seed,
-                                           "lr_warmup_steps": min(50, cfg.steps // 10),
-                                           "sparsity_warmup_steps": min(200, cfg.steps // 5)},
-                                 "batch_size": cfg.batch_size, "eval_tokens": cfg.eval_tokens})
+                    jobs.append(
+                        {
+                            "world": wname,
+                            "world_spec": spec,
+                            "sae": sae,
+                            "knob": knob,
+                            "multiplier": m,
+                            "seed": seed,
+                            "true_l0": world.expected_l0,
+                            "train": {
+                                "steps": cfg.steps,
+                                "progress": False,
+                                "seed": seed,
+                                "lr_warmup_steps": min(50, cfg.steps // 10),
+                                "sparsity_warmup_steps": min(200, cfg.steps // 5),
+                            },
+                            "batch_size": cfg.batch_size,
+                            "eval_tokens": cfg.eval_tokens,
+                        }
+                    )
     return jobs
 
 
@@ -173,28 +248,40 @@ def pathology_record(sae, world, held_out: list) -> dict[str, Any]:
     pairs = world.parent_child_pairs() if hasattr(world, "parent_child_pairs") else []
     if pairs:
         ab = P.absorption(sae, c, world.directions, pairs)
-        out.update(absorption=ab.absorption_rate, absorption_baseline=ab.parent_alone_miss_rate,
-                   child_decoder_parent_cos=ab.child_decoder_parent_cos,
-                   hedging=P.hedging(sae, world.directions, pairs).hedging)
+        out.update(
+            absorption=ab.absorption_rate,
+            absorption_baseline=ab.parent_alone_miss_rate,
+            child_decoder_parent_cos=ab.child_decoder_parent_cos,
+            hedging=P.hedging(sae, world.directions, pairs).hedging,
+        )
     if getattr(world, "bundles", None) is not None:
         b = P.bundle_decomposition(sae, world)
-        out.update(entity_recovered=b.entity_recovered, attribute_recovered=b.attribute_recovered,
-                   label_recovered=b.label_recovered)
+        out.update(
+            entity_recovered=b.entity_recovered,
+            attribute_recovered=b.attribute_recovered,
+            label_recovered=b.label_recovered,
+        )
     return out
 
 
 def run_one(job: dict) -> dict:
     """Train and measure one (world, architecture, setting); errors become a record, not a crash."""
     torch.set_num_threads(1)
-    from saelab.evals.core import reconstruction_metrics, latent_density
+    from saelab.evals.core import latent_density, reconstruction_metrics
     from saelab.sae.registry import create
     from saelab.toys.features import ToySource
     from saelab.toys.worlds import World
     from saelab.train.trainer import Trainer
 
-    base = {"world": job["world"], "architecture": job["sae"]["architecture"], "knob": job["knob"],
-            "setting": job["sae"].get(job["knob"]) if job["knob"] else None, "multiplier": job["multiplier"],
-            "seed": job["seed"], "true_l0": job["true_l0"]}
+    base = {
+        "world": job["world"],
+        "architecture": job["sae"]["architecture"],
+        "knob": job["knob"],
+        "setting": job["sae"].get(job["knob"]) if job["knob"] else None,
+        "multiplier": job["multiplier"],
+        "seed": job["seed"],
+        "true_l0": job["true_l0"],
+    }
     try:
         world = World(job["world_spec"])
         sae = create(job["sae"])
@@ -206,8 +293,14 @@ def run_one(job: dict) -> dict:
         held_out = [world.sample(1024, gen) for _ in range(max(1, job["eval_tokens"] // 1024))]
         rec = reconstruction_metrics(sae, held_out)
         dens = latent_density(sae, held_out)
-        return {**base, "l0": rec.l0, "fvu": rec.fvu, "dead_fraction": dens.dead_fraction,
-                **pathology_record(sae, world, held_out), "train_seconds": seconds}
+        return {
+            **base,
+            "l0": rec.l0,
+            "fvu": rec.fvu,
+            "dead_fraction": dens.dead_fraction,
+            **pathology_record(sae, world, held_out),
+            "train_seconds": seconds,
+        }
     except Exception as exc:  # a variant that cannot train on toy data must not stop the benchmark
         return {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
 
@@ -226,8 +319,10 @@ def run_toy_bench(cfg: BenchConfig | dict | None = None, out: str | Path | None 
     cfg = cfg if isinstance(cfg, BenchConfig) else BenchConfig.parse(cfg or {})
     jobs = plan(cfg)
     workers = min(len(jobs), cfg.jobs or os.cpu_count() or 1)
-    log(f"saelab bench toy: {len(jobs)} runs ({len(cfg.worlds)} worlds x {len({j['sae']['architecture'] for j in jobs})} "
-        f"architectures x {len(cfg.multipliers)} settings x {len(cfg.seeds)} seeds), {workers} at a time")
+    log(
+        f"saelab bench toy: {len(jobs)} runs ({len(cfg.worlds)} worlds x {len({j['sae']['architecture'] for j in jobs})} "
+        f"architectures x {len(cfg.multipliers)} settings x {len(cfg.seeds)} seeds), {workers} at a time"
+    )
     t0 = time.perf_counter()
     records: list[dict] = []
 
@@ -236,8 +331,10 @@ def run_toy_bench(cfg: BenchConfig | dict | None = None, out: str | Path | None 
         if "error" in r:
             log(f"  {r['world']:18s} {r['architecture']:12s} x{r['multiplier']:<4g} ERROR {r['error'][:100]}")
         else:
-            log(f"  {r['world']:18s} {r['architecture']:12s} x{r['multiplier']:<4g} L0 {r['l0']:6.2f} "
-                f"FVU {r['fvu']:.4f} recovered {r['recovered_fraction']:.2f} ({r['train_seconds']:.1f}s)")
+            log(
+                f"  {r['world']:18s} {r['architecture']:12s} x{r['multiplier']:<4g} L0 {r['l0']:6.2f} "
+                f"FVU {r['fvu']:.4f} recovered {r['recovered_fraction']:.2f} ({r['train_seconds']:.1f}s)"
+            )
 
     run_jobs(run_one, jobs, workers, done)
     order = {(j["world"], j["sae"]["architecture"], j["multiplier"], j["seed"]): i for i, j in enumerate(jobs)}

@@ -6,8 +6,8 @@ mode without gradients, accumulating sums so any number of batches can be used.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import numpy as np
 import torch

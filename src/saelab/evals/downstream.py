@@ -13,8 +13,8 @@ real tokens, not BOS/pad/specials) by
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 
@@ -101,6 +101,7 @@ def downstream_fidelity(
     if count == 0:
         raise ConfigError("every position is padding or a special token; nothing to splice")
     mean = (total / count).float()
+
     def variants(tokens: torch.Tensor) -> dict:
         """What replaces the activations at the spliced positions, whose token ids are `tokens`."""
         return {
@@ -136,10 +137,19 @@ def downstream_fidelity(
         return (base - m["sae"]) / (base - m["clean"]) if base != m["clean"] else float("nan")
 
     return DownstreamMetrics(
-        hookpoint=hp.name, scored_positions=int(torch.cat(ce["clean"]).numel()), spliced_positions=spliced,
-        ce_clean=m["clean"], ce_sae=m["sae"], ce_sae_with_error=m["sae_with_error"],
-        ce_zero_ablation=m["zero_ablation"], ce_mean_ablation=m["mean_ablation"],
-        ce_recovered_vs_zero=recovered(m["zero_ablation"]), ce_recovered_vs_mean=recovered(m["mean_ablation"]),
-        kl_sae=k["sae"], kl_sae_with_error=k["sae_with_error"], kl_zero_ablation=k["zero_ablation"],
-        kl_mean_ablation=k["mean_ablation"], max_abs_logit_diff_with_error=max_diff,
+        hookpoint=hp.name,
+        scored_positions=int(torch.cat(ce["clean"]).numel()),
+        spliced_positions=spliced,
+        ce_clean=m["clean"],
+        ce_sae=m["sae"],
+        ce_sae_with_error=m["sae_with_error"],
+        ce_zero_ablation=m["zero_ablation"],
+        ce_mean_ablation=m["mean_ablation"],
+        ce_recovered_vs_zero=recovered(m["zero_ablation"]),
+        ce_recovered_vs_mean=recovered(m["mean_ablation"]),
+        kl_sae=k["sae"],
+        kl_sae_with_error=k["sae_with_error"],
+        kl_zero_ablation=k["zero_ablation"],
+        kl_mean_ablation=k["mean_ablation"],
+        max_abs_logit_diff_with_error=max_diff,
     )

@@ -9,8 +9,8 @@ bound even unquantised has no valid code (DL = inf). `rank_by_description_length
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 
@@ -88,7 +88,9 @@ def description_length(sae: SAE, batches: Iterable, max_fvu: float = 0.1, max_bi
     return DescriptionLength(position + value if ok else math.inf, position, value, bits, l0, fvu, fvu_q, max_fvu, ok)
 
 
-def rank_by_description_length(saes: dict[str, SAE], batches: list, max_fvu: float = 0.1) -> list[tuple[str, DescriptionLength]]:
+def rank_by_description_length(
+    saes: dict[str, SAE], batches: list, max_fvu: float = 0.1
+) -> list[tuple[str, DescriptionLength]]:
     """(name, DL) pairs, shortest description first; SAEs outside the bound come last."""
     if not saes:
         raise ConfigError("give at least one SAE to rank")

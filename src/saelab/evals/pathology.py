@@ -9,8 +9,8 @@ magnitude, so tiny leaky activations of L1 SAEs do not count as firing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,12 @@ def collect(sae: SAE, batches: Iterable) -> Collected:
                 raise ConfigError("pathology metrics need Batches with true `features`; sample them from a toy world")
             x = b.x.float().to(sae.W_enc.device)
             f = sae.encode(x)
-            xs.append(x.cpu()), fs.append(f.cpu()), feats.append(b.features.float().cpu()), xh.append(sae.decode(f, tokens=b.tokens).cpu())
+            (
+                xs.append(x.cpu()),
+                fs.append(f.cpu()),
+                feats.append(b.features.float().cpu()),
+                xh.append(sae.decode(f, tokens=b.tokens).cpu()),
+            )
     finally:
         sae.train(was)
     if not xs:
@@ -81,7 +86,9 @@ def _contribution(sae: SAE, latents: torch.Tensor, idx: torch.Tensor, directions
 class ShrinkageMetrics:
     gamma: float  # relative reconstruction bias E||x_hat||^2 / E[x_hat . x]; < 1 means shrinkage
     norm_ratio: float  # E||x_hat|| / E||x||
-    feature_magnitude_ratio: float  # median over matched features of sum(latent's write along u_i) / sum(a_i), where a_i > 0
+    feature_magnitude_ratio: (
+        float  # median over matched features of sum(latent's write along u_i) / sum(a_i), where a_i > 0
+    )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,8 +110,11 @@ def shrinkage(sae: SAE, data: Collected | Iterable, directions: torch.Tensor | N
         num, den = (contrib * on).sum(0), (a * on).sum(0)
         valid = den > 0
         ratio = float((num[valid] / den[valid]).median()) if valid.any() else float("nan")
-    return ShrinkageMetrics(gamma=gamma, norm_ratio=float(xh.norm(dim=1).mean() / x.norm(dim=1).mean().clamp_min(1e-30)),
-                            feature_magnitude_ratio=ratio)
+    return ShrinkageMetrics(
+        gamma=gamma,
+        norm_ratio=float(xh.norm(dim=1).mean() / x.norm(dim=1).mean().clamp_min(1e-30)),
+        feature_magnitude_ratio=ratio,
+    )
 
 
 # ---------------------------------------------------------------------------- recovery and MCC
@@ -129,8 +139,9 @@ def activation_correlations(latents: torch.Tensor, features: torch.Tensor) -> to
     return torch.where(norm > 0, cov / norm.clamp_min(1e-300), torch.zeros_like(cov)).float()
 
 
-def matched_recovery(sae: SAE, directions: torch.Tensor, data: Collected | Iterable | None = None,
-                     threshold: float = 0.9) -> MatchedRecovery:
+def matched_recovery(
+    sae: SAE, directions: torch.Tensor, data: Collected | Iterable | None = None, threshold: float = 0.9
+) -> MatchedRecovery:
     """Hungarian matching on decoder cosines, plus the mean correlation coefficient (MCC) of the
     ICA literature: Hungarian matching on |corr(true activation, latent activation)|."""
     cos = decoder_cosines(sae, directions)
@@ -142,8 +153,13 @@ def matched_recovery(sae: SAE, directions: torch.Tensor, data: Collected | Itera
         corr = activation_correlations(c.latents, c.features).abs()
         m2 = match_latents(corr)
         mcc = float(torch.tensor([float(corr[i, j]) if j >= 0 else 0.0 for i, j in enumerate(m2.tolist())]).mean())
-    return MatchedRecovery(float((matched >= threshold).float().mean()), float(matched.clamp_min(-1).mean()), mcc,
-                           threshold, match.tolist())
+    return MatchedRecovery(
+        float((matched >= threshold).float().mean()),
+        float(matched.clamp_min(-1).mean()),
+        mcc,
+        threshold,
+        match.tolist(),
+    )
 
 
 # ---------------------------------------------------------------------------- absorption and hedging
@@ -163,8 +179,14 @@ class AbsorptionMetrics:
         return asdict(self)
 
 
-def absorption(sae: SAE, data: Collected | Iterable, directions: torch.Tensor, pairs: Sequence[tuple[int, int]],
-               fire_fraction: float = 0.1, min_tokens: int = 5) -> AbsorptionMetrics:
+def absorption(
+    sae: SAE,
+    data: Collected | Iterable,
+    directions: torch.Tensor,
+    pairs: Sequence[tuple[int, int]],
+    fire_fraction: float = 0.1,
+    min_tokens: int = 5,
+) -> AbsorptionMetrics:
     """Chanin et al.'s toy absorption: does the parent's latent stay silent when the child fires,
     and does the child's latent carry the parent direction instead?"""
     if not pairs:
@@ -220,7 +242,9 @@ def hedging(sae: SAE, directions: torch.Tensor, pairs: Sequence[tuple[int, int]]
     for p, ch in pairs:
         if match[p] >= 0:
             vals.append(float(cos[ch, match[p]] - u[ch] @ u[p]))
-    return HedgingMetrics(float(np.mean(vals)) if vals else float("nan"), float(np.max(vals)) if vals else float("nan"), len(vals))
+    return HedgingMetrics(
+        float(np.mean(vals)) if vals else float("nan"), float(np.max(vals)) if vals else float("nan"), len(vals)
+    )
 
 
 # ---------------------------------------------------------------------------- splitting and merging
@@ -234,8 +258,9 @@ class SplittingMetrics:
         return asdict(self)
 
 
-def splitting(sae: SAE, directions: torch.Tensor, data: Collected | Iterable | None = None,
-              threshold: float = 0.7) -> SplittingMetrics:
+def splitting(
+    sae: SAE, directions: torch.Tensor, data: Collected | Iterable | None = None, threshold: float = 0.7
+) -> SplittingMetrics:
     """One true feature spread over several latents that all point along it (dead latents,
     known from `data`, are ignored)."""
     cos = decoder_cosines(sae, directions)
@@ -244,7 +269,9 @@ def splitting(sae: SAE, directions: torch.Tensor, data: Collected | Iterable | N
         cos = cos[:, alive]
     counts = (cos >= threshold).sum(1).float()
     has = counts > 0
-    return SplittingMetrics(float((counts >= 2).float().mean()), float(counts[has].mean()) if has.any() else 0.0, threshold)
+    return SplittingMetrics(
+        float((counts >= 2).float().mean()), float(counts[has].mean()) if has.any() else 0.0, threshold
+    )
 
 
 @dataclass
@@ -257,7 +284,9 @@ class MergingMetrics:
         return asdict(self)
 
 
-def merging(sae: SAE, data: Collected | Iterable | None, directions: torch.Tensor, threshold: float = 0.3) -> MergingMetrics:
+def merging(
+    sae: SAE, data: Collected | Iterable | None, directions: torch.Tensor, threshold: float = 0.3
+) -> MergingMetrics:
     """Several true features captured by one latent ("sparse but wrong"). Each latent belongs to
     its best-matching feature m; it has merged feature i if cos(d_latent, u_i) exceeds the
     overlap the truth already has, |cos(u_m, u_i)|, by at least `threshold`, so superposition
@@ -276,7 +305,9 @@ def merging(sae: SAE, data: Collected | Iterable | None, directions: torch.Tenso
     merged_latents = merged.any(1)
     features = merged.any(0)
     features[main[merged_latents]] = True
-    return MergingMetrics(float(merged_latents.sum()) / max(int(alive.sum()), 1), float(features.float().mean()), threshold)
+    return MergingMetrics(
+        float(merged_latents.sum()) / max(int(alive.sum()), 1), float(features.float().mean()), threshold
+    )
 
 
 # ---------------------------------------------------------------------------- choosing L0
@@ -335,5 +366,9 @@ def bundle_decomposition(sae: SAE, world, threshold: float = 0.9) -> BundleMetri
     best = lambda dirs: (unit_rows(dirs.float()) @ dec.t()).max(1).values  # noqa: E731
     ent = float((best(world.directions[:n_e]) >= threshold).float().mean())
     att = float((best(world.attribute_directions) >= threshold).float().mean())
-    lab = float((best(world.label_directions) >= threshold).float().mean()) if world.label_directions is not None else float("nan")
+    lab = (
+        float((best(world.label_directions) >= threshold).float().mean())
+        if world.label_directions is not None
+        else float("nan")
+    )
     return BundleMetrics(ent, att, lab, threshold)

@@ -35,7 +35,9 @@ _FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
 _SUPPORTED_NORMALIZATION = {"none", "expected_average_only_in"}
 
 
-def save(sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None, metadata: dict[str, Any] | None = None) -> Path:
+def save(
+    sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write `sae` to folder `path` in the SAELens v6 layout. `sparsity`: per-latent firing frequency."""
     path = Path(path)
     if path.exists() and not path.is_dir():

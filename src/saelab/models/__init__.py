@@ -10,6 +10,15 @@ from saelab.models.source import Harvester, ModelSource, load_model, source_from
 from saelab.models.text import TokenRows, load_texts, pydoc_texts
 
 __all__ = [
-    "Harvester", "Hookpoint", "ModelSource", "TokenRows", "load_model", "load_texts", "near_matches",
-    "pydoc_texts", "resolve", "run", "source_from_spec",
+    "Harvester",
+    "Hookpoint",
+    "ModelSource",
+    "TokenRows",
+    "load_model",
+    "load_texts",
+    "near_matches",
+    "pydoc_texts",
+    "resolve",
+    "run",
+    "source_from_spec",
 ]

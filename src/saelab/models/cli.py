@@ -18,11 +18,18 @@ from saelab.io.atomic import write_json, write_text
 
 
 def _model_flags(p: argparse.ArgumentParser, need_hookpoint: bool = False) -> None:
-    p.add_argument("--model", help="Local model folder, a model in the local Hugging Face cache, or 'smollm2' (default model).")
+    p.add_argument(
+        "--model", help="Local model folder, a model in the local Hugging Face cache, or 'smollm2' (default model)."
+    )
     p.add_argument("--gguf-file", help="GGUF file inside --model, for quantised checkpoints.")
-    p.add_argument("--hookpoint", nargs="+" if need_hookpoint else None,
-                   help="Module path(s), globs allowed (model.layers.*); ':input' reads a module's input.")
-    p.add_argument("--data", help="Text: 'pydoc' (Python's help topics), a .txt/.jsonl/.parquet path, or a folder's file.")
+    p.add_argument(
+        "--hookpoint",
+        nargs="+" if need_hookpoint else None,
+        help="Module path(s), globs allowed (model.layers.*); ':input' reads a module's input.",
+    )
+    p.add_argument(
+        "--data", help="Text: 'pydoc' (Python's help topics), a .txt/.jsonl/.parquet path, or a folder's file."
+    )
     p.add_argument("--column", default=None, help="Text column of a JSONL/Parquet dataset (default: text).")
     p.add_argument("--context-size", type=int, default=None, help="Tokens per row (default: as trained, else 128).")
     p.add_argument("--device", default=None, help="torch device (default: cpu).")
@@ -36,7 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=262_144, help="Tokens per shard file (default: 262144).")
     p.add_argument("--cache-dtype", default="float32", help="Stored dtype: float32, bfloat16 or float16.")
     p.add_argument("--model-batch-size", type=int, default=8, help="Rows per forward pass (default: 8).")
-    p.add_argument("--out", required=True, help="Cache folder (continues a partial cache of the same model/hookpoints).")
+    p.add_argument(
+        "--out", required=True, help="Cache folder (continues a partial cache of the same model/hookpoints)."
+    )
     p.set_defaults(func=run_harvest)
 
     for name, func, help_ in [
@@ -47,7 +56,9 @@ def register(subparsers) -> None:
         p.add_argument("sae", help="SAE folder (SAELens layout, e.g. RUN/sae).")
         _model_flags(p)
         p.add_argument("--rows", type=int, default=64, help="Text rows to evaluate on (default: 64).")
-        p.add_argument("--skip-docs", type=int, default=0, help="Start this many documents into the data (held-out text).")
+        p.add_argument(
+            "--skip-docs", type=int, default=0, help="Start this many documents into the data (held-out text)."
+        )
         p.add_argument("--out", required=True, help="Folder for results.json (and the reports).")
         if name == "inspect":
             p.add_argument("--latents", help="Comma-separated latent ids (default: the most frequent ones).")
@@ -59,7 +70,9 @@ def register(subparsers) -> None:
     p.add_argument("sae", help="SAE folder.")
     _model_flags(p)
     p.add_argument("--latent", type=int, required=True, help="Latent id.")
-    p.add_argument("--scale", type=float, required=True, help="Multiple of the decoder direction (add) or the value (clamp).")
+    p.add_argument(
+        "--scale", type=float, required=True, help="Multiple of the decoder direction (add) or the value (clamp)."
+    )
     p.add_argument("--mode", choices=["add", "clamp"], default="add")
     p.add_argument("--prompt", default="The", help="Prompt text.")
     p.add_argument("--max-new-tokens", type=int, default=30)
@@ -72,11 +85,36 @@ def _spec_from(args: argparse.Namespace, saved: dict[str, Any] | None = None) ->
     """Model/hookpoint/data from flags, falling back to the SAE's recorded training source."""
     spec: dict[str, Any] = {}
     if saved:
-        spec.update({k: v for k, v in saved.items()
-                     if k in ("model", "gguf_file", "hookpoint", "data", "column", "context_size", "dtype", "device",
-                              "packing", "prepend_bos", "exclude_special")})
-    for flag, key in [("model", "model"), ("gguf_file", "gguf_file"), ("hookpoint", "hookpoint"), ("data", "data"),
-                      ("column", "column"), ("context_size", "context_size"), ("device", "device"), ("dtype", "dtype")]:
+        spec.update(
+            {
+                k: v
+                for k, v in saved.items()
+                if k
+                in (
+                    "model",
+                    "gguf_file",
+                    "hookpoint",
+                    "data",
+                    "column",
+                    "context_size",
+                    "dtype",
+                    "device",
+                    "packing",
+                    "prepend_bos",
+                    "exclude_special",
+                )
+            }
+        )
+    for flag, key in [
+        ("model", "model"),
+        ("gguf_file", "gguf_file"),
+        ("hookpoint", "hookpoint"),
+        ("data", "data"),
+        ("column", "column"),
+        ("context_size", "context_size"),
+        ("device", "device"),
+        ("dtype", "dtype"),
+    ]:
         value = getattr(args, flag, None)
         if value is not None:
             spec[key] = value
@@ -97,8 +135,12 @@ def _sae_and_spec(args: argparse.Namespace):
         from saelab.activations.cache import read_manifest
 
         manifest = read_manifest(saved["path"])
-        saved = {"model": manifest["model"], "hookpoint": saved.get("hookpoint") or next(iter(manifest["hookpoints"])),
-                 "data": manifest.get("data"), "context_size": manifest.get("context_size")}
+        saved = {
+            "model": manifest["model"],
+            "hookpoint": saved.get("hookpoint") or next(iter(manifest["hookpoints"])),
+            "data": manifest.get("data"),
+            "context_size": manifest.get("context_size"),
+        }
     elif saved.get("type") not in (None, "model"):
         saved = {}
     return sae, _spec_from(args, saved)
@@ -116,8 +158,9 @@ def _eval_rows(spec: dict[str, Any], n_rows: int, skip_docs: int):
         if skip_docs >= len(ds):
             raise ConfigError(f"--skip-docs {skip_docs} skips all {len(ds)} documents")
         ds = ds.select(range(skip_docs, len(ds)))
-    rows = TokenRows(ds, tokenizer, int(spec.get("context_size", 128)), spec.get("packing", True),
-                     spec.get("prepend_bos", True))
+    rows = TokenRows(
+        ds, tokenizer, int(spec.get("context_size", 128)), spec.get("packing", True), spec.get("prepend_bos", True)
+    )
     batches, n = [], 0
     while n < n_rows and (b := rows.next_rows(min(8, n_rows - n))) is not None:
         batches.append(b)
@@ -138,15 +181,31 @@ def run_harvest(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = spec["data"]
-    manifest = write_cache(harvester, args.out, args.tokens, args.shard_tokens, args.cache_dtype,
-                           data_desc=data if isinstance(data, (str, dict)) else "in-memory", progress=True)
+    manifest = write_cache(
+        harvester,
+        args.out,
+        args.tokens,
+        args.shard_tokens,
+        args.cache_dtype,
+        data_desc=data if isinstance(data, (str, dict)) else "in-memory",
+        progress=True,
+    )
     seconds = time.perf_counter() - t0
-    record = {"cache": str(args.out), "model": manifest["model"], "hookpoints": manifest["hookpoints"],
-              "tokens": manifest["total_tokens"], "shards": len(manifest["shards"]), "complete": manifest["complete"],
-              "load_seconds": load_s, "harvest_seconds": seconds}
+    record = {
+        "cache": str(args.out),
+        "model": manifest["model"],
+        "hookpoints": manifest["hookpoints"],
+        "tokens": manifest["total_tokens"],
+        "shards": len(manifest["shards"]),
+        "complete": manifest["complete"],
+        "load_seconds": load_s,
+        "harvest_seconds": seconds,
+    }
     write_json(Path(args.out) / "results.json", record)
-    print(f"cached {record['tokens']} tokens at {', '.join(manifest['hookpoints'])} in {len(manifest['shards'])} "
-          f"shard(s) -> {args.out} ({seconds:.1f} s)")
+    print(
+        f"cached {record['tokens']} tokens at {', '.join(manifest['hookpoints'])} in {len(manifest['shards'])} "
+        f"shard(s) -> {args.out} ({seconds:.1f} s)"
+    )
     return 0
 
 
@@ -169,8 +228,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     sae, spec = _sae_and_spec(args)
     model, tokenizer, hookpoint, specials, batches = _eval_rows(spec, args.rows, args.skip_docs)
     latents = [int(x) for x in args.latents.split(",")] if args.latents else None
-    res = inspect_latents(sae, model, tokenizer, hookpoint, batches, latents, args.n_latents, args.top_k,
-                          specials=specials)
+    res = inspect_latents(
+        sae, model, tokenizer, hookpoint, batches, latents, args.n_latents, args.top_k, specials=specials
+    )
     res = {"sae": str(args.sae), "model": spec["model"], **res}
     out = Path(args.out)
     write_json(out / "results.json", res)
@@ -189,8 +249,17 @@ def run_steer(args: argparse.Namespace) -> int:
     sae, spec = _sae_and_spec(args)
     model, tokenizer = _load(spec)
     hookpoint = spec["hookpoint"][0] if isinstance(spec["hookpoint"], list) else spec["hookpoint"]
-    out = generate(model, tokenizer, args.prompt, hookpoint, sae, args.latent, scale=args.scale, mode=args.mode,
-                   max_new_tokens=args.max_new_tokens)
+    out = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        hookpoint,
+        sae,
+        args.latent,
+        scale=args.scale,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+    )
     record = {"sae": str(args.sae), "latent": args.latent, "scale": args.scale, "mode": args.mode, **out}
     if args.out:
         write_json(Path(args.out) / "results.json", record)

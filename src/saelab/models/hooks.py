@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def glob_regex(pattern: str) -> re.Pattern:
             j = pattern.find("]", i)
             if j < 0:
                 raise ConfigError(f"hookpoint pattern '{pattern}' has an unclosed '['")
-            out.append(pattern[i:j + 1])
+            out.append(pattern[i : j + 1])
             i = j + 1
         else:
             out.append(re.escape(pattern[i]))

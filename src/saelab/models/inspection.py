@@ -10,7 +10,8 @@ Results are plain dicts (saved as JSON) and render as a text or HTML report.
 from __future__ import annotations
 
 import html
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -83,18 +84,26 @@ def inspect_latents(
             r, v = int(best_row[k, i]), float(best_val[k, i])
             if r < 0 or v <= 0:
                 continue
-            f, _ = encode_rows(all_ids[r:r + 1], all_mask[r:r + 1])
+            f, _ = encode_rows(all_ids[r : r + 1], all_mask[r : r + 1])
             acts = f[0, :, i]
             pos = int(acts.argmax())
             lo, hi = max(0, pos - window), min(int(all_mask[r].sum()), pos + window // 2 + 1)
-            contexts.append({
-                "row": r, "position": pos, "activation": v,
-                "tokens": [tokenizer.decode([t]) for t in all_ids[r, lo:hi].tolist()],
-                "activations": [round(float(a), 4) for a in acts[lo:hi]],
-                "max_index": pos - lo,
-            })
-        entry: dict[str, Any] = {"latent": i, "density": float(density[i]), "max_activation": max(
-            (c["activation"] for c in contexts), default=0.0), "top_contexts": contexts}
+            contexts.append(
+                {
+                    "row": r,
+                    "position": pos,
+                    "activation": v,
+                    "tokens": [tokenizer.decode([t]) for t in all_ids[r, lo:hi].tolist()],
+                    "activations": [round(float(a), 4) for a in acts[lo:hi]],
+                    "max_index": pos - lo,
+                }
+            )
+        entry: dict[str, Any] = {
+            "latent": i,
+            "density": float(density[i]),
+            "max_activation": max((c["activation"] for c in contexts), default=0.0),
+            "top_contexts": contexts,
+        }
         if unembed is not None:
             logits = unembed.detach().float() @ sae.W_dec[i].detach().float().to(unembed.device)
             top, bottom = logits.topk(n_logit_tokens), (-logits).topk(n_logit_tokens)
@@ -119,8 +128,11 @@ def _show(tok: str) -> str:
 
 
 def text_report(result: dict[str, Any]) -> str:
-    lines = [f"Feature inspection at {result['hookpoint']}: {result['tokens_scanned']} tokens, "
-             f"L0 {result['mean_l0']:.1f}, dead {result['dead_fraction']:.1%}, dense {result['dense_fraction']:.1%}", ""]
+    lines = [
+        f"Feature inspection at {result['hookpoint']}: {result['tokens_scanned']} tokens, "
+        f"L0 {result['mean_l0']:.1f}, dead {result['dead_fraction']:.1%}, dense {result['dense_fraction']:.1%}",
+        "",
+    ]
     for e in result["latents"]:
         lines.append(f"latent {e['latent']}: density {e['density']:.4f}, max activation {e['max_activation']:.3g}")
         if "logit_lens" in e:
@@ -144,7 +156,9 @@ def html_report(result: dict[str, Any]) -> str:
         f"dense {result['dense_fraction']:.1%}.</p>",
     ]
     for e in result["latents"]:
-        parts.append(f"<h2>latent {e['latent']}</h2><p>density {e['density']:.4f}, max activation {e['max_activation']:.3g}</p>")
+        parts.append(
+            f"<h2>latent {e['latent']}</h2><p>density {e['density']:.4f}, max activation {e['max_activation']:.3g}</p>"
+        )
         if "logit_lens" in e:
             promo = ", ".join(html.escape(repr(t)) for t, _ in e["logit_lens"]["promoted"])
             supp = ", ".join(html.escape(repr(t)) for t, _ in e["logit_lens"]["suppressed"])
@@ -153,7 +167,8 @@ def html_report(result: dict[str, Any]) -> str:
         for c in e["top_contexts"]:
             spans = "".join(
                 f"<span class='tok' title='{a:.3f}' style='background:rgba(255,120,0,{max(0.0, a) / peak:.2f})'>"
-                f"{html.escape(t)}</span>" for t, a in zip(c["tokens"], c["activations"])
+                f"{html.escape(t)}</span>"
+                for t, a in zip(c["tokens"], c["activations"])
             )
             parts.append(f"<div class='ctx'>{c['activation']:7.3f} │ {spans}</div>")
     return "\n".join(parts) + "\n"

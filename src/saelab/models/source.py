@@ -59,7 +59,9 @@ class Harvester:
             raise ConfigError(f"model_batch_size must be positive (got {model_batch_size})")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.model_name = model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        self.model_name = (
+            model_name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        )
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.hookpoints = hooks.resolve(model, hookpoints)
         self.rows = TokenRows(load_texts(data, column), tokenizer, context_size, packing, prepend_bos)
@@ -162,7 +164,7 @@ class ModelSource:
         self._buffer = {k: v[perm] for k, v in buf.items()}
         return True
 
-    def __iter__(self) -> "ModelSource":
+    def __iter__(self) -> ModelSource:
         return self
 
     def __next__(self) -> Batch:
@@ -192,7 +194,9 @@ class ModelSource:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if int(state["seed"]) != self.seed:
-            raise ConfigError(f"the checkpoint was written with seed {int(state['seed'])}, this source has seed {self.seed}")
+            raise ConfigError(
+                f"the checkpoint was written with seed {int(state['seed'])}, this source has seed {self.seed}"
+            )
         self.rows.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rows.")})
         self.position = int(state["position"])
         block, emitted = int(state["block"]), int(state["emitted"])
@@ -204,7 +208,9 @@ class ModelSource:
             return
         self.block = block - 1  # _fill increments it
         if not self._fill() and emitted:
-            raise ConfigError("cannot resume: the data ended before the checkpoint's position; resume with the same data")
+            raise ConfigError(
+                "cannot resume: the data ended before the checkpoint's position; resume with the same data"
+            )
         self.emitted = emitted
 
 
@@ -257,8 +263,21 @@ def load_model(
 
 HARVEST_KEYS = {"column", "context_size", "model_batch_size", "packing", "prepend_bos", "exclude_special"}
 SOURCE_KEYS = {
-    "model", "gguf_file", "dtype", "device", "task", "hookpoint", "target_hookpoint", "data",
-    "batch_size", "buffer_tokens", "repeat", "seed", "cache_dir", "cache_tokens", "shard_tokens",
+    "model",
+    "gguf_file",
+    "dtype",
+    "device",
+    "task",
+    "hookpoint",
+    "target_hookpoint",
+    "data",
+    "batch_size",
+    "buffer_tokens",
+    "repeat",
+    "seed",
+    "cache_dir",
+    "cache_tokens",
+    "shard_tokens",
 } | HARVEST_KEYS
 
 
@@ -273,8 +292,11 @@ def _check_keys(spec: dict[str, Any]) -> None:
 
 def _load(spec: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     return load_model(
-        spec["model"], gguf_file=spec.get("gguf_file"), dtype=spec.get("dtype", "float32"),
-        device=spec.get("device", "cpu"), task=spec.get("task", "causal-lm"),
+        spec["model"],
+        gguf_file=spec.get("gguf_file"),
+        dtype=spec.get("dtype", "float32"),
+        device=spec.get("device", "cpu"),
+        task=spec.get("task", "causal-lm"),
     )
 
 
@@ -285,8 +307,14 @@ def harvester_from_spec(spec: dict[str, Any]) -> Harvester:
     hps = spec["hookpoint"] if isinstance(spec["hookpoint"], list) else [spec["hookpoint"]]
     if spec.get("target_hookpoint"):
         hps = hps + [spec["target_hookpoint"]]
-    return Harvester(model, tokenizer, spec.get("data", "pydoc"), hps, model_name=spec["model"],
-                     **{k: spec[k] for k in HARVEST_KEYS if k in spec})
+    return Harvester(
+        model,
+        tokenizer,
+        spec.get("data", "pydoc"),
+        hps,
+        model_name=spec["model"],
+        **{k: spec[k] for k in HARVEST_KEYS if k in spec},
+    )
 
 
 def source_from_spec(spec: dict[str, Any]):
@@ -298,8 +326,15 @@ def source_from_spec(spec: dict[str, Any]):
         return cached_model_source(spec)
     model, tokenizer = _load(spec)
     return ModelSource(
-        model, tokenizer, spec.get("data", "pydoc"), spec["hookpoint"], target_hookpoint=spec.get("target_hookpoint"),
-        batch_size=int(spec.get("batch_size", 1024)), buffer_tokens=int(spec.get("buffer_tokens", 65_536)),
-        repeat=bool(spec.get("repeat", False)), seed=int(spec.get("seed", 0)), model_name=spec["model"],
+        model,
+        tokenizer,
+        spec.get("data", "pydoc"),
+        spec["hookpoint"],
+        target_hookpoint=spec.get("target_hookpoint"),
+        batch_size=int(spec.get("batch_size", 1024)),
+        buffer_tokens=int(spec.get("buffer_tokens", 65_536)),
+        repeat=bool(spec.get("repeat", False)),
+        seed=int(spec.get("seed", 0)),
+        model_name=spec["model"],
         **{k: spec[k] for k in HARVEST_KEYS if k in spec},
     )

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -85,7 +85,9 @@ def generate(
     """Greedy continuations of `prompt` without and with steering, for a side-by-side look."""
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id
+    )
     torch.manual_seed(seed)
     plain = model.generate(**enc, **kwargs)
     with steer(model, hookpoint, sae, latent, scale=scale, mode=mode):

@@ -45,7 +45,9 @@ def load_texts(data: Any, column: str = "text", max_docs: int | None = None):
     if isinstance(data, dict):
         unknown = set(data) - {"texts", "path", "column", "max_docs", "sample_by"}
         if unknown:
-            raise ConfigError(f"unknown key(s) {sorted(unknown)} in data; valid: texts, path, column, max_docs, sample_by")
+            raise ConfigError(
+                f"unknown key(s) {sorted(unknown)} in data; valid: texts, path, column, max_docs, sample_by"
+            )
         column = data.get("column", column)
         max_docs = data.get("max_docs", max_docs)
         if "texts" in data:
@@ -63,14 +65,18 @@ def load_texts(data: Any, column: str = "text", max_docs: int | None = None):
     elif isinstance(data, datasets.Dataset):
         ds = data
     else:
-        raise ConfigError(f"cannot read text data from {type(data).__name__}; pass a list of strings, a path or a Dataset")
+        raise ConfigError(
+            f"cannot read text data from {type(data).__name__}; pass a list of strings, a path or a Dataset"
+        )
     if column not in ds.column_names:
         raise ConfigError(f"the dataset has no column '{column}'; its columns are {ds.column_names}. Set `column`")
     if max_docs is not None:
         ds = ds.select(range(min(int(max_docs), len(ds))))
     if len(ds) == 0:
         raise ConfigError("the dataset is empty (0 documents); check the path or list of texts")
-    return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"])
+    return (
+        ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"])
+    )
 
 
 def _from_list(texts: list, column: str):
@@ -173,12 +179,12 @@ class TokenRows:
         mask = torch.zeros((m, self.context_size), dtype=torch.int64)
         offset = int(self.bos is not None)
         taken = self.carry[: m * body]
-        self.carry = self.carry[m * body:]
+        self.carry = self.carry[m * body :]
         for r in range(m):
-            chunk = taken[r * body:(r + 1) * body]
+            chunk = taken[r * body : (r + 1) * body]
             if offset:
                 ids[r, 0] = self.bos
-            ids[r, offset:offset + len(chunk)] = torch.tensor(chunk, dtype=torch.int64)
+            ids[r, offset : offset + len(chunk)] = torch.tensor(chunk, dtype=torch.int64)
             mask[r, : offset + len(chunk)] = 1
         return ids, mask
 
@@ -195,7 +201,7 @@ class TokenRows:
             doc = doc[: self.context_size - offset]
             if offset:
                 ids[r, 0] = self.bos
-            ids[r, offset:offset + len(doc)] = torch.tensor(doc, dtype=torch.int64)
+            ids[r, offset : offset + len(doc)] = torch.tensor(doc, dtype=torch.int64)
             mask[r, : offset + len(doc)] = 1
         return ids, mask
 

@@ -24,7 +24,9 @@ from saelab.sae.topk import TopKConfig, TopKSAE, auxk_loss
 class ArchetypalConfig(TopKConfig):
     architecture: str = "archetypal"
     n_candidates: PositiveInt | None = Field(None, description="k-means candidate points (default 2 * d_sae).")
-    relaxation: NonNegativeFloat = Field(0.0, description="delta: max norm of each atom's offset from the hull (0: A-SAE).")
+    relaxation: NonNegativeFloat = Field(
+        0.0, description="delta: max norm of each atom's offset from the hull (0: A-SAE)."
+    )
     learn_scale: bool = Field(True, description="Learn one positive scale exp(s) on the dictionary.")
     kmeans_iter: PositiveInt = Field(50, description="k-means iterations when choosing candidates.")
 
@@ -114,7 +116,11 @@ class ArchetypalSAE(TopKSAE):
             x = x[torch.randint(x.shape[0], (n_c,), generator=gen)] + 1e-3 * torch.randn(n_c, x.shape[1], generator=gen)
         self.candidates.copy_(kmeans(x, n_c, self.cfg.kmeans_iter, gen))
         # Each atom picks a distinct random candidate, so seeds differ only through this choice and training.
-        perm = torch.randperm(n_c, generator=gen)[: self.cfg.d_sae] if n_c >= self.cfg.d_sae else torch.arange(self.cfg.d_sae) % n_c
+        perm = (
+            torch.randperm(n_c, generator=gen)[: self.cfg.d_sae]
+            if n_c >= self.cfg.d_sae
+            else torch.arange(self.cfg.d_sae) % n_c
+        )
         self.A.zero_()
         self.A[torch.arange(self.cfg.d_sae), perm] = 1.0
         atoms = self.candidates[perm]
@@ -144,7 +150,8 @@ class ArchetypalSAE(TopKSAE):
 class RelaxedArchetypalConfig(ArchetypalConfig):
     architecture: str = "relaxed_archetypal"
     relaxation: NonNegativeFloat = Field(
-        1.0, description="delta: max norm of each atom's offset from the hull (inputs are scaled to E||x|| = sqrt(d_in))."
+        1.0,
+        description="delta: max norm of each atom's offset from the hull (inputs are scaled to E||x|| = sqrt(d_in)).",
     )
 
 

@@ -78,7 +78,11 @@ class TrainOutput:
 
 
 def encoder_matmul(
-    x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, bias: torch.Tensor, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    bias: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(x - b_dec) @ W_enc + bias, computed as x @ W_enc + (bias - b_dec @ W_enc).
 
@@ -228,7 +232,9 @@ class SAE(torch.nn.Module):
         if self.cfg.decoder_norm == "unit" and self.W_dec.grad is not None:
             W, g = self.W_dec, self.W_dec.grad
             # (g . w/|w|) w/|w| = (g . w) w / |w|^2: no normalised copy of W_dec, one in-place update
-            coef = torch.einsum("ij,ij->i", g, W) / torch.einsum("ij,ij->i", W, W).clamp_min(1e-24)  # row dots, no temporaries
+            coef = torch.einsum("ij,ij->i", g, W) / torch.einsum("ij,ij->i", W, W).clamp_min(
+                1e-24
+            )  # row dots, no temporaries
             g.addcmul_(W, coef[:, None], value=-1)
 
     @torch.no_grad()

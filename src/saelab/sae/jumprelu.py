@@ -71,12 +71,14 @@ class JumpReLUConfig(SAEConfig):
     architecture: str = "jumprelu"
     l0_coefficient: NonNegativeFloat = Field(1.0, description="lambda on the L0 penalty.")
     bandwidth: PositiveFloat = Field(
-        0.05, description="Width eps of the rectangle kernel in the threshold's pseudo-derivative "
-        "(paper: 1e-3 with long training; wider learns thresholds in fewer steps)."
+        0.05,
+        description="Width eps of the rectangle kernel in the threshold's pseudo-derivative "
+        "(paper: 1e-3 with long training; wider learns thresholds in fewer steps).",
     )
     init_threshold: PositiveFloat = Field(
-        1.0, description="Initial threshold for every latent (inputs are scaled to E||x|| = sqrt(d_in), "
-        "so pre-activations of random directions are about unit size)."
+        1.0,
+        description="Initial threshold for every latent (inputs are scaled to E||x|| = sqrt(d_in), "
+        "so pre-activations of random directions are about unit size).",
     )
 
 

@@ -32,8 +32,9 @@ class MatryoshkaConfig(BatchTopKConfig):
         None, description="Nested prefix sizes m_1 < ... < m_G = d_sae (default: doubling, 4 levels)."
     )
     level_weights: list[NonNegativeFloat] | None = Field(
-        None, description="Loss weight per prefix (default 1 each: the paper sums the prefix losses; "
-        "Chanin et al.'s 'balance' sets these)."
+        None,
+        description="Loss weight per prefix (default 1 each: the paper sums the prefix losses; "
+        "Chanin et al.'s 'balance' sets these).",
     )
     random_prefixes: bool = Field(False, description="Sample prefix lengths every step (Nabeshima's variant).")
     n_random_prefixes: PositiveInt = Field(
@@ -88,7 +89,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         w = self.cfg.level_weights
         return list(w) if w is not None else [1.0] * n
 
-    def nested_reconstructions(self, f: torch.Tensor, prefixes: list[int], sel: Selection | None = None) -> list[torch.Tensor]:
+    def nested_reconstructions(
+        self, f: torch.Tensor, prefixes: list[int], sel: Selection | None = None
+    ) -> list[torch.Tensor]:
         """b_dec + sum_{i <= m_g} f_i d_i for every prefix, built incrementally (one pass over W_dec).
 
         `f` is the dense [B, d_sae] latents, or the values at `sel` (then each level decodes

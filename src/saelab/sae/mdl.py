@@ -33,7 +33,9 @@ class MDLConfig(JumpReLUConfig):
     architecture: str = "mdl"
     dl_coefficient: NonNegativeFloat = Field(0.05, description="lambda on the description length (bits per token).")
     value_bits: PositiveFloat = Field(8.0, description="b: bits per active latent's quantised value.")
-    l0_coefficient: NonNegativeFloat = Field(0.0, description="Unused by MDL (the DL replaces the L0 penalty); must be 0.")
+    l0_coefficient: NonNegativeFloat = Field(
+        0.0, description="Unused by MDL (the DL replaces the L0 penalty); must be 0."
+    )
 
     @model_validator(mode="after")
     def _no_l0(self):
@@ -61,7 +63,8 @@ class MDLSAE(JumpReLUSAE):
         value_bits = self.cfg.value_bits * fires.sum(-1).mean()
         scale = self.cfg.dl_coefficient * ctx.sparsity_scale
         return TrainOutput(
-            x_hat, f,
+            x_hat,
+            f,
             {"mse": mse_per_token(x_hat, x), "dl_positions": scale * position_bits, "dl_values": scale * value_bits},
         )
 

@@ -64,7 +64,12 @@ def decoder_directions(sae: Any) -> torch.Tensor:
 
 
 def train_meta_sae(
-    sae: Any, d_meta: int | None = None, k: int = 4, steps: int = 2000, batch_size: int = 256, seed: int = 0,
+    sae: Any,
+    d_meta: int | None = None,
+    k: int = 4,
+    steps: int = 2000,
+    batch_size: int = 256,
+    seed: int = 0,
     train_config: dict | None = None,
 ) -> MetaSAEResult:
     """Train a BatchTopK meta-SAE with `d_meta` latents (default d_sae // 4) and `k` active per direction."""
@@ -83,11 +88,17 @@ def train_meta_sae(
         while True:
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n - batch_size + 1, batch_size):
-                yield dirs[perm[i:i + batch_size]]
+                yield dirs[perm[i : i + batch_size]]
 
     cfg = {"architecture": "batchtopk", "d_in": d, "d_sae": d_meta, "k": k, "seed": seed}
-    tc = {"steps": steps, "progress": False, "seed": seed, "norm_estimation_batches": 2,
-          "dead_after_tokens": max(10 * n, 1000), **(train_config or {})}
+    tc = {
+        "steps": steps,
+        "progress": False,
+        "seed": seed,
+        "norm_estimation_batches": 2,
+        "dead_after_tokens": max(10 * n, 1000),
+        **(train_config or {}),
+    }
     result = train(cfg, batches, tc)
     meta = result.sae.eval()
     with torch.no_grad():

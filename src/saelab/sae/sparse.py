@@ -20,8 +20,9 @@ and every gradient). `kernel_mode` forces the dense reference for tests and benc
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

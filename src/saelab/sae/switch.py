@@ -76,7 +76,7 @@ class SwitchSAE(SAE):
         for e, count in enumerate(counts):  # each token runs only its own expert's encoder
             if count == 0:
                 continue
-            rows = order[start:start + count]
+            rows = order[start : start + count]
             start += count
             pre = xc.index_select(0, rows) @ W[:, e] + b[e]
             top, idx = pre.topk(k, dim=-1, sorted=False)
@@ -85,7 +85,9 @@ class SwitchSAE(SAE):
             vals_all.append(torch.relu(top) * top_p.index_select(0, rows)[:, None])
         f = xc.new_zeros(x.shape[0], self.cfg.d_sae)
         if rows_all:  # one scatter for all experts, so the cost does not grow with N * B * d_sae
-            f = f.index_put((torch.cat(rows_all).flatten(), torch.cat(cols_all).flatten()), torch.cat(vals_all).flatten())
+            f = f.index_put(
+                (torch.cat(rows_all).flatten(), torch.cat(cols_all).flatten()), torch.cat(vals_all).flatten()
+            )
         return f, expert, probs
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +126,13 @@ class SwitchSAE(SAE):
         """Multiply-adds x2 per token: router, the one expert's encoder, and the k-row sparse decoder."""
         d, n, m, k = self.cfg.d_in, self.cfg.n_experts, self.cfg.expert_size, self.cfg.k
         router, encoder, decoder = 2 * d * n, 2 * d * m, 2 * k * d
-        return {"router": router, "encoder": encoder, "decoder": decoder, "total": router + encoder + decoder,
-                "dense_topk_encoder": 2 * d * self.cfg.d_sae}
+        return {
+            "router": router,
+            "encoder": encoder,
+            "decoder": decoder,
+            "total": router + encoder + decoder,
+            "dense_topk_encoder": 2 * d * self.cfg.d_sae,
+        }
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -58,8 +58,9 @@ class TiedReLUSAE(ReLUSAE):
         self.W_enc.copy_(self.tied_encoder())
 
 
-def absorption_toy(tied: bool, seed: int, steps: int = 1500, l1_coefficient: float | None = None,
-                   eval_tokens: int = 8192) -> dict[str, float]:
+def absorption_toy(
+    tied: bool, seed: int, steps: int = 1500, l1_coefficient: float | None = None, eval_tokens: int = 8192
+) -> dict[str, float]:
     """Train the toy SAE once and return its absorption and hedging metrics."""
     from saelab.evals.pathology import absorption, hedging
     from saelab.sae.registry import make_config

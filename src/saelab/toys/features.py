@@ -154,14 +154,14 @@ class ToySource:
     def d_in(self) -> int:
         return self.world.d_in
 
-    def __iter__(self) -> "ToySource":
+    def __iter__(self) -> ToySource:
         return self
 
     def __next__(self) -> Batch:
         self.position += 1
         return self.world.sample(self.batch_size, self.gen)
 
-    def shard(self, rank: int, world_size: int) -> "ToySource":
+    def shard(self, rank: int, world_size: int) -> ToySource:
         """Rank `rank`'s share for data-parallel training (saelab.train.distributed): batches of
         batch_size / world_size rows from an independent stream seeded by (seed, rank, world_size),
         so ranks draw different samples and none generates the others'."""
@@ -186,4 +186,3 @@ class ToySource:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.gen.set_state(state["generator"])
         self.position = int(state["position"])
-

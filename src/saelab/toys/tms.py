@@ -51,8 +51,14 @@ def sample_tms_features(n: int, probs: torch.Tensor, n_features: int, gen: torch
 
 
 def train_tms_batched(
-    n_features: int, d_hidden: int, probs: torch.Tensor, importance: torch.Tensor, steps: int,
-    batch_size: int, lr: float, seed: int,
+    n_features: int,
+    d_hidden: int,
+    probs: torch.Tensor,
+    importance: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train one model per row of `probs` / `importance` ([I] and [I, N]). Returns W [I, d, N],
     b [I, N] and the final loss per instance (averaged over the last 10% of steps)."""
@@ -124,8 +130,16 @@ def train_tms(cfg: TMSConfig | dict | None = None) -> TMSResult:
     cfg = cfg if isinstance(cfg, TMSConfig) else TMSConfig.parse(cfg or {})
     probs = torch.tensor(cfg.feature_probs)
     importance = cfg.importance_decay ** torch.arange(cfg.n_features, dtype=torch.float32)
-    w, b, loss = train_tms_batched(cfg.n_features, cfg.d_hidden, probs, importance.expand(len(probs), -1),
-                                   cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
+    w, b, loss = train_tms_batched(
+        cfg.n_features,
+        cfg.d_hidden,
+        probs,
+        importance.expand(len(probs), -1),
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.seed,
+    )
     geo = [tms_geometry(w[i], cfg.feature_probs[i], float(loss[i])) for i in range(len(probs))]
     return TMSResult(cfg, w, b, importance, geo)
 
@@ -145,8 +159,11 @@ class PhaseDiagram:
 
 
 def phase_diagram(
-    feature_probs: list[float] | None = None, relative_importance: list[float] | None = None,
-    restarts: int = 3, steps: int = 2000, seed: int = 0,
+    feature_probs: list[float] | None = None,
+    relative_importance: list[float] | None = None,
+    restarts: int = 3,
+    steps: int = 2000,
+    seed: int = 0,
 ) -> PhaseDiagram:
     """Train every cell (and `restarts` inits per cell, keeping the lowest loss) as one batched model."""
     ps = feature_probs or torch.logspace(0, -2, 8).tolist()
@@ -178,21 +195,37 @@ def plot_tms(result: TMSResult, diagram: PhaseDiagram | None, path) -> None:
     ps = [g.feature_prob for g in result.geometry]
     ax[0].plot(ps, [g.n_represented for g in result.geometry], "o-")
     ax[0].axhline(result.cfg.d_hidden, ls="--", c="grey", lw=1, label="d (no superposition)")
-    ax[0].set(xscale="log", xlabel="feature probability 1 - S", ylabel="features represented (||W_i|| > 0.5)",
-              title=f"TMS: N={result.cfg.n_features}, d={result.cfg.d_hidden}")
+    ax[0].set(
+        xscale="log",
+        xlabel="feature probability 1 - S",
+        ylabel="features represented (||W_i|| > 0.5)",
+        title=f"TMS: N={result.cfg.n_features}, d={result.cfg.d_hidden}",
+    )
     ax[0].invert_xaxis()
     ax[0].legend(fontsize=8)
     for g in result.geometry:
         ax[1].scatter([1 / g.feature_prob] * len(g.dimensionality), g.dimensionality, s=8, alpha=0.6)
         ax[1].plot([1 / g.feature_prob], [g.dimensions_per_feature], "k_", ms=14)
-    ax[1].set(xscale="log", xlabel="1 / (1 - S)", ylabel="feature dimensionality D_i", title="geometry (bar: d/||W||_F^2)")
+    ax[1].set(
+        xscale="log", xlabel="1 / (1 - S)", ylabel="feature dimensionality D_i", title="geometry (bar: d/||W||_F^2)"
+    )
     if diagram:
         from matplotlib.colors import ListedColormap
 
-        im = ax[2].imshow(diagram.phase, origin="lower", aspect="auto", vmin=0, vmax=2,
-                          cmap=ListedColormap(["#dddddd", "#4c72b0", "#dd8452"]))
-        ax[2].set_xticks(range(len(diagram.feature_probs)), [f"{p:.2g}" for p in diagram.feature_probs], rotation=60, fontsize=7)
-        ax[2].set_yticks(range(len(diagram.relative_importance)), [f"{r:.2g}" for r in diagram.relative_importance], fontsize=7)
+        im = ax[2].imshow(
+            diagram.phase,
+            origin="lower",
+            aspect="auto",
+            vmin=0,
+            vmax=2,
+            cmap=ListedColormap(["#dddddd", "#4c72b0", "#dd8452"]),
+        )
+        ax[2].set_xticks(
+            range(len(diagram.feature_probs)), [f"{p:.2g}" for p in diagram.feature_probs], rotation=60, fontsize=7
+        )
+        ax[2].set_yticks(
+            range(len(diagram.relative_importance)), [f"{r:.2g}" for r in diagram.relative_importance], fontsize=7
+        )
         ax[2].set(xlabel="feature probability", ylabel="importance of feature 2", title="2 features, 1 dim")
         cbar = fig.colorbar(im, ax=ax[2], ticks=[0, 1, 2])
         cbar.ax.set_yticklabels(["ignored", "dedicated", "superposed"], fontsize=7)
@@ -222,8 +255,9 @@ class TMSWorld:
             cfg = TMSWorldConfig.parse(cfg or {})
         self.cfg = cfg
         imp = cfg.importance_decay ** torch.arange(cfg.n_features, dtype=torch.float32)
-        w, b, loss = train_tms_batched(cfg.n_features, cfg.d_hidden, torch.tensor([cfg.feature_prob]), imp[None],
-                                       cfg.steps, 1024, 1e-3, cfg.seed)
+        w, b, loss = train_tms_batched(
+            cfg.n_features, cfg.d_hidden, torch.tensor([cfg.feature_prob]), imp[None], cfg.steps, 1024, 1e-3, cfg.seed
+        )
         self.W, self.b = w[0], b[0]
         self.directions = self.W.t().contiguous()
         self.probs = torch.full((cfg.n_features,), cfg.feature_prob)

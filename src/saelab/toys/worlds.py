@@ -17,10 +17,19 @@ Kinds (the `kind` key of a world spec):
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from saelab.errors import ConfigError
 from saelab.toys.features import LinearWorld, embed_directions
@@ -59,9 +68,7 @@ class CorrelatedSpec(IndependentSpec):
     @model_validator(mode="after")
     def _check_groups(self):
         if self.n_features % self.group_size:
-            raise ValueError(
-                f"group_size={self.group_size} must divide n_features={self.n_features}; change either"
-            )
+            raise ValueError(f"group_size={self.group_size} must divide n_features={self.n_features}; change either")
         if self.group_size > 1 and self.correlation <= -1 / (self.group_size - 1):  # at the bound it is singular
             raise ValueError(
                 f"correlation={self.correlation} is impossible for groups of {self.group_size} "
@@ -102,7 +109,9 @@ class HierarchySpec(_WorldBase):
         parents = [n.parent for n in self.resolved_nodes()]
         for i, p in enumerate(parents):
             if p is not None and not 0 <= p < len(parents):
-                raise ValueError(f"nodes[{i}].parent={p} does not exist; parents must index one of the {len(parents)} nodes")
+                raise ValueError(
+                    f"nodes[{i}].parent={p} does not exist; parents must index one of the {len(parents)} nodes"
+                )
             if p == i:
                 raise ValueError(f"nodes[{i}].parent={p} is the node itself; set parent to another node or None")
         _depths(parents)  # raises on cycles
@@ -121,13 +130,19 @@ class HierarchySpec(_WorldBase):
             return self.nodes
         nodes, frontier = [], []
         for _ in range(self.n_roots):
-            nodes.append(NodeSpec(parent=None, prob=self.root_prob, mutually_exclusive_children=self.mutually_exclusive))
+            nodes.append(
+                NodeSpec(parent=None, prob=self.root_prob, mutually_exclusive_children=self.mutually_exclusive)
+            )
             frontier.append(len(nodes) - 1)
         for _ in range(self.depth - 1):
             nxt = []
             for parent in frontier:
                 for _ in range(self.branching):
-                    nodes.append(NodeSpec(parent=parent, prob=self.child_prob, mutually_exclusive_children=self.mutually_exclusive))
+                    nodes.append(
+                        NodeSpec(
+                            parent=parent, prob=self.child_prob, mutually_exclusive_children=self.mutually_exclusive
+                        )
+                    )
                     nxt.append(len(nodes) - 1)
             frontier = nxt
         return nodes
@@ -164,7 +179,7 @@ class BundleSpec(_WorldBase):
         return self
 
 
-WorldSpec = Annotated[Union[IndependentSpec, CorrelatedSpec, HierarchySpec, BundleSpec], Field(discriminator="kind")]
+WorldSpec = Annotated[IndependentSpec | CorrelatedSpec | HierarchySpec | BundleSpec, Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(WorldSpec)
 KINDS = ("independent", "correlated", "hierarchy", "bundle")
 
@@ -180,14 +195,20 @@ def parse_world_spec(values: dict[str, Any] | BaseModel) -> BaseModel:
     try:
         return _ADAPTER.validate_python(values)
     except ValidationError as exc:
-        model = {"independent": IndependentSpec, "correlated": CorrelatedSpec, "hierarchy": HierarchySpec,
-                 "bundle": BundleSpec}[kind]
+        model = {
+            "independent": IndependentSpec,
+            "correlated": CorrelatedSpec,
+            "hierarchy": HierarchySpec,
+            "bundle": BundleSpec,
+        }[kind]
         lines = []
         for err in exc.errors():
             loc = [str(p) for p in err["loc"] if str(p) != kind]
             where = ".".join(loc) or "world"
             if err["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{where}' for a {kind} world; valid keys: {', '.join(sorted(model.model_fields))}")
+                lines.append(
+                    f"unknown key '{where}' for a {kind} world; valid keys: {', '.join(sorted(model.model_fields))}"
+                )
             else:
                 msg = err["msg"].removeprefix("Value error, ")
                 lines.append(f"{kind} world: {msg}" if where == "world" else f"{kind} world '{where}': {msg}")
@@ -201,7 +222,9 @@ def _depths(parents: list[int | None]) -> list[int]:
         path, node = [], start
         while node is not None and depth[node] is None:
             if node in path:
-                raise ValueError(f"nodes[{node}] is on a parent cycle {path[path.index(node):] + [node]}; a hierarchy must be a forest")
+                raise ValueError(
+                    f"nodes[{node}] is on a parent cycle {path[path.index(node) :] + [node]}; a hierarchy must be a forest"
+                )
             path.append(node)
             node = parents[node]
         base = -1 if node is None else depth[node]
@@ -219,8 +242,15 @@ def _magnitudes(spec: _WorldBase, active: torch.Tensor, gen: torch.Generator) ->
 def _firing_probs(spec: IndependentSpec) -> torch.Tensor:
     from saelab.toys.features import ToyWorldConfig, firing_probabilities
 
-    return firing_probabilities(ToyWorldConfig(n_features=spec.n_features, d=spec.d, firing=spec.firing,
-                                               firing_prob=spec.firing_prob, zipf_exponent=spec.zipf_exponent))
+    return firing_probabilities(
+        ToyWorldConfig(
+            n_features=spec.n_features,
+            d=spec.d,
+            firing=spec.firing,
+            firing_prob=spec.firing_prob,
+            zipf_exponent=spec.zipf_exponent,
+        )
+    )
 
 
 class IndependentSampler:
@@ -270,11 +300,13 @@ class HierarchySampler:
                 p = self.parents[i]
                 if p is not None and nodes[p].mutually_exclusive_children:
                     groups.setdefault(p, []).append(i)
-            self.levels.append((
-                torch.tensor(free, dtype=torch.long),
-                torch.tensor([-1 if self.parents[i] is None else self.parents[i] for i in free], dtype=torch.long),
-                [(torch.tensor(ch), p, self.node_probs[ch].cumsum(0)) for p, ch in groups.items()],
-            ))
+            self.levels.append(
+                (
+                    torch.tensor(free, dtype=torch.long),
+                    torch.tensor([-1 if self.parents[i] is None else self.parents[i] for i in free], dtype=torch.long),
+                    [(torch.tensor(ch), p, self.node_probs[ch].cumsum(0)) for p, ch in groups.items()],
+                )
+            )
         marg = torch.zeros(len(nodes))
         for i in sorted(range(len(nodes)), key=lambda i: self.depths[i]):
             marg[i] = self.node_probs[i] * (1.0 if self.parents[i] is None else marg[self.parents[i]])
@@ -302,8 +334,9 @@ class BundleSampler:
 
     def __init__(self, spec: BundleSpec):
         self.spec = spec
-        self.probs = torch.cat([torch.full((spec.n_entities,), spec.entity_prob),
-                                torch.full((spec.n_attributes,), spec.attribute_prob)])
+        self.probs = torch.cat(
+            [torch.full((spec.n_entities,), spec.entity_prob), torch.full((spec.n_attributes,), spec.attribute_prob)]
+        )
 
     def active(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.rand(n, len(self.probs), generator=gen) < self.probs
@@ -326,11 +359,14 @@ class World(LinearWorld):
         if isinstance(cfg, BundleSpec):
             self.sampler = BundleSampler(cfg)
             self.directions, self.bundles, self.label_directions = _bundle_directions(cfg)
-            self.attribute_directions = self.directions[cfg.n_entities:]
+            self.attribute_directions = self.directions[cfg.n_entities :]
             self.parents = [None] * (cfg.n_entities + cfg.n_attributes)
         else:
-            sampler_cls = {"independent": IndependentSampler, "correlated": CorrelatedSampler,
-                           "hierarchy": HierarchySampler}[cfg.kind]
+            sampler_cls = {
+                "independent": IndependentSampler,
+                "correlated": CorrelatedSampler,
+                "hierarchy": HierarchySampler,
+            }[cfg.kind]
             self.sampler = sampler_cls(cfg)
             n = len(self.sampler.probs)
             self.directions = embed_directions(n, cfg.d, cfg.target_cos_sim, cfg.seed)
@@ -360,8 +396,10 @@ def _bundle_directions(cfg: BundleSpec) -> tuple[torch.Tensor, list[list[int]], 
     basis, _ = torch.linalg.qr(torch.randn(cfg.d, cfg.d, generator=gen, dtype=torch.float64))
     basis = basis.t().float()  # rows orthonormal
     attrs = basis[: cfg.n_attributes]
-    bundles = [sorted(torch.randperm(cfg.n_attributes, generator=gen)[: cfg.attributes_per_entity].tolist())
-               for _ in range(cfg.n_entities)]
+    bundles = [
+        sorted(torch.randperm(cfg.n_attributes, generator=gen)[: cfg.attributes_per_entity].tolist())
+        for _ in range(cfg.n_entities)
+    ]
     member = torch.zeros(cfg.n_entities, cfg.n_attributes)
     for e, b in enumerate(bundles):
         member[e, b] = 1.0
@@ -371,7 +409,7 @@ def _bundle_directions(cfg: BundleSpec) -> tuple[torch.Tensor, list[list[int]], 
     w = cfg.label_weight
     entity = bundle_dirs
     if w > 0:
-        comp = basis[cfg.n_attributes:]  # [d - n_attr, d]
+        comp = basis[cfg.n_attributes :]  # [d - n_attr, d]
         coords = embed_directions(cfg.n_entities, comp.shape[0], 0.0, cfg.seed + 1)
         labels = coords @ comp
         entity = math.sqrt(1 - w * w) * bundle_dirs + w * labels

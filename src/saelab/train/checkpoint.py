@@ -60,7 +60,7 @@ def _flatten(prefix: str, tensors: dict[str, torch.Tensor], into: dict[str, torc
 
 def _unflatten(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     p = prefix + "."
-    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,8 +72,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     np_state = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
     py_version, py_internal, py_gauss = random.getstate()
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py_version, list(py_internal), py_gauss]}
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_version, list(py_internal), py_gauss],
+    }
     return tensors, meta
 
 
@@ -100,7 +102,9 @@ def _optimizer_state(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str,
     return tensors, sd["param_groups"]
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def _load_optimizer_state(
+    optimizer: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor], groups: list[dict]
+) -> None:
     if optimizer is None:
         return
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -134,7 +138,14 @@ def local_state(source) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def save(
-    out_dir: str | Path, step: int, state: dict[str, Any], sae, optimizer, stats, source, keep: int | None = 2,
+    out_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    sae,
+    optimizer,
+    stats,
+    source,
+    keep: int | None = 2,
     ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
 ) -> Path:
     """Write checkpoint `step` and point `latest` at it; then keep the `keep` newest (None: prune later).

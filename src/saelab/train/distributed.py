@@ -38,8 +38,9 @@ What each rank does, and why:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,7 +99,7 @@ class RowShard:
     def position(self) -> int:
         return getattr(self.source, "position", -1)
 
-    def __iter__(self) -> "RowShard":
+    def __iter__(self) -> RowShard:
         return self
 
     def __next__(self) -> Batch:

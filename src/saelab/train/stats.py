@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -11,8 +11,13 @@ class LatentStats:
     """`reduce` (optional) sums a tensor of counts over data-parallel ranks, so every rank
     counts the combined batch and agrees on which latents are dead."""
 
-    def __init__(self, d_sae: int, dead_after_tokens: int, dense_threshold: float,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        d_sae: int,
+        dead_after_tokens: int,
+        dense_threshold: float,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.reduce = reduce
         self.dead_after_tokens = dead_after_tokens
         self.dense_threshold = dense_threshold

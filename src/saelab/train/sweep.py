@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -35,10 +36,18 @@ from saelab.train import checkpoint as ckpt
 from saelab.train.trainer import TrainConfig, Trainer, TrainResult
 
 # Training settings every member must share: they shape the one stream, its start and its checkpoints.
-SHARED = frozenset({
-    "steps", "normalize_activations", "norm_estimation_batches", "b_dec_init", "device", "checkpoint_every",
-    "keep_checkpoints", "progress",
-})
+SHARED = frozenset(
+    {
+        "steps",
+        "normalize_activations",
+        "norm_estimation_batches",
+        "b_dec_init",
+        "device",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "progress",
+    }
+)
 _SOURCE_DIR = "source_checkpoints"
 _COMMIT = "sweep.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
@@ -98,11 +107,19 @@ class Sweep:
             try:
                 position = load_file(str(self._source_file(committed)))
             except (OSError, ValueError) as exc:
-                raise FileFormatError(f"the sweep's source position is missing or truncated ({exc}); "
-                                      f"delete {self.out_dir} to start over") from None
+                raise FileFormatError(
+                    f"the sweep's source position is missing or truncated ({exc}); delete {self.out_dir} to start over"
+                ) from None
             self.source.load_state_dict(position)
-        bar = tqdm(total=self.cfg.steps, initial=lead.step, disable=None if self.cfg.progress else True,
-                   desc=f"sweep of {len(self.trainers)}", unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=lead.step,
+            disable=None if self.cfg.progress else True,
+            desc=f"sweep of {len(self.trainers)}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
         while lead.step < self.cfg.steps:
             batch = lead._next_batch()  # the trainer's checks of each batch (shape, NaN/Inf)
             x = batch.x * lead.input_scale

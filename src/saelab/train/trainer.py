@@ -47,7 +47,9 @@ class TrainConfig(StrictModel):
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
         "geometric_median", description="Initial b_dec (computed on the first batches)."
     )
-    dead_after_tokens: PositiveInt = Field(200_000, description="A latent is dead after this many tokens without firing.")
+    dead_after_tokens: PositiveInt = Field(
+        200_000, description="A latent is dead after this many tokens without firing."
+    )
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent is dense above this firing frequency.")
     log_every: PositiveInt = Field(50, description="Steps between metrics-log records.")
     checkpoint_every: NonNegativeInt = Field(0, description="Steps between checkpoints (0: only at the end).")
@@ -198,22 +200,33 @@ class Trainer:
         # Rank 0 decides what to resume from, so all ranks agree even while files change.
         self.start(self.dist.from_main(ckpt.latest(self.out_dir) if resume and self.out_dir is not None else None))
         bar = tqdm(
-            total=self.cfg.steps, initial=self.step, disable=None if self.cfg.progress and self.dist.is_main else True,
+            total=self.cfg.steps,
+            initial=self.step,
+            disable=None if self.cfg.progress and self.dist.is_main else True,
             desc=self.sae.architecture,
-            unit="step", dynamic_ncols=True, leave=False,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
         )
         while self.step < self.cfg.steps:
             batch = self._next_batch()
             record = self.advance(batch)
             if record is not None:
                 bar.set_postfix(
-                    {**{k: f"{v:.3g}" for k, v in record["losses"].items()}, "L0": f"{record['l0']:.1f}",
-                     "tok/s": f"{record['tokens_per_s']:.3g}"}, refresh=False)
+                    {
+                        **{k: f"{v:.3g}" for k, v in record["losses"].items()},
+                        "L0": f"{record['l0']:.1f}",
+                        "tok/s": f"{record['tokens_per_s']:.3g}",
+                    },
+                    refresh=False,
+                )
             bar.update(1)
             if self.checkpoint_due():
                 self.save_checkpoint()
         bar.close()
-        if self.out_dir and self.dist.from_main(getattr(ckpt.latest(self.out_dir), "name", None)) != ckpt.step_name(self.step):
+        if self.out_dir and self.dist.from_main(getattr(ckpt.latest(self.out_dir), "name", None)) != ckpt.step_name(
+            self.step
+        ):
             self.save_checkpoint()
         return self.result()
 
@@ -263,8 +276,13 @@ class Trainer:
         self.sae.eval()
         self.sae.release_training_buffers()  # a trained SAE kept for analysis should not hold them
         return TrainResult(
-            self.sae, self.input_scale, self.step, self.tokens, time.perf_counter() - self._start_time,
-            self.history, self.stats,
+            self.sae,
+            self.input_scale,
+            self.step,
+            self.tokens,
+            time.perf_counter() - self._start_time,
+            self.history,
+            self.stats,
         )
 
     def _train_step(self, x: torch.Tensor, batch=None):
@@ -334,8 +352,15 @@ class Trainer:
             "train_config": self.cfg.model_dump(),
         }
         path = ckpt.save(
-            self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, source,
-            keep=None if self.shares_source else self.cfg.keep_checkpoints, ranks=ranks,
+            self.out_dir,
+            self.step,
+            state,
+            self.sae,
+            self.optimizer,
+            self.stats,
+            source,
+            keep=None if self.shares_source else self.cfg.keep_checkpoints,
+            ranks=ranks,
         )
         self.dist.barrier()
         return path

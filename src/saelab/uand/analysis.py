@@ -103,9 +103,7 @@ def readout_sign_agreement(model: UANDModel, task: UANDTask, max_pairs: int = 40
 
 
 @torch.no_grad()
-def neuron_class_table(
-    model: UANDModel, task: UANDTask, n_pairs: int = 64, n_samples: int = 64, seed: int = 0
-) -> dict:
+def neuron_class_table(model: UANDModel, task: UANDTask, n_pairs: int = 64, n_samples: int = 64, seed: int = 0) -> dict:
     """Mean activation of each neuron class A/B1/B2/C for each cell of its pair.
 
     For each sampled pair (i, j) and cell v, draw background inputs from the task, set

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
         sub.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
         sub.add_argument("--out", type=Path, default=None, help="output folder (default runs/uand/EXPERIMENT)")
         sub.add_argument(
-            "--threads", type=int, default=1,
+            "--threads",
+            type=int,
+            default=1,
             help="torch CPU threads (default 1: these matrices are small, and one thread never oversubscribes "
             "a shared CPU; raise it for large m or d)",
         )

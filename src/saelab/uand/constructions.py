@@ -131,7 +131,9 @@ def dense_binary_construction(
     raise ConfigError(f"readout={readout!r}: choose 'sign' or 'lstsq'")
 
 
-def tune(build, grid, task: UANDTask, val: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, UANDModel, Metrics, list[dict]]:
+def tune(
+    build, grid, task: UANDTask, val: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[float, UANDModel, Metrics, list[dict]]:
     """Best grid value by balanced MSE on a validation sample: constructions get a fair, tuned shot."""
     rows = []
     best = None

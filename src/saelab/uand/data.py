@@ -205,7 +205,7 @@ class UANDTask:
     def n_pairs(self) -> int:
         return len(self.pairs[0])
 
-    def with_op(self, op: str) -> "UANDTask":
+    def with_op(self, op: str) -> UANDTask:
         """The same world (embedding, wiring, inputs) with another truth table per pair."""
         cfg = DataConfig(**{**self.config.to_dict(), "op": op})
         return UANDTask(cfg)

@@ -15,9 +15,9 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -66,13 +66,43 @@ class Scale:
     n_eval_big: int = 300
 
     @classmethod
-    def make(cls, quick: bool) -> "Scale":
+    def make(cls, quick: bool) -> Scale:
         if quick:
-            return cls(m=30, s=2, d_grid=[5, 10, 20, 40], d=20, d_wide=80, steps=300, batch_size=128, n_eval=1000,
-                       n_fit=20000, s_grid=[2, 3, 4], m_grid=[20, 30, 45], seeds=1, m_big=200, d_big=20,
-                       d_big_grid=[20, 200], steps_big=100, batch_big=64, output_sample=256, n_eval_big=200)
-        return cls(m=100, s=3, d_grid=[10, 20, 50, 100, 200, 500, 1000], d=50, d_wide=200, steps=1000, batch_size=256,
-                   n_eval=2000, n_fit=60000, s_grid=[2, 3, 5], m_grid=[50, 100, 150], seeds=2)
+            return cls(
+                m=30,
+                s=2,
+                d_grid=[5, 10, 20, 40],
+                d=20,
+                d_wide=80,
+                steps=300,
+                batch_size=128,
+                n_eval=1000,
+                n_fit=20000,
+                s_grid=[2, 3, 4],
+                m_grid=[20, 30, 45],
+                seeds=1,
+                m_big=200,
+                d_big=20,
+                d_big_grid=[20, 200],
+                steps_big=100,
+                batch_big=64,
+                output_sample=256,
+                n_eval_big=200,
+            )
+        return cls(
+            m=100,
+            s=3,
+            d_grid=[10, 20, 50, 100, 200, 500, 1000],
+            d=50,
+            d_wide=200,
+            steps=1000,
+            batch_size=256,
+            n_eval=2000,
+            n_fit=60000,
+            s_grid=[2, 3, 5],
+            m_grid=[50, 100, 150],
+            seeds=2,
+        )
 
 
 @dataclass
@@ -107,8 +137,22 @@ def _train_eval(task: UANDTask, model_cfg: ModelConfig, scale: Scale, seed: int,
 
 def _row(metrics: Metrics, **keys) -> dict:
     m = metrics.to_dict()
-    return {**keys, **{k: m[k] for k in ("balanced_mse", "mse_pos", "mse_neg", "max_abs", "acc_pos", "acc_neg",
-                                          "cell_mse_mean", "worst_cell_acc")}}
+    return {
+        **keys,
+        **{
+            k: m[k]
+            for k in (
+                "balanced_mse",
+                "mse_pos",
+                "mse_neg",
+                "max_abs",
+                "acc_pos",
+                "acc_neg",
+                "cell_mse_mean",
+                "worst_cell_acc",
+            )
+        },
+    }
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -158,32 +202,44 @@ def exp_scaling(scale: Scale, seed: int) -> Outcome:
     for s in scale.s_grid:
         if (scale.m, s, scale.d) not in done:
             t = UANDTask(DataConfig(m=scale.m, s=s, seed=seed))
-            _, done[(scale.m, s, scale.d)] = _train_eval(t, ModelConfig(d=scale.d), scale, seed,
-                                                         _eval_set(t, scale.n_eval, seed))
+            _, done[(scale.m, s, scale.d)] = _train_eval(
+                t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed)
+            )
         rows_s.append(_row(done[(scale.m, s, scale.d)], s=s))
     for m in scale.m_grid:
         if (m, scale.s, scale.d) not in done:
             t = UANDTask(DataConfig(m=m, s=scale.s, seed=seed))
-            _, done[(m, scale.s, scale.d)] = _train_eval(t, ModelConfig(d=scale.d), scale, seed,
-                                                         _eval_set(t, scale.n_eval, seed))
+            _, done[(m, scale.s, scale.d)] = _train_eval(
+                t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed)
+            )
         rows_m.append(_row(done[(m, scale.s, scale.d)], m=m, pairs=math.comb(m, 2)))
     errs = [r["balanced_mse"] for r in rows_d]
     rho = _spearman(scale.d_grid, errs)
     s_errs = [r["balanced_mse"] for r in rows_s]
     s_ratio = max(s_errs) / max(min(s_errs), 1e-12)
     claims = [
-        Claim("trades_error_for_neurons", "error falls steadily as d grows (graceful as d shrinks)",
-              "Spearman rho(d, balanced MSE) <= -0.8 and balanced MSE at the smallest d < 0.5 (zero predictor)",
-              rho <= -0.8 and errs[0] < 0.5, {"spearman_rho": rho, "balanced_mse_by_d": dict(zip(scale.d_grid, errs))}),
-        Claim("robust_to_s", "error roughly insensitive to s in the sparse regime",
-              f"max/min balanced MSE over s in {scale.s_grid} <= 3", s_ratio <= 3,
-              {"max_over_min": s_ratio, "balanced_mse_by_s": dict(zip(scale.s_grid, s_errs))}),
+        Claim(
+            "trades_error_for_neurons",
+            "error falls steadily as d grows (graceful as d shrinks)",
+            "Spearman rho(d, balanced MSE) <= -0.8 and balanced MSE at the smallest d < 0.5 (zero predictor)",
+            rho <= -0.8 and errs[0] < 0.5,
+            {"spearman_rho": rho, "balanced_mse_by_d": dict(zip(scale.d_grid, errs))},
+        ),
+        Claim(
+            "robust_to_s",
+            "error roughly insensitive to s in the sparse regime",
+            f"max/min balanced MSE over s in {scale.s_grid} <= 3",
+            s_ratio <= 3,
+            {"max_over_min": s_ratio, "balanced_mse_by_s": dict(zip(scale.s_grid, s_errs))},
+        ),
     ]
     fig, axes = new_figure(ncols=3)
     _line_plot(axes[0][0], rows_d, "d", "balanced_mse")
     _line_plot(axes[0][1], rows_s, "s", "balanced_mse", logx=False)
     _line_plot(axes[0][2], rows_m, "m", "balanced_mse")
-    for ax, title in zip(axes[0], [f"m={scale.m}, s={scale.s}", f"m={scale.m}, d={scale.d}", f"s={scale.s}, d={scale.d}"]):
+    for ax, title in zip(
+        axes[0], [f"m={scale.m}, s={scale.s}", f"m={scale.m}, d={scale.d}", f"s={scale.s}, d={scale.d}"]
+    ):
         ax.set_title(title)
     fig.tight_layout()
     sections = [
@@ -206,8 +262,12 @@ def exp_constructions(scale: Scale, seed: int) -> Outcome:
         rows.append(_row(met, method="trained", d=d))
         p, model, _, _ = tune(lambda p: hanni_construction(task, d, p, seed=seed), _hanni_grid(), task, tune_set)
         rows.append(_row(evaluate(model, task, *val), method="hanni", d=d, tuned=f"p={p}"))
-        bias, model, _, _ = tune(lambda b: dense_binary_construction(task, d, b, seed=seed, calib=tune_set),
-                                 _dense_bias_grid(), task, tune_set)
+        bias, model, _, _ = tune(
+            lambda b: dense_binary_construction(task, d, b, seed=seed, calib=tune_set),
+            _dense_bias_grid(),
+            task,
+            tune_set,
+        )
         rows.append(_row(evaluate(model, task, *val), method="dense_sign", d=d, tuned=f"b={bias}"))
         model = dense_binary_construction(task, d, bias, seed=seed, readout="lstsq", n_fit=scale.n_fit)
         rows.append(_row(evaluate(model, task, *val), method="dense_lstsq", d=d, tuned=f"b={bias}"))
@@ -215,16 +275,30 @@ def exp_constructions(scale: Scale, seed: int) -> Outcome:
     wins = [err[("trained", d)] < err[("hanni", d)] for d in scale.d_grid]
     dense_wins = [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) < err[("hanni", d)] for d in scale.d_grid]
     claims = [
-        Claim("beats_sparse_construction", f"at low s (s={scale.s}) the trained model beats the Hänni construction at equal d",
-              "trained balanced MSE < tuned Hänni balanced MSE at every d in the grid", all(wins),
-              {"max_trained_over_hanni": max(err[("trained", d)] / err[("hanni", d)] for d in scale.d_grid),
-               "d": scale.d_grid, "trained": [err[("trained", d)] for d in scale.d_grid],
-               "hanni": [err[("hanni", d)] for d in scale.d_grid]}),
-        Claim("dense_construction_beats_sparse", "the dense binary construction beats the Hänni construction at equal d",
-              "best dense read-out balanced MSE < tuned Hänni balanced MSE at every d", all(dense_wins),
-              {"max_dense_over_hanni": max(min(err[("dense_sign", d)], err[("dense_lstsq", d)]) / err[("hanni", d)]
-                                           for d in scale.d_grid),
-               "dense_best": [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) for d in scale.d_grid]}),
+        Claim(
+            "beats_sparse_construction",
+            f"at low s (s={scale.s}) the trained model beats the Hänni construction at equal d",
+            "trained balanced MSE < tuned Hänni balanced MSE at every d in the grid",
+            all(wins),
+            {
+                "max_trained_over_hanni": max(err[("trained", d)] / err[("hanni", d)] for d in scale.d_grid),
+                "d": scale.d_grid,
+                "trained": [err[("trained", d)] for d in scale.d_grid],
+                "hanni": [err[("hanni", d)] for d in scale.d_grid],
+            },
+        ),
+        Claim(
+            "dense_construction_beats_sparse",
+            "the dense binary construction beats the Hänni construction at equal d",
+            "best dense read-out balanced MSE < tuned Hänni balanced MSE at every d",
+            all(dense_wins),
+            {
+                "max_dense_over_hanni": max(
+                    min(err[("dense_sign", d)], err[("dense_lstsq", d)]) / err[("hanni", d)] for d in scale.d_grid
+                ),
+                "dense_best": [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) for d in scale.d_grid],
+            },
+        ),
     ]
     fig, axes = new_figure()
     _line_plot(axes[0][0], rows, "d", "balanced_mse", label_key="method")
@@ -254,24 +328,47 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
     hanni_an = analyse(hanni, task, val[1], seed=seed)
     dens, bin_, sign = trained["density"], trained["binarity"], trained["readout_sign"]
     claims = [
-        Claim("dense", "the learned circuit is dense: most neurons matter for every pair",
-              "participation >= 0.5 and >= 3x the tuned Hänni construction's",
-              dens["participation"] >= 0.5 and dens["participation"] >= 3 * hanni_an["density"]["participation"],
-              {"participation": dens["participation"], "fraction_above_10pct": dens["fraction"],
-               "hanni_participation": hanni_an["density"]["participation"], "hanni_p": p, "hanni_p_squared": p * p}),
-        Claim("binary_weights", "trained |W| is close to binary (one magnitude u)",
-              "coefficient of variation of |W| per neuron <= 0.3 (uniform 0.58, Gaussian 0.76)",
-              bin_["cv_per_neuron"] <= 0.3,
-              {"cv": bin_["cv"], "cv_per_neuron": bin_["cv_per_neuron"], "near_u": bin_["near_u"],
-               "frac_positive": bin_["frac_positive"], "W_moved_from_init": trained["W_moved"],
-               "small_init_cv_per_neuron": small_an["binarity"]["cv_per_neuron"],
-               "small_init_frac_positive": small_an["binarity"]["frac_positive"]}),
-        Claim("sign_product_readout", "read-out weights follow sign(W_ni) sign(W_nj)",
-              "Pearson correlation of R with the sign product >= 0.5", sign["correlation"] >= 0.5, sign),
+        Claim(
+            "dense",
+            "the learned circuit is dense: most neurons matter for every pair",
+            "participation >= 0.5 and >= 3x the tuned Hänni construction's",
+            dens["participation"] >= 0.5 and dens["participation"] >= 3 * hanni_an["density"]["participation"],
+            {
+                "participation": dens["participation"],
+                "fraction_above_10pct": dens["fraction"],
+                "hanni_participation": hanni_an["density"]["participation"],
+                "hanni_p": p,
+                "hanni_p_squared": p * p,
+            },
+        ),
+        Claim(
+            "binary_weights",
+            "trained |W| is close to binary (one magnitude u)",
+            "coefficient of variation of |W| per neuron <= 0.3 (uniform 0.58, Gaussian 0.76)",
+            bin_["cv_per_neuron"] <= 0.3,
+            {
+                "cv": bin_["cv"],
+                "cv_per_neuron": bin_["cv_per_neuron"],
+                "near_u": bin_["near_u"],
+                "frac_positive": bin_["frac_positive"],
+                "W_moved_from_init": trained["W_moved"],
+                "small_init_cv_per_neuron": small_an["binarity"]["cv_per_neuron"],
+                "small_init_frac_positive": small_an["binarity"]["frac_positive"],
+            },
+        ),
+        Claim(
+            "sign_product_readout",
+            "read-out weights follow sign(W_ni) sign(W_nj)",
+            "Pearson correlation of R with the sign product >= 0.5",
+            sign["correlation"] >= 0.5,
+            sign,
+        ),
     ]
     ct = trained["class_table"]
-    table_rows = [{"class": c, "fraction": f, **{f"cell {v}": a for v, a in zip(ct["cells"], acts)}}
-                  for c, f, acts in zip(ct["classes"], ct["class_fraction"], ct["mean_activation"])]
+    table_rows = [
+        {"class": c, "fraction": f, **{f"cell {v}": a for v, a in zip(ct["cells"], acts)}}
+        for c, f, acts in zip(ct["classes"], ct["class_fraction"], ct["mean_activation"])
+    ]
     fig, axes = new_figure(ncols=2)
     W = model.W.detach().flatten()
     axes[0][0].hist(W.numpy(), bins=80)
@@ -290,15 +387,29 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
         "![anatomy](anatomy.png)\n",
     ]
     compare = [
-        {"model": name, "balanced_mse": m_.balanced_mse, "participation": a["density"]["participation"],
-         "cv_per_neuron": a["binarity"]["cv_per_neuron"], "frac_positive": a["binarity"]["frac_positive"],
-         "sign_corr": a["readout_sign"]["correlation"]}
-        for name, m_, a in [("trained (init scale 1)", met, trained), ("trained (init scale 0.1)", met_small, small_an),
-                            (f"Hänni (p={p})", evaluate(hanni, task, *val), hanni_an)]
+        {
+            "model": name,
+            "balanced_mse": m_.balanced_mse,
+            "participation": a["density"]["participation"],
+            "cv_per_neuron": a["binarity"]["cv_per_neuron"],
+            "frac_positive": a["binarity"]["frac_positive"],
+            "sign_corr": a["readout_sign"]["correlation"],
+        }
+        for name, m_, a in [
+            ("trained (init scale 1)", met, trained),
+            ("trained (init scale 0.1)", met_small, small_an),
+            (f"Hänni (p={p})", evaluate(hanni, task, *val), hanni_an),
+        ]
     ]
     sections.insert(1, "### Trained models against the sparse construction\n\n" + markdown_table(compare))
-    results = {"metrics": met.to_dict(), "trained": trained, "small_init": small_an, "hanni": hanni_an, "hanni_p": p,
-               "compare": compare}
+    results = {
+        "metrics": met.to_dict(),
+        "trained": trained,
+        "small_init": small_an,
+        "hanni": hanni_an,
+        "hanni_p": p,
+        "compare": compare,
+    }
     return Outcome(results, claims, {"anatomy": fig}, sections)
 
 
@@ -313,7 +424,9 @@ def exp_frozen(scale: Scale, seed: int) -> Outcome:
     for dist, skew in FROZEN_DISTS:
         errs = []
         for k in range(scale.seeds):
-            _, met = _train_eval(task, ModelConfig(d=scale.d, init=dist, skew=skew, frozen=("W",)), scale, seed + k, val)
+            _, met = _train_eval(
+                task, ModelConfig(d=scale.d, init=dist, skew=skew, frozen=("W",)), scale, seed + k, val
+            )
             errs.append(met.balanced_mse)
         name = dist if dist != "skewed_binary" else f"skewed_binary(p={skew})"
         rows.append({"dist": name, "balanced_mse": sum(errs) / len(errs), "per_seed": errs})
@@ -321,14 +434,27 @@ def exp_frozen(scale: Scale, seed: int) -> Outcome:
     skewed = min(err["skewed_binary(p=0.25)"], err["skewed_binary(p=0.75)"])
     ratio = max(err.values()) / max(min(err.values()), 1e-12)
     claims = [
-        Claim("frozen_similar", "frozen W distributions give similar losses", "max/min balanced MSE <= 1.5",
-              ratio <= 1.5, {"max_over_min": ratio, **err}),
-        Claim("binary_best", "binary is (slightly) best among the symmetric distributions",
-              "binary balanced MSE < Gaussian and < uniform", err["binary"] < min(err["gaussian"], err["uniform"]),
-              {k: err[k] for k in ("binary", "gaussian", "uniform")}),
-        Claim("skew_helps_and", "skewed binary beats symmetric binary on AND",
-              "best of skew p=0.25 / 0.75 balanced MSE < binary (both skews reported)", skewed < err["binary"],
-              {"binary": err["binary"], "best_skewed": skewed}),
+        Claim(
+            "frozen_similar",
+            "frozen W distributions give similar losses",
+            "max/min balanced MSE <= 1.5",
+            ratio <= 1.5,
+            {"max_over_min": ratio, **err},
+        ),
+        Claim(
+            "binary_best",
+            "binary is (slightly) best among the symmetric distributions",
+            "binary balanced MSE < Gaussian and < uniform",
+            err["binary"] < min(err["gaussian"], err["uniform"]),
+            {k: err[k] for k in ("binary", "gaussian", "uniform")},
+        ),
+        Claim(
+            "skew_helps_and",
+            "skewed binary beats symmetric binary on AND",
+            "best of skew p=0.25 / 0.75 balanced MSE < binary (both skews reported)",
+            skewed < err["binary"],
+            {"binary": err["binary"], "best_skewed": skewed},
+        ),
     ]
     fig, axes = new_figure(size=(7, 4))
     ax = axes[0][0]
@@ -338,7 +464,10 @@ def exp_frozen(scale: Scale, seed: int) -> Outcome:
     ax.set_title(f"frozen W, trained b/R/c (m={scale.m}, s={scale.s}, d={scale.d})")
     fig.tight_layout()
     table = [{"dist": r["dist"], "balanced_mse": r["balanced_mse"], "seeds": len(r["per_seed"])} for r in rows]
-    sections = ["All distributions have the same weight RMS (1).\n\n" + markdown_table(table), "![frozen](frozen.png)\n"]
+    sections = [
+        "All distributions have the same weight RMS (1).\n\n" + markdown_table(table),
+        "![frozen](frozen.png)\n",
+    ]
     return Outcome({"rows": rows}, claims, {"frozen": fig}, sections)
 
 
@@ -381,36 +510,56 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
         with torch.no_grad():
             head.W.copy_(W)
             head.b.copy_(b)
-        train(head, xor, TrainConfig(steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, loss="cells",
-                                     seed=seed + 3))
+        train(
+            head,
+            xor,
+            TrainConfig(steps=scale.steps, batch_size=scale.batch_size, lr=scale.lr, loss="cells", seed=seed + 3),
+        )
         adam_rows.append(_row(evaluate(head, xor, *val), hidden=name, table="XOR"))
     get = {(r["hidden"], r["table"]): r for r in rows}
     adam = {r["hidden"]: r for r in adam_rows}
     xor_t, xor_raw = get[("and_trained", "XOR")], get[("raw_inputs", "XOR")]
     crit = "XOR worst-cell accuracy >= 0.9 and cell-mean MSE < half the raw-input read-out's"
     claims = [
-        Claim("xor_readable_from_and", "XOR is linearly readable from the hidden layer of an AND-trained model",
-              crit + " (least-squares read-out)",
-              xor_t["worst_cell_acc"] >= 0.9 and xor_t["cell_mse_mean"] < 0.5 * xor_raw["cell_mse_mean"],
-              {"trained_worst_cell_acc": xor_t["worst_cell_acc"], "trained_cell_mse": xor_t["cell_mse_mean"],
-               "raw_worst_cell_acc": xor_raw["worst_cell_acc"], "raw_cell_mse": xor_raw["cell_mse_mean"],
-               "random_init_worst_cell_acc": get[("random_init", "XOR")]["worst_cell_acc"]}),
-        Claim("xor_readable_from_and_adam", "same, with a read-out trained by Adam on the cell-balanced loss",
-              crit + " (Adam read-out)",
-              adam["and_trained"]["worst_cell_acc"] >= 0.9
-              and adam["and_trained"]["cell_mse_mean"] < 0.5 * adam["raw_inputs"]["cell_mse_mean"],
-              {f"{k}_{m}": adam[k][m] for k in adam for m in ("worst_cell_acc", "cell_mse_mean")}),
-        Claim("xor_specific_to_training", "the AND-trained layer reads XOR better than the same layer before training",
-              "Adam read-out: AND-trained XOR cell-mean MSE < 0.8 x random-init's",
-              adam["and_trained"]["cell_mse_mean"] < 0.8 * adam["random_init"]["cell_mse_mean"],
-              {"and_trained": adam["and_trained"]["cell_mse_mean"], "random_init": adam["random_init"]["cell_mse_mean"]}),
+        Claim(
+            "xor_readable_from_and",
+            "XOR is linearly readable from the hidden layer of an AND-trained model",
+            crit + " (least-squares read-out)",
+            xor_t["worst_cell_acc"] >= 0.9 and xor_t["cell_mse_mean"] < 0.5 * xor_raw["cell_mse_mean"],
+            {
+                "trained_worst_cell_acc": xor_t["worst_cell_acc"],
+                "trained_cell_mse": xor_t["cell_mse_mean"],
+                "raw_worst_cell_acc": xor_raw["worst_cell_acc"],
+                "raw_cell_mse": xor_raw["cell_mse_mean"],
+                "random_init_worst_cell_acc": get[("random_init", "XOR")]["worst_cell_acc"],
+            },
+        ),
+        Claim(
+            "xor_readable_from_and_adam",
+            "same, with a read-out trained by Adam on the cell-balanced loss",
+            crit + " (Adam read-out)",
+            adam["and_trained"]["worst_cell_acc"] >= 0.9
+            and adam["and_trained"]["cell_mse_mean"] < 0.5 * adam["raw_inputs"]["cell_mse_mean"],
+            {f"{k}_{m}": adam[k][m] for k in adam for m in ("worst_cell_acc", "cell_mse_mean")},
+        ),
+        Claim(
+            "xor_specific_to_training",
+            "the AND-trained layer reads XOR better than the same layer before training",
+            "Adam read-out: AND-trained XOR cell-mean MSE < 0.8 x random-init's",
+            adam["and_trained"]["cell_mse_mean"] < 0.8 * adam["random_init"]["cell_mse_mean"],
+            {"and_trained": adam["and_trained"]["cell_mse_mean"], "random_init": adam["random_init"]["cell_mse_mean"]},
+        ),
     ]
     fig, axes = new_figure(size=(7, 4))
     ax = axes[0][0]
     width = 0.27
     for k, name in enumerate(hiddens):
-        ax.bar([x + (k - 1) * width for x in range(len(TABLES))],
-               [get[(name, op.upper())]["worst_cell_acc"] for op in TABLES], width, label=name)
+        ax.bar(
+            [x + (k - 1) * width for x in range(len(TABLES))],
+            [get[(name, op.upper())]["worst_cell_acc"] for op in TABLES],
+            width,
+            label=name,
+        )
     ax.set_xticks(range(len(TABLES)), [op.upper() for op in TABLES])
     ax.set_ylabel("worst-cell accuracy")
     ax.set_title(f"linear read-outs (m={scale.m}, s={scale.s}, d={scale.d_wide})")
@@ -446,9 +595,13 @@ def exp_noise(scale: Scale, seed: int) -> Outcome:
     clean = err[(0.0, 0.0)]
     best_noisy_on_clean = min(err[(n, 0.0)] for n in levels[1:])
     claims = [
-        Claim("not_noise_driven", "the circuit does not rely on noise: training without noise is best on clean inputs",
-              "clean-trained error on clean inputs <= 1.1 x every noise-trained model's clean error",
-              clean <= 1.1 * best_noisy_on_clean, {"clean_trained_clean": clean, "best_noise_trained_clean": best_noisy_on_clean}),
+        Claim(
+            "not_noise_driven",
+            "the circuit does not rely on noise: training without noise is best on clean inputs",
+            "clean-trained error on clean inputs <= 1.1 x every noise-trained model's clean error",
+            clean <= 1.1 * best_noisy_on_clean,
+            {"clean_trained_clean": clean, "best_noise_trained_clean": best_noisy_on_clean},
+        ),
     ]
     fig, axes = new_figure()
     _line_plot(axes[0][0], rows, "eval_noise", "balanced_mse", label_key="train_noise", logx=False)
@@ -473,11 +626,18 @@ def exp_superposition(scale: Scale, seed: int) -> Outcome:
     half = d0s[2]
     basis, sup = err[("trained", scale.m)], err[("trained", half)]
     claims = [
-        Claim("survives_superposition", "computation survives inputs in superposition",
-              f"at d0 = m/2 ({half}) the trained model's balanced accuracy >= 0.9",
-              sup["acc_pos"] * 0.5 + sup["acc_neg"] * 0.5 >= 0.9,
-              {"basis_balanced_mse": basis["balanced_mse"], "half_balanced_mse": sup["balanced_mse"],
-               "half_acc_pos": sup["acc_pos"], "half_acc_neg": sup["acc_neg"]}),
+        Claim(
+            "survives_superposition",
+            "computation survives inputs in superposition",
+            f"at d0 = m/2 ({half}) the trained model's balanced accuracy >= 0.9",
+            sup["acc_pos"] * 0.5 + sup["acc_neg"] * 0.5 >= 0.9,
+            {
+                "basis_balanced_mse": basis["balanced_mse"],
+                "half_balanced_mse": sup["balanced_mse"],
+                "half_acc_pos": sup["acc_pos"],
+                "half_acc_neg": sup["acc_neg"],
+            },
+        ),
     ]
     fig, axes = new_figure()
     _line_plot(axes[0][0], rows, "d0", "balanced_mse", label_key="method", logx=False)
@@ -496,10 +656,13 @@ def exp_circuit(scale: Scale, seed: int) -> Outcome:
         _, met = _train_eval(task, cfg, scale, seed, val)
         rows.append(_row(met, model=name))
     claims = [
-        Claim("circuit_learnable", "a two-step circuit OR(AND(x_i,x_j), x_k) is learned in superposition",
-              "best balanced accuracy over the two architectures >= 0.9",
-              max(0.5 * (r["acc_pos"] + r["acc_neg"]) for r in rows) >= 0.9,
-              {r["model"]: r["balanced_mse"] for r in rows}),
+        Claim(
+            "circuit_learnable",
+            "a two-step circuit OR(AND(x_i,x_j), x_k) is learned in superposition",
+            "best balanced accuracy over the two architectures >= 0.9",
+            max(0.5 * (r["acc_pos"] + r["acc_neg"]) for r in rows) >= 0.9,
+            {r["model"]: r["balanced_mse"] for r in rows},
+        ),
     ]
     return Outcome({"rows": rows}, claims, {}, [markdown_table(rows)])
 
@@ -523,44 +686,79 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
     rows = []
     start = time.perf_counter()
     model = UANDModel.for_task(task, ModelConfig(d=scale.d_big), seed=seed)
-    train(model, task, TrainConfig(steps=scale.steps_big, batch_size=scale.batch_big, lr=scale.lr, seed=seed,
-                                   output_sample=scale.output_sample))
+    train(
+        model,
+        task,
+        TrainConfig(
+            steps=scale.steps_big, batch_size=scale.batch_big, lr=scale.lr, seed=seed, output_sample=scale.output_sample
+        ),
+    )
     train_s = time.perf_counter() - start
     met = evaluate(model, task, *val)
     seen = scale.steps_big * scale.batch_big * math.comb(scale.s, 2) / task.n_pairs
     rows.append(_row(met, method="trained (sampled loss)", d=scale.d_big, seconds=time.perf_counter() - start))
     # The trained hidden layer with the sign-product read-out instead of the per-pair learned one.
     t0 = time.perf_counter()
-    signed = frozen_model(task, model.W.detach(), model.b.detach(), sign_product_readout(model.W.detach(), task),
-                           torch.zeros(task.n_pairs))
+    signed = frozen_model(
+        task,
+        model.W.detach(),
+        model.b.detach(),
+        sign_product_readout(model.W.detach(), task),
+        torch.zeros(task.n_pairs),
+    )
     calibrate(signed, task, *small)
     signed_met = evaluate(signed, task, *val)
-    rows.append(_row(signed_met, method="trained W, b + sign read-out", d=scale.d_big,
-                     seconds=time.perf_counter() - t0))
+    rows.append(
+        _row(signed_met, method="trained W, b + sign read-out", d=scale.d_big, seconds=time.perf_counter() - t0)
+    )
     del model, signed
     for d in scale.d_big_grid:
         t0 = time.perf_counter()
-        bias, built, _, _ = tune(lambda b: dense_binary_construction(task, d, b, seed=seed, calib=small),
-                                 [-3.5, -2.5, -1.5], task, small)
-        rows.append(_row(evaluate(built, task, *val), method="dense_sign", d=d, tuned=f"b={bias}",
-                         seconds=time.perf_counter() - t0))
+        bias, built, _, _ = tune(
+            lambda b: dense_binary_construction(task, d, b, seed=seed, calib=small), [-3.5, -2.5, -1.5], task, small
+        )
+        rows.append(
+            _row(
+                evaluate(built, task, *val),
+                method="dense_sign",
+                d=d,
+                tuned=f"b={bias}",
+                seconds=time.perf_counter() - t0,
+            )
+        )
         del built
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     dense = {r["d"]: r for r in rows if r["method"] == "dense_sign"}
     best = dense[max(dense)]
     bal_acc = lambda r: 0.5 * (r["acc_pos"] + r["acc_neg"])  # noqa: E731
     claims = [
-        Claim("fits_memory_large_m", f"m = {scale.m_big} ({task.n_pairs} outputs) trains and evaluates within 24 GiB",
-              "process peak RSS <= 24 GiB", peak_gib <= 24,
-              {"peak_rss_gib": peak_gib, "pairs": task.n_pairs, "train_s": train_s}),
-        Claim("dense_circuit_large_m", f"one shared dense layer computes all {task.n_pairs} ANDs",
-              f"dense sign-product construction at d={max(dense)}: balanced accuracy >= 0.9 on every output",
-              bal_acc(best) >= 0.9, {"balanced_acc": bal_acc(best), "balanced_mse": best["balanced_mse"],
-                                     "d": max(dense)}),
-        Claim("trained_large_m_beats_zero", f"the sampled-loss trained model learns at m = {scale.m_big}",
-              "balanced MSE < 0.25 (zero predictor 0.5)", met.balanced_mse < 0.25,
-              {"balanced_mse": met.balanced_mse, "acc_pos": met.acc_pos, "acc_neg": met.acc_neg,
-               "positives_per_pair": seen, "trained_sign_readout_balanced_mse": signed_met.balanced_mse}),
+        Claim(
+            "fits_memory_large_m",
+            f"m = {scale.m_big} ({task.n_pairs} outputs) trains and evaluates within 24 GiB",
+            "process peak RSS <= 24 GiB",
+            peak_gib <= 24,
+            {"peak_rss_gib": peak_gib, "pairs": task.n_pairs, "train_s": train_s},
+        ),
+        Claim(
+            "dense_circuit_large_m",
+            f"one shared dense layer computes all {task.n_pairs} ANDs",
+            f"dense sign-product construction at d={max(dense)}: balanced accuracy >= 0.9 on every output",
+            bal_acc(best) >= 0.9,
+            {"balanced_acc": bal_acc(best), "balanced_mse": best["balanced_mse"], "d": max(dense)},
+        ),
+        Claim(
+            "trained_large_m_beats_zero",
+            f"the sampled-loss trained model learns at m = {scale.m_big}",
+            "balanced MSE < 0.25 (zero predictor 0.5)",
+            met.balanced_mse < 0.25,
+            {
+                "balanced_mse": met.balanced_mse,
+                "acc_pos": met.acc_pos,
+                "acc_neg": met.acc_neg,
+                "positives_per_pair": seen,
+                "trained_sign_readout_balanced_mse": signed_met.balanced_mse,
+            },
+        ),
     ]
     sections = [
         f"m={scale.m_big}, s={scale.s}, {task.n_pairs} outputs, scored on all of them for {scale.n_eval_big} "
@@ -568,8 +766,9 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
         f"loss ({scale.output_sample} random cell-00 columns per step), {train_s:.0f} s; each pair was positive "
         f"{seen:.2f} times on average in training. Process peak RSS {peak_gib:.2f} GiB.\n\n" + markdown_table(rows),
     ]
-    return Outcome({"rows": rows, "peak_rss_gib": peak_gib, "train_s": train_s, "positives_per_pair": seen},
-                   claims, {}, sections)
+    return Outcome(
+        {"rows": rows, "peak_rss_gib": peak_gib, "train_s": train_s, "positives_per_pair": seen}, claims, {}, sections
+    )
 
 
 @dataclass
@@ -636,8 +835,10 @@ def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0) -> 
     }
     write_json(out / "results.json", _clean(record))
     load = os.getloadavg()[0]
-    report = [f"# {_title(name)}\n",
-              f"quick={quick}, seed={seed}, wall time {wall:.1f} s, CPU time {cpu:.1f} s (load average {load:.1f}).\n"]
+    report = [
+        f"# {_title(name)}\n",
+        f"quick={quick}, seed={seed}, wall time {wall:.1f} s, CPU time {cpu:.1f} s (load average {load:.1f}).\n",
+    ]
     if outcome.claims:
         report.append("## Claims\n\n" + markdown_table(_claim_rows(outcome.claims)))
     report.append("## Results\n")
@@ -668,8 +869,15 @@ def write_combined(out: Path, records: dict, wall: float, quick: bool, seed: int
     rows = []
     for name, rec in records.items():
         rows += _claim_rows([Claim(**c) for c in rec["claims"]], experiment=name)
-    times = [{"experiment": k, "wall_s": r["wall_s"], "cpu_s": r.get("cpu_s"),
-              "load_1min_at_end": (r.get("load_avg") or [None])[0]} for k, r in records.items()]
+    times = [
+        {
+            "experiment": k,
+            "wall_s": r["wall_s"],
+            "cpu_s": r.get("cpu_s"),
+            "load_1min_at_end": (r.get("load_avg") or [None])[0],
+        }
+        for k, r in records.items()
+    ]
     report = [
         "# U-AND lab: all experiments\n",
         f"quick={quick}, seed={seed}, total wall time {wall:.1f} s; {sum(c['holds'] for c in claims)} of "

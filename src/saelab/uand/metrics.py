@@ -8,8 +8,8 @@ MSEs) is the headline error and matches the training loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 

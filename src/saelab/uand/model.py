@@ -82,7 +82,9 @@ class ModelConfig:
         known = {"W", "b", "R", "c"} | ({"W2", "b2"} if self.d2 is not None else set())
         unknown = [name for name in self.frozen if name not in known]
         if unknown:
-            raise ConfigError(f"frozen={list(self.frozen)}: unknown parameter(s) {unknown}; choose from {sorted(known)}")
+            raise ConfigError(
+                f"frozen={list(self.frozen)}: unknown parameter(s) {unknown}; choose from {sorted(known)}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +112,7 @@ class UANDModel(nn.Module):
             getattr(self, name).requires_grad_(False)
 
     @classmethod
-    def for_task(cls, task: UANDTask, config: ModelConfig, seed: int = 0) -> "UANDModel":
+    def for_task(cls, task: UANDTask, config: ModelConfig, seed: int = 0) -> UANDModel:
         return cls(task.n_in, task.n_pairs, config, torch.Generator().manual_seed(seed))
 
     @property
@@ -128,7 +130,9 @@ class UANDModel(nn.Module):
         return torch.addmm(self.c, self.hidden(inputs), self.R.T)
 
 
-def uand_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced", cells: torch.Tensor | None = None) -> torch.Tensor:
+def uand_loss(
+    pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced", cells: torch.Tensor | None = None
+) -> torch.Tensor:
     """Plain MSE, the mean of the per-class MSEs ("balanced"), or of the per-cell MSEs ("cells").
 
     "cells" weighs the input cells 00/01/10/11 of every pair equally; it is the loss for tables
@@ -152,7 +156,7 @@ def uand_loss(pred: torch.Tensor, y: torch.Tensor, kind: str = "balanced", cells
 
 
 def full_output_loss(
-    model: "UANDModel", task: UANDTask, x: torch.Tensor, inputs: torch.Tensor, kind: str = "balanced"
+    model: UANDModel, task: UANDTask, x: torch.Tensor, inputs: torch.Tensor, kind: str = "balanced"
 ) -> torch.Tensor:
     """`uand_loss(model(inputs), task.targets(x), kind)`, without building the dense targets.
 
@@ -220,7 +224,12 @@ class _RowDot(torch.autograd.Function):
 
 
 def sampled_output_loss(
-    model: "UANDModel", task: UANDTask, x: torch.Tensor, inputs: torch.Tensor, kind: str, n_cols: int,
+    model: UANDModel,
+    task: UANDTask,
+    x: torch.Tensor,
+    inputs: torch.Tensor,
+    kind: str,
+    n_cols: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """The same loss as `uand_loss`, estimated without computing all C(m, 2) outputs.
@@ -264,8 +273,10 @@ class TrainConfig:
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (cosine-decayed to 10%)"})
     base_width: int | None = field(
         default=50,
-        metadata={"help": "muP width scaling: weights whose fan-in is a hidden width (R, W2) learn at "
-                  "lr * base_width / fan_in, the rest at lr; None: one lr for all"},
+        metadata={
+            "help": "muP width scaling: weights whose fan-in is a hidden width (R, W2) learn at "
+            "lr * base_width / fan_in, the rest at lr; None: one lr for all"
+        },
     )
     loss: Literal["balanced", "cells", "mse"] = field(
         default="balanced", metadata={"help": "balanced: per-class mean; cells: per-input-cell mean; mse: plain"}
@@ -273,8 +284,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of the training data stream"})
     output_sample: int | None = field(
         default=None,
-        metadata={"help": "if set, estimate the loss from the outputs with an active input plus this many "
-                  "random other outputs (unbiased per row; for large m)"},
+        metadata={
+            "help": "if set, estimate the loss from the outputs with an active input plus this many "
+            "random other outputs (unbiased per row; for large m)"
+        },
     )
 
     def __post_init__(self) -> None:

@@ -17,8 +17,8 @@ input cells of each pair equally instead (see `solve_readout`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
