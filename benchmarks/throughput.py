@@ -135,9 +135,12 @@ def make_floor(arch, x, d_sae, k, args):
 
 # --------------------------------------------------------------------------------------- saelab
 def make_saelab(arch, x, d_sae, k, args):
-    """saelab's own training step (Trainer._train_step): loss terms, backward, the architecture's
-    before/after-step hooks, gradient clipping, fused Adam, latent statistics. Warm-ups off (the
-    steady state); b_dec is not initialised from data (no tool's init is timed)."""
+    """saelab's own training step (`Member.train_step`, the public single step): loss terms,
+    backward, the architecture's before/after-step hooks, gradient clipping, fused Adam, latent
+    statistics. Warm-ups off (the steady state); no input scaling or b_dec initialisation from
+    data (no tool's init is timed)."""
+    import itertools
+
     import saelab
     from saelab.train import Trainer
 
@@ -147,7 +150,7 @@ def make_saelab(arch, x, d_sae, k, args):
     sae = saelab.create(cfg)
     trainer = Trainer(
         sae,
-        [x],
+        itertools.repeat(x),
         {
             "steps": 10**9,
             "progress": False,
@@ -155,14 +158,16 @@ def make_saelab(arch, x, d_sae, k, args):
             "lr_warmup_steps": 0,
             "sparsity_warmup_steps": 0,
             "dead_after_tokens": DEAD_AFTER_TOKENS,
+            "normalize_activations": "none",
+            "b_dec_init": "zeros",
+            "norm_estimation_batches": 1,
         },
     )
+    trainer.start(resume=False)
+    (member,) = trainer.members.values()
 
     def step():
-        out = trainer._train_step(x)
-        trainer.step += 1
-        trainer.tokens += x.shape[0]
-        return out.loss.detach()
+        return member.train_step(x).loss.detach()
 
     x_in = (lambda: x - sae.b_dec) if sae.cfg.apply_b_dec_to_input else (lambda: x)
     gates = {

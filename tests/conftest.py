@@ -16,6 +16,10 @@ def small_config(arch: str, d_in: int = 12, d_sae: int = 32, **extra) -> dict:
     return cfg
 
 
+# Architectures trained by gradient (the loop); fitted baselines (PCA, ...) are fitted beside it.
+TRAINED = [a for a in saelab.list_architectures() if not saelab.sae.get_class(a).fitted]
+
+
 @pytest.fixture(params=saelab.list_architectures())
 def arch(request) -> str:
     return request.param

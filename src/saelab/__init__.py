@@ -1,17 +1,33 @@
 """saelab: a lab for superposition and sparse dictionary learning.
 
-import saelab
-saelab.list_architectures()            # ['batchtopk', 'gated', 'jumprelu', 'relu', 'topk']
-result = saelab.train({"architecture": "topk", "d_in": 64, "d_sae": 512, "k": 8}, batches)
-results = saelab.train_many([{"architecture": "topk", "d_in": 64, "d_sae": 512, "k": k} for k in (4, 8)], source)
-saelab.save(result.sae, "my_sae")      # SAELens v6 layout
-sae = saelab.load("my_sae")
+    import saelab
+    saelab.list_architectures()            # every registered architecture and baseline
+    result = saelab.train({"architecture": "topk", "d_in": 64, "d_sae": 512, "k": 8}, batches)
+    results = saelab.train_many([{"architecture": "topk", "d_in": 64, "d_sae": 512, "k": k} for k in (4, 8)], source)
+    records = saelab.run({"sae": {...}, "source": {"type": "world", ...}}, out="runs/x")  # train, evaluate, save
+    saelab.save(result.sae, "my_sae")      # SAELens v6 layout
+    sae = saelab.load("my_sae")
+
+Every trained SAE comes back ready: it takes raw activations (the input scale is folded in).
 """
 
 __version__ = "0.1.0"
 
-from saelab.io.saelens import load, save  # noqa: E402
 from saelab.sae import SAE, create, list_architectures  # noqa: E402
+from saelab.io.saelens import load, save  # noqa: E402
 from saelab.train import TrainConfig, train, train_many  # noqa: E402
+from saelab.run import RunConfig, run  # noqa: E402
 
-__all__ = ["SAE", "TrainConfig", "create", "list_architectures", "load", "save", "train", "train_many", "__version__"]
+__all__ = [
+    "SAE",
+    "RunConfig",
+    "TrainConfig",
+    "create",
+    "list_architectures",
+    "load",
+    "run",
+    "save",
+    "train",
+    "train_many",
+    "__version__",
+]

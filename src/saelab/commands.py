@@ -65,9 +65,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; give a YAML or JSON config") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -75,76 +78,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping with `sae`, `train` and `source` sections")
     return data
-
-
-# ---------------------------------------------------------------------------- shared pieces
-EVAL_BATCHES = 8  # held-out batches behind every results.json metric of `train` and `demo`
-
-
-def eval_batches(source, n: int) -> list:
-    """Fresh held-out batches: a copy of the source's generator state is never reused for training."""
-    return [next(source) for _ in range(n)]
-
-
-def train_and_evaluate(
-    sae_values: dict,
-    train_values: dict,
-    source_spec: dict,
-    out_dir: Path,
-    eval_n: int = EVAL_BATCHES,
-    eval_spec: dict | None = None,
-) -> dict:
-    """Train, fold the input scale, evaluate on held-out batches and save the SAE."""
-    from saelab.activations.factory import build_source
-    from saelab.sae.registry import create
-    from saelab.train.trainer import Trainer
-
-    sae = create(sae_values)
-    trainer = Trainer(sae, build_source(source_spec), train_values, out_dir)
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    seconds = time.perf_counter() - t0
-    if not trainer.dist.is_main:  # data-parallel: rank 0 evaluates and saves
-        return {}
-    return evaluate_and_save(result, seconds, held_out(source_spec, eval_spec, eval_n), source_spec, out_dir)
-
-
-def held_out(source_spec: dict, eval_spec: dict | None, n: int) -> tuple[list, Any]:
-    """Held-out batches and the ground-truth world (None for real data).
-
-    Held out means `eval_spec` when given; otherwise the same source with another seed, which
-    for toy worlds is fresh samples but for a fixed text corpus only reshuffles it (pass an
-    `eval_source` with other text to measure generalisation on real models).
-    """
-    from saelab.activations.factory import build_source
-
-    source = build_source(eval_spec or {**source_spec, "seed": int(source_spec.get("seed", 0)) + 7919})
-    return eval_batches(source, n), getattr(source, "world", None)
-
-
-def evaluate_and_save(result, seconds: float, held: tuple[list, Any], source_spec: dict, out_dir: Path) -> dict:
-    """Fold the input scale into a trained SAE, evaluate it and save it to `out_dir/sae`."""
-    from saelab.evals.summary import evaluate
-    from saelab.io.saelens import save
-
-    sae = result.sae
-    sae.fold_input_scale(result.input_scale)
-    batches, world = held
-    record = {
-        "architecture": sae.architecture,
-        **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),
-        **evaluate(sae, batches, world.directions if world is not None else None),
-        "train_seconds": seconds,
-        "train_steps": result.steps,
-        "train_tokens": result.tokens,
-    }
-    save(
-        sae,
-        out_dir / "sae",
-        sparsity=result.latent_stats.frequencies().float(),
-        metadata={"saelab_source": source_spec},
-    )
-    return record
 
 
 FVU_FLOOR = 1e-3  # dense baselines (PCA with L0 = d_in) reach ~1e-14 and would flatten the plot
@@ -226,9 +159,11 @@ def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict
 def _demo_worker(job: tuple) -> dict:
     """One demo run in its own process. One thread per process: toy-sized matmuls gain little
     from threads, and several multi-threaded processes on few cores slow each other badly."""
+    from saelab.run import run
+
     name, sae, train, source, out_dir, default = job
     torch.set_num_threads(1)
-    record = train_and_evaluate(sae, train, source, Path(out_dir))
+    (record,) = run({"sae": sae, "train": train, "source": source}, out_dir)
     return {**record, "run": name, "default_setting": default}
 
 
@@ -293,36 +228,18 @@ def run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train / eval
 def run_train(args: argparse.Namespace) -> int:
     """Under `torchrun --nproc_per_node N` the ranks train each SAE data-parallel; rank 0 writes."""
+    from saelab.run import RunConfig, run
     from saelab.train import distributed
 
-    cfg = read_config_file(args.config)
-    valid = {"sae", "saes", "train", "source", "eval_source", "out"}
-    unknown = set(cfg) - valid
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
-    if ("sae" in cfg) == ("saes" in cfg):
-        raise ConfigError("the config needs either an `sae` mapping or an `saes` list (a sweep), not both or neither")
-    out = Path(args.out or cfg.get("out") or "runs/train")
-    source = cfg.get("source") or {"type": "toy"}
-    train = cfg.get("train") or {}
-    device = str(train.get("device", "cpu")) if isinstance(train, dict) else "cpu"
-    started = distributed.init_from_env(device, args.dist_timeout)
+    cfg = RunConfig.parse(read_config_file(args.config))
+    out = Path(args.out or cfg.out or "runs/train")
+    started = distributed.init_from_env(cfg.train.device, args.dist_timeout)
     try:
-        if "sae" in cfg:
-            if not isinstance(cfg["sae"], dict):
-                raise ConfigError("`sae` must be a mapping with at least `architecture` (use `saes` for a list)")
-            records = [
-                {
-                    **train_and_evaluate(cfg["sae"], train, source, out, eval_spec=cfg.get("eval_source")),
-                    "path": str(out / "sae"),
-                }
-            ]
-        else:
-            if started:
-                raise ConfigError(
-                    "a sweep (`saes`) trains in one process; run it without torchrun, or launch one `sae` per run"
-                )
-            records = train_sweep(cfg["saes"], train, source, out, cfg.get("eval_source"))
+        if started and cfg.saes is not None:
+            raise ConfigError(
+                "a sweep (`saes`) trains in one process; run it without torchrun, or launch one `sae` per run"
+            )
+        records = run(cfg, out)
         main = distributed.is_main()
     finally:
         if started:
@@ -334,53 +251,30 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_sweep(
-    saes: Any, train_values: dict, source_spec: dict, out: Path, eval_spec: dict | None = None
-) -> list[dict]:
-    """Train the `saes` list from one pass over the source (saelab.train.sweep), then evaluate each on
-    the same held-out batches and save it to OUT/<name>/sae. `train_seconds` is the whole sweep's."""
-    from saelab.activations.factory import build_source
-    from saelab.train.sweep import Sweep
-
-    if not isinstance(saes, list):
-        raise ConfigError("`saes` must be a list of SAE configs (each a mapping with at least `architecture`)")
-    sweep = Sweep(saes, build_source(source_spec), train_values, out)
-    t0 = time.perf_counter()
-    results = sweep.fit()
-    seconds = time.perf_counter() - t0
-    held = held_out(source_spec, eval_spec, EVAL_BATCHES)
-    return [
-        {
-            "name": name,
-            **evaluate_and_save(result, seconds, held, source_spec, out / name),
-            "path": str(out / name / "sae"),
-        }
-        for name, result in results.items()
-    ]
-
-
 def run_eval(args: argparse.Namespace) -> int:
-    from saelab.activations.factory import build_source
+    from saelab.activations.factory import held_out, parse_source
     from saelab.evals.summary import evaluate
     from saelab.io.saelens import load, read_config
+    from saelab.run import EvalConfig
 
     sae = load(args.path)
     if args.source:
         spec = read_config_file(args.source)
-        spec = spec.get("source", spec)
+        source = parse_source(spec.get("source", spec))
     else:
         spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
         if not isinstance(spec, dict):
             raise ConfigError(f"{args.path} does not record its source; pass --source CONFIG")
-        spec = {**spec, "seed": int(spec.get("seed", 0)) + 104729}  # unseen batches
-    source = build_source(spec)
+        source = held_out(spec)  # the training source reseeded: batches it never trained on
+    n = EvalConfig.parse({"batches": args.batches}).batches
+    source = source.build()
     if source.d_in != sae.cfg.d_in:
         raise ConfigError(f"the source has d_in={source.d_in} but the SAE has d_in={sae.cfg.d_in}")
     world = getattr(source, "world", None)
     record = {
         "path": str(args.path),
         "architecture": sae.architecture,
-        **evaluate(sae, eval_batches(source, args.batches), world.directions if world is not None else None),
+        **evaluate(sae, [next(source) for _ in range(n)], world.directions if world is not None else None),
     }
     if args.out:
         write_json(Path(args.out) / "results.json", record)

@@ -9,10 +9,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from saelab.errors import ConfigError
 
 
-def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+def describe_validation_error(exc: ValidationError, model: type[BaseModel], drop: tuple[str, ...] = ()) -> str:
+    """One line per problem, each naming its field; `drop`: location parts to leave out (a union's tag)."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
+        where = ".".join(str(p) for p in err["loc"] if str(p) not in drop) or "config"
         if err["type"] == "extra_forbidden":
             valid = ", ".join(sorted(model.model_fields))
             lines.append(f"unknown key '{where}' for {model.__name__}; valid keys: {valid}")
@@ -22,9 +23,10 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> s
 
 
 class StrictModel(BaseModel):
-    """Base of every saelab config: no unknown keys, and `parse` raises ConfigError."""
+    """Base of every saelab config: no unknown keys, no silent coercion (`1.9`, `true` or `"32"`
+    for a count, `"x"` for a seed are errors), and `parse` raises ConfigError."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @classmethod
     def parse(cls, values: dict[str, Any]):

@@ -18,7 +18,7 @@ def sample(n=2000):
 def test_linear_baselines_reconstruct_exactly_with_full_rank_and_pad_extra_latents(arch):
     sae = saelab.create({"architecture": arch, "d_in": 12, "d_sae": 20})
     x = sample()
-    sae.init_from_data(Batch(x=x))
+    sae.fit(Batch(x=x))
     f = sae.encode(x)
     assert (f[:, 12:] == 0).all()  # at most d_in components; the rest are dead
     assert float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 1e-3
@@ -29,7 +29,7 @@ def test_pca_matches_sklearn_components():
 
     x = sample()
     sae = saelab.create({"architecture": "pca", "d_in": 12, "d_sae": 4})
-    sae.init_from_data(Batch(x=x))
+    sae.fit(Batch(x=x))
     ref = PCA(4).fit(x.double().numpy())
     cos = (sae.W_dec.double() @ torch.as_tensor(ref.components_).t()).abs().diagonal()
     assert (cos > 0.999).all()
@@ -38,7 +38,7 @@ def test_pca_matches_sklearn_components():
 def test_nmf_codes_are_non_negative_and_reconstruct():
     x = sample()
     sae = saelab.create({"architecture": "nmf", "d_in": 12, "d_sae": 32})
-    sae.init_from_data(Batch(x=x))
+    sae.fit(Batch(x=x))
     f = sae.encode(x)
     assert (f >= 0).all()
     assert float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 0.2
@@ -47,7 +47,7 @@ def test_nmf_codes_are_non_negative_and_reconstruct():
 def test_dictionary_learning_codes_have_at_most_k_non_zeros():
     x = sample(1000)
     sae = saelab.create({"architecture": "dictionary_learning", "d_in": 12, "d_sae": 24, "k": 3, "epochs": 2})
-    sae.init_from_data(Batch(x=x))
+    sae.fit(Batch(x=x))
     assert ((sae.encode(x) != 0).sum(-1) <= 3).all()
 
 
@@ -63,11 +63,13 @@ def test_matching_pursuit_explains_away_and_recovers_an_exact_sparse_code():
     assert not any(n == "W_enc" for n, _ in sae.named_parameters()) and sae.W_enc.shape == (12, 12)
 
 
-def test_fitted_baselines_train_through_the_trainer_without_an_optimizer():
+def test_fitted_baselines_fit_beside_the_loop_through_saelab_train():
     src = ToySource(ToyWorld(WORLD), batch_size=128, seed=0)
     r = saelab.train(
         {"architecture": "pca", "d_in": 12, "d_sae": 12},
         src,
         {"steps": 20, "progress": False, "log_every": 10, "norm_estimation_batches": 4},
     )
-    assert r.steps == 20 and r.history[-1]["fvu"] < 1e-3
+    assert r.steps == 0 and r.tokens == 4 * 128 and r.history[-1]["fvu"] < 1e-3
+    x = next(ToySource(ToyWorld(WORLD), batch_size=512, seed=3)).x  # ready: raw activations in
+    assert float((r.sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 1e-3

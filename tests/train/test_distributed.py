@@ -1,6 +1,7 @@
 """Data-parallel training: two CPU processes over gloo train exactly what one process trains on
 the combined batch, agree on latent statistics, resume exactly, and fail fast when a rank fails."""
 
+import contextlib
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ from saelab.errors import ConfigError
 from saelab.toys import ToySource, ToyWorld
 from saelab.train import Trainer
 from saelab.train.distributed import RowShard
+from saelab.train.trainer import Member
 from tests.conftest import small_config
 
 WORLD = {"n_features": 16, "d": 16, "firing_prob": 0.05, "magnitude_std": 0.2}  # orthonormal: instant to build
@@ -70,24 +72,35 @@ class _Stop(Exception):
     pass
 
 
-class _StoppedTrainer(Trainer):
+@contextlib.contextmanager
+def _patched_step(check):
+    """Run `check(member)` before every training step of every member (in this worker only)."""
+    original = Member.train_step
+
+    def step(self, x, batch=None, target=None):
+        check(self)
+        return original(self, x, batch, target)
+
+    Member.train_step = step
+    try:
+        yield
+    finally:
+        Member.train_step = original
+
+
+def _stop_at_13(member):
     """Stops every rank at the same step, after the step-10 checkpoint, as a killed job would."""
-
-    def _train_step(self, x, batch=None):
-        if self.step == 13:
-            raise _Stop
-        return super()._train_step(x, batch)
+    if member.step == 13:
+        raise _Stop
 
 
-class _FailingTrainer(Trainer):
-    def _train_step(self, x, batch=None):
-        if self.dist.rank == 1 and self.step == 5:
-            raise RuntimeError("injected failure on rank 1")
-        return super()._train_step(x, batch)
+def _fail_on_rank_1(member):
+    if member.dist.rank == 1 and member.step == 5:
+        raise RuntimeError("injected failure on rank 1")
 
 
 def _save_rank(path: Path, trainer: Trainer, result) -> None:
-    tensors = {f"sae.{k}": v.contiguous() for k, v in trainer.sae.state_dict().items()}
+    tensors = {f"sae.{k}": v.contiguous() for k, v in result.sae.state_dict().items()}
     tensors.update({f"stats.{k}": v for k, v in result.latent_stats.state_dict().items()})
     tensors.update({f"source.{k}": v for k, v in trainer.source.state_dict().items()})
     tensors["input_scale"] = torch.tensor(result.input_scale)
@@ -100,8 +113,8 @@ def _job_train(rank: int, out: Path) -> None:
         trainer = Trainer(saelab.create(sae_config(arch)), toy_source(), TRAIN, out / arch)
         _save_rank(out / f"{arch}_rank{rank}.safetensors", trainer, trainer.fit())
 
-        with pytest.raises(_Stop):
-            _StoppedTrainer(saelab.create(sae_config(arch)), toy_source(), TRAIN, out / f"{arch}_resume").fit()
+        with pytest.raises(_Stop), _patched_step(_stop_at_13):
+            Trainer(saelab.create(sae_config(arch)), toy_source(), TRAIN, out / f"{arch}_resume").fit()
         trainer = Trainer(saelab.create(sae_config(arch)), toy_source(), TRAIN, out / f"{arch}_resume")
         _save_rank(out / f"{arch}_resumed_rank{rank}.safetensors", trainer, trainer.fit())
 
@@ -112,7 +125,8 @@ def _job_train(rank: int, out: Path) -> None:
 
 def _job_fail(rank: int, out: Path) -> None:
     try:
-        _FailingTrainer(saelab.create(sae_config("relu")), toy_source(), {**TRAIN, "checkpoint_every": 0}).fit()
+        with _patched_step(_fail_on_rank_1):
+            Trainer(saelab.create(sae_config("relu")), toy_source(), {**TRAIN, "checkpoint_every": 0}).fit()
     except Exception as exc:  # noqa: BLE001 - the test reads what each rank saw
         (out / f"error_rank{rank}.json").write_text(json.dumps({"error": repr(exc), "time": time.time()}))
         if rank == 1:
@@ -213,14 +227,14 @@ def test_two_ranks_train_what_one_process_trains_on_the_combined_batch(ddp_run, 
     trainer, result = reference[arch]
     assert float(r0["input_scale"]) == pytest.approx(result.input_scale, rel=1e-6)
     assert int(r0["tokens"]) == result.tokens == TRAIN["steps"] * BATCH
-    assert_close_to(r0, trainer.sae)
+    assert_close_to(r0, result.sae)
 
 
 def test_a_source_without_shard_is_split_by_rows_and_matches_one_process(ddp_run, reference):
     r0, _ = ranks(ddp_run, "plain")
-    trainer, _ = reference["plain"]
+    trainer, result = reference["plain"]
     assert int(r0["source.position"]) == trainer.source.position  # both ranks drew every batch
-    assert_close_to(r0, trainer.sae)
+    assert_close_to(r0, result.sae)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -8,9 +8,11 @@ import yaml
 
 import saelab
 from saelab.cli import main
-from saelab.errors import ConfigError, FileFormatError
+from saelab.errors import ConfigError
 from saelab.toys import ToySource, ToyWorld
-from saelab.train import Sweep, Trainer, train_many
+from saelab.train import Trainer, train_many
+from saelab.train import checkpoint as ckpt
+from saelab.train.trainer import Member
 from tests.conftest import small_config
 from tests.train.test_trainer import FAST, WORLD, KilledSource, toy_source
 
@@ -62,18 +64,20 @@ def test_killed_sweep_resumes_to_the_same_weights(kill, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             train_many(saes, KilledSource(kill_at=27), cfg, tmp_path / "b")
     else:  # at step 30 the first member has saved, the second dies before it does
-        save = Trainer.save_checkpoint
+        save = Member.save_checkpoint
 
-        def dying(self):
+        def dying(self, source):
             if self.step == 30 and self.out_dir.name == "batchtopk":
                 raise KeyboardInterrupt("killed")
-            return save(self)
+            return save(self, source)
 
-        monkeypatch.setattr(Trainer, "save_checkpoint", dying)
+        monkeypatch.setattr(Member, "save_checkpoint", dying)
         with pytest.raises(KeyboardInterrupt):
             train_many(saes, toy_source(), cfg, tmp_path / "b")
-        monkeypatch.setattr(Trainer, "save_checkpoint", save)
-        assert json.loads((tmp_path / "b" / "sweep.json").read_text())["step"] == 20
+        monkeypatch.setattr(Member, "save_checkpoint", save)
+        # relu saved step 30 and kept step 20 (pruning waits for every member): 20 is the common step
+        assert ckpt.complete_steps(tmp_path / "b" / "relu") == [20, 30]
+        assert ckpt.complete_steps(tmp_path / "b" / "batchtopk") == [20]
     resumed = train_many(saes, toy_source(), cfg, tmp_path / "b")  # fresh objects, state only from disk
     for name in saes:
         assert resumed[name].steps == 40
@@ -81,11 +85,11 @@ def test_killed_sweep_resumes_to_the_same_weights(kill, tmp_path, monkeypatch):
         log = [json.loads(line)["step"] for line in (tmp_path / "b" / name / "metrics.jsonl").read_text().splitlines()]
         assert log == [10, 20, 30, 40]
         assert [p.name for p in (tmp_path / "b" / name / "checkpoints").glob("step_*")] == ["step_000000040"]
-    assert [p.name for p in (tmp_path / "b" / "source_checkpoints").iterdir()] == ["step_000000040.safetensors"]
 
-    # a member's checkpoint lacks the shared source position, so the trainer alone refuses it
-    with pytest.raises(FileFormatError, match="belongs to a sweep"):
-        Trainer(saelab.create(saes["relu"]), toy_source(), cfg, tmp_path / "b" / "relu").fit()
+    # every member checkpoint holds the source position, so a member's folder resumes on its own
+    alone = Trainer(saelab.create(saes["relu"]), toy_source(), cfg, tmp_path / "b" / "relu").fit()
+    assert alone.steps == 40
+    assert_same_weights(straight["relu"].sae, alone.sae, "relu")
     with pytest.raises(ConfigError, match="holds a sweep of"):
         train_many({"relu": saes["relu"]}, toy_source(), cfg, tmp_path / "b")
 
@@ -130,13 +134,13 @@ def test_train_command_trains_an_saes_list_as_one_sweep(tmp_path):
 )
 def test_bad_sweeps_are_refused_with_the_problem_named(saes, message):
     with pytest.raises(ConfigError, match=message):
-        Sweep(saes, toy_source(), FAST)
+        Trainer(saes, toy_source(), FAST)
 
 
 def test_one_sae_object_cannot_be_two_members():
     sae = saelab.create(small_config("relu", d_in=16))
     with pytest.raises(ConfigError, match="same SAE object"):
-        Sweep({"a": sae, "b": sae}, toy_source(), FAST)
+        Trainer({"a": sae, "b": sae}, toy_source(), FAST)
 
 
 def test_train_config_needs_sae_or_saes_not_both(tmp_path, capsys):

@@ -11,7 +11,7 @@ from saelab.errors import ConfigError, NonFiniteError
 from saelab.toys import ToySource, ToyWorld
 from saelab.train import TrainConfig, Trainer
 from saelab.train.trainer import geometric_median, lr_factor, sparsity_factor
-from tests.conftest import small_config
+from tests.conftest import TRAINED, small_config
 
 WORLD = {"n_features": 48, "d": 16, "firing_prob": 0.06, "magnitude_std": 0.2}
 FAST = {
@@ -42,7 +42,7 @@ class KilledSource(ToySource):
         return super().__next__()
 
 
-@pytest.mark.parametrize("architecture", saelab.list_architectures())
+@pytest.mark.parametrize("architecture", TRAINED)
 def test_killed_run_resumes_to_the_same_weights(architecture, tmp_path):
     cfg = small_config(architecture, d_in=16, d_sae=48)
     straight = saelab.create(cfg)
@@ -134,7 +134,7 @@ def test_geometric_median_is_robust_to_outliers():
 def test_input_scale_makes_expected_norm_sqrt_d(tmp_path):
     src = toy_source()
     trainer = Trainer(saelab.create(small_config("relu", d_in=16, d_sae=32)), src, FAST)
-    trainer._initialise()
+    trainer.start(resume=False)
     x = torch.cat([next(src).x for _ in range(20)]) * trainer.input_scale
     assert x.norm(dim=1).mean().item() == pytest.approx(math.sqrt(16), rel=0.05)
 
@@ -186,3 +186,14 @@ def test_a_checkpoint_folder_without_its_pointer_is_still_found(tmp_path):
     ).fit()
     (tmp_path / "checkpoints" / "latest").unlink()  # as if killed between the folder and the pointer
     assert ckpt.latest(tmp_path).name == "step_000000040"
+
+
+@pytest.mark.parametrize("architecture", sorted(set(saelab.list_architectures()) - set(TRAINED)))
+def test_fitted_baselines_are_fitted_beside_the_loop_deterministically(architecture):
+    cfg = small_config(architecture, d_in=16, d_sae=24)
+    first, second = (saelab.train(cfg, toy_source(), FAST) for _ in range(2))
+    assert first.steps == 0 and first.tokens == 2 * 64  # the norm-estimation batches, nothing else
+    for (name, a), b in zip(first.sae.state_dict().items(), second.sae.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs between two fits"
+    with pytest.raises(ConfigError, match="fitted in closed form"):
+        Trainer(saelab.create(cfg), toy_source(), FAST)

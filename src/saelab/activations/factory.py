@@ -1,79 +1,193 @@
-"""Build an activation source from a plain config dict (YAML/JSON `source:` section)."""
+"""Typed source configs (the YAML/JSON `source:` section) and the sources they build.
+
+`SourceConfig` is a union discriminated on `type`; each member validates every value with the
+same one-line error format as the SAE config (`batch_size: abc`, `seed: x`, `batch_size: 1.9`
+or a list where a mapping belongs are errors naming the field) and builds its source with
+`build()`. Defaults live here, once. `held_out` is the one rule for evaluation data.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, PositiveInt, TypeAdapter, ValidationError
+
+from saelab.config import StrictModel, describe_validation_error
 from saelab.errors import ConfigError
 
-_BUILDERS: dict[str, Callable[[dict[str, Any]], Any]] = {}
+DEFAULT_BATCH_SIZE = 1024
 
 
-def register_source(name: str):
-    def wrap(fn):
-        _BUILDERS[name] = fn
-        return fn
+class _Source(StrictModel):
+    batch_size: PositiveInt = Field(DEFAULT_BATCH_SIZE, description="Activation rows per batch.")
+    seed: int = Field(0, description="Seed of the sampling stream (shuffling, toy-world draws).")
 
-    return wrap
+    def build(self):
+        raise NotImplementedError
 
-
-def build_source(spec: dict[str, Any]):
-    spec = dict(spec or {"type": "toy"})
-    kind = spec.pop("type", "toy")
-    if kind not in _BUILDERS:
-        raise ConfigError(f"unknown source type '{kind}'; valid types: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[kind](spec)
+    def spec(self) -> dict[str, Any]:
+        """The plain dict this config came from, with every default filled in (for metadata)."""
+        return self.model_dump(mode="json")
 
 
-@register_source("toy")
-def _toy(spec: dict[str, Any]):
-    from saelab.toys.features import ToySource, ToyWorld
+class WorldSource(_Source):
+    """A ground-truth world (saelab.toys.worlds): `world: {kind: independent | correlated | hierarchy | bundle, ...}`.
+    `type: toy` is the same source (the independent world's original name)."""
 
-    allowed = {"world", "batch_size", "seed"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in toy source; valid keys: {sorted(allowed)}")
-    return ToySource(ToyWorld(spec.get("world") or {}), int(spec.get("batch_size", 1024)), int(spec.get("seed", 0)))
+    type: Literal["world", "toy"] = "world"
+    world: dict[str, Any] = Field(default_factory=dict, description="The world spec (its `kind` and settings).")
 
+    def build(self):
+        from saelab.toys.features import ToySource
+        from saelab.toys.worlds import World
 
-@register_source("world")
-def _world(spec: dict[str, Any]):
-    """A composable ground-truth world (saelab.toys.worlds): `world: {kind: hierarchy, ...}`."""
-    from saelab.toys.features import ToySource
-    from saelab.toys.worlds import World
-
-    allowed = {"world", "batch_size", "seed"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in world source; valid keys: {sorted(allowed)}")
-    return ToySource(World(spec.get("world") or {}), int(spec.get("batch_size", 1024)), int(spec.get("seed", 0)))
+        return ToySource(World(self.world), self.batch_size, self.seed)
 
 
-@register_source("tms")
-def _tms(spec: dict[str, Any]):
+class TokenWorldSource(WorldSource):
+    """An independent world plus a per-token mean (for the Tokenized SAE): batches carry token ids."""
+
+    type: Literal["toy_tokens"] = "toy_tokens"  # type: ignore[assignment]
+    vocab_size: PositiveInt = Field(64, description="Number of token ids.")
+    mean_norm: float = Field(1.0, ge=0, description="Norm of each token's mean vector.")
+    zipf_exponent: float = Field(1.0, ge=0, description="Token frequencies ~ 1/rank^exponent.")
+    token_seed: int = Field(0, description="Seed of the per-token means.")
+
+    def build(self):
+        from saelab.activations.tokens import TokenMeanSource
+
+        base = super().build()
+        return TokenMeanSource(base, self.vocab_size, self.mean_norm, self.zipf_exponent, self.seed, self.token_seed)
+
+
+class TMSSource(_Source):
     """The hidden layer of a toy model of superposition, trained when the source is built."""
-    from saelab.toys.features import ToySource
-    from saelab.toys.tms import TMSWorld
 
-    allowed = {"tms", "batch_size", "seed"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in tms source; valid keys: {sorted(allowed)}")
-    return ToySource(TMSWorld(spec.get("tms") or {}), int(spec.get("batch_size", 1024)), int(spec.get("seed", 0)))
+    type: Literal["tms"] = "tms"
+    tms: dict[str, Any] = Field(default_factory=dict, description="TMSWorld settings (saelab.toys.tms).")
+
+    def build(self):
+        from saelab.toys.features import ToySource
+        from saelab.toys.tms import TMSWorld
+
+        return ToySource(TMSWorld(self.tms), self.batch_size, self.seed)
 
 
-@register_source("model")
-def _model(spec: dict[str, Any]):
+class ModelSource(_Source):
     """Activations of a Hugging Face model on text (saelab.models); `cache_dir` reads via a disk cache."""
-    from saelab.models.source import source_from_spec
 
-    return source_from_spec(spec)
+    type: Literal["model"] = "model"
+    model: str = Field(description="A local model folder, a model in the local HF cache, or 'smollm2'.")
+    hookpoint: str | list[str] = Field(description="Module path (or glob, or list) whose output is read.")
+    target_hookpoint: str | None = Field(None, description="A second module read as the target (transcoders).")
+    data: str | dict[str, Any] = Field("pydoc", description="Text: 'pydoc', a file, or {path, column}.")
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    task: str = "causal-lm"
+    buffer_tokens: PositiveInt = Field(65_536, description="Shuffling-buffer size in tokens.")
+    repeat: bool = Field(False, description="Start the text again when it ends.")
+    cache_dir: str | None = Field(None, description="Harvest once into this folder, then read from it.")
+    cache_tokens: PositiveInt | None = Field(None, description="Cap on harvested tokens (default: all).")
+    shard_tokens: PositiveInt = Field(262_144, description="Tokens per cache shard.")
+    column: str | None = None
+    context_size: PositiveInt | None = None
+    model_batch_size: PositiveInt | None = None
+    packing: bool | None = None
+    prepend_bos: bool | None = None
+    exclude_special: bool | None = None
+
+    def build(self):
+        from saelab.models.source import source_from_spec
+
+        return source_from_spec(self.model_dump(exclude={"type"}, exclude_none=True))
 
 
-@register_source("cache")
-def _cache(spec: dict[str, Any]):
+class CacheSource(_Source):
     """Activations harvested earlier by `saelab harvest` (saelab.activations.cache)."""
-    from saelab.activations.cache import cache_from_spec
 
-    return cache_from_spec(spec)
+    type: Literal["cache"] = "cache"
+    path: str = Field(description="The folder `saelab harvest` wrote.")
+    hookpoint: str | None = None
+    target_hookpoint: str | None = None
+    model: str | None = None
+    shuffle: bool | None = None
+    repeat: bool | None = None
+    verify: bool | None = None
+
+    def build(self):
+        from saelab.activations.cache import CachedSource
+
+        values = self.model_dump(exclude={"type", "path", "hookpoint", "batch_size"}, exclude_none=True)
+        return CachedSource(self.path, self.hookpoint, self.batch_size, **values)
+
+
+class TensorFileSource(_Source):
+    """Plain activations from a safetensors file: one [N, d] tensor, in batches (shuffled by `seed`)."""
+
+    type: Literal["tensors"] = "tensors"
+    path: str = Field(description="A .safetensors file.")
+    key: str | None = Field(None, description="The tensor's name in the file (default: its only tensor).")
+    shuffle: bool = Field(True, description="Shuffle rows (once per pass) with `seed`.")
+    repeat: bool = Field(True, description="Start again when the rows run out.")
+
+    def build(self):
+        from saelab.activations.base import TensorSource
+
+        return TensorSource.from_file(self.path, self.key, self.batch_size, self.seed, self.shuffle, self.repeat)
+
+
+SourceConfig = Annotated[
+    WorldSource | TokenWorldSource | TMSSource | ModelSource | CacheSource | TensorFileSource,
+    Field(discriminator="type"),
+]
+_ADAPTER = TypeAdapter(SourceConfig)
+_BY_TYPE = {
+    "world": WorldSource,
+    "toy": WorldSource,
+    "toy_tokens": TokenWorldSource,
+    "tms": TMSSource,
+    "model": ModelSource,
+    "cache": CacheSource,
+    "tensors": TensorFileSource,
+}
+
+
+def parse_source(values: Any, where: str = "source") -> _Source:
+    """Validate a `source:` mapping; every error names the field (`source.batch_size: ...`)."""
+    if isinstance(values, _Source):
+        return values
+    if values is None:
+        values = {"type": "world"}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"`{where}` must be a mapping with a `type` ({', '.join(sorted(_BY_TYPE))}), got {type(values).__name__}"
+        )
+    kind = values.get("type", "world")
+    if kind not in _BY_TYPE:
+        raise ConfigError(f"unknown {where} type {kind!r}; valid types: {', '.join(sorted(_BY_TYPE))}")
+    try:
+        return _ADAPTER.validate_python({**values, "type": kind})
+    except ValidationError as exc:
+        model = _BY_TYPE[kind]
+        message = describe_validation_error(exc, model, drop=(kind,))
+        raise ConfigError(f"{where} ({kind}): {message}") from None
+
+
+def build_source(values: Any):
+    """The activation source a `source:` mapping (or a parsed SourceConfig) describes."""
+    return parse_source(values).build()
+
+
+HELD_OUT_SEED_OFFSET = 7919  # a prime, so held-out streams never coincide with a small training seed
+
+
+def held_out(source: Any, eval_source: Any = None) -> _Source:
+    """The evaluation source of a run: `eval_source` when given, else the training source with its
+    seed moved by HELD_OUT_SEED_OFFSET. For a toy world that is fresh samples of the same world;
+    for a fixed text corpus it only reshuffles the same text (give an `eval_source` with other
+    text to measure generalisation on real models)."""
+    if eval_source is not None:
+        return parse_source(eval_source, "eval_source")
+    train = parse_source(source)
+    return train.model_copy(update={"seed": train.seed + HELD_OUT_SEED_OFFSET})

@@ -8,12 +8,9 @@ the source spec is `{type: toy_tokens, world: {...}, vocab_size: 64, mean_norm: 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from saelab.activations.base import Batch
-from saelab.activations.factory import register_source
 from saelab.errors import ConfigError
 
 
@@ -59,7 +56,8 @@ class TokenMeanSource:
         b = next(self.base)
         tokens = torch.multinomial(self.token_probs, b.x.shape[0], replacement=True, generator=self.gen)
         self.position += 1
-        return Batch(x=b.x + self.token_means[tokens], features=b.features, tokens=tokens, target=b.target)
+        target = None if b.target is b.x else b.target  # an SAE's target is the new x itself
+        return Batch(x=b.x + self.token_means[tokens], features=b.features, tokens=tokens, target=target)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"base.{k}": v for k, v in self.base.state_dict().items()}
@@ -70,23 +68,3 @@ class TokenMeanSource:
         self.base.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("base.")})
         self.gen.set_state(state["generator"])
         self.position = int(state["position"])
-
-
-@register_source("toy_tokens")
-def _toy_tokens(spec: dict[str, Any]):
-    from saelab.toys.features import ToySource, ToyWorld
-
-    allowed = {"world", "batch_size", "seed", "vocab_size", "mean_norm", "zipf_exponent", "token_seed"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in toy_tokens source; valid keys: {sorted(allowed)}")
-    seed = int(spec.get("seed", 0))
-    base = ToySource(ToyWorld(spec.get("world") or {}), int(spec.get("batch_size", 1024)), seed)
-    return TokenMeanSource(
-        base,
-        int(spec.get("vocab_size", 64)),
-        float(spec.get("mean_norm", 1.0)),
-        float(spec.get("zipf_exponent", 1.0)),
-        seed,
-        int(spec.get("token_seed", 0)),
-    )

@@ -1,8 +1,8 @@
 """Classic decompositions behind the SAE interface: PCA, ICA, NMF, mini-batch dictionary learning.
 
-scikit-learn does the fitting, once, on the trainer's first batches (`init_from_data`, inputs
-already scaled and b_dec at the geometric median); nothing is trained by gradient, so the trainer
-runs no optimizer and only tracks statistics. The fitted weights are buffers, so checkpoints,
+scikit-learn does the fitting, once, on the first batches (`fit`, called by `saelab.train` with
+inputs already scaled and b_dec at the geometric median, as the training loop would start); nothing
+is trained by gradient, so these never enter the loop. The fitted weights are buffers, so
 `saelab.save`/`load`, `fold_input_scale` and every metric work as for any SAE.
 
 - `pca`, `ica`: linear encoders. They have at most d_in components; with d_sae > d_in the extra
@@ -21,12 +21,15 @@ import numpy as np
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
-from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
+from saelab.activations.base import Batch
+from saelab.sae.base import SAE, SAEConfig
 from saelab.sae.registry import register
 
 
 class FittedSAE(SAE):
     """Base for models fitted in closed form or by scikit-learn: weights are buffers, not parameters."""
+
+    fitted = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -39,17 +42,13 @@ class FittedSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre  # linear codes (PCA, ICA)
 
-    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        f = self.encode(x)
-        x_hat = self.decode(f)
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x)})
-
     @torch.no_grad()
-    def init_from_data(self, sample) -> None:
+    def fit(self, sample: Batch) -> None:
+        """Fit on `sample` (scaled inputs; b_dec already set), scikit-learn style."""
         x = sample.x.double()
-        self.fit((x - self.b_dec.double()).cpu().numpy())
+        self._fit_centred((x - self.b_dec.double()).cpu().numpy())
 
-    def fit(self, centred: np.ndarray) -> None:
+    def _fit_centred(self, centred: np.ndarray) -> None:
         raise NotImplementedError
 
     def _n_linear(self, n_samples: int) -> int:
@@ -84,7 +83,7 @@ class PCABaseline(FittedSAE):
     architecture = "pca"
     Config = PCAConfig
 
-    def fit(self, centred: np.ndarray) -> None:
+    def _fit_centred(self, centred: np.ndarray) -> None:
         from sklearn.decomposition import PCA
 
         pca = PCA(n_components=self._n_linear(len(centred)), random_state=self.cfg.seed).fit(centred)
@@ -104,7 +103,7 @@ class ICABaseline(FittedSAE):
     architecture = "ica"
     Config = ICAConfig
 
-    def fit(self, centred: np.ndarray) -> None:
+    def _fit_centred(self, centred: np.ndarray) -> None:
         import warnings
 
         from sklearn.decomposition import FastICA
@@ -150,7 +149,7 @@ class NMFBaseline(FittedSAE):
     def split(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.relu(x), torch.relu(-x)], -1)
 
-    def fit(self, centred: np.ndarray) -> None:
+    def _fit_centred(self, centred: np.ndarray) -> None:
         import warnings
 
         from sklearn.decomposition import NMF
@@ -194,11 +193,6 @@ class NMFBaseline(FittedSAE):
                 w = w * numer / (w @ gram + self.l1_reg + 1e-12)
         return w
 
-    def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
-        out = super().loss_terms(x, ctx)
-        out.losses["l1"] = self.l1_reg * out.feature_acts.sum(-1).mean()
-        return out
-
 
 class DictionaryLearningConfig(SAEConfig):
     architecture: str = "dictionary_learning"
@@ -226,7 +220,7 @@ class DictionaryLearningBaseline(FittedSAE):
         super().__init__(cfg)
         self.register_buffer("components", self.W_dec.detach().clone())
 
-    def fit(self, centred: np.ndarray) -> None:
+    def _fit_centred(self, centred: np.ndarray) -> None:
         import warnings
 
         from sklearn.decomposition import MiniBatchDictionaryLearning

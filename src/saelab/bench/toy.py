@@ -271,7 +271,7 @@ def run_one(job: dict) -> dict:
     from saelab.sae.registry import create
     from saelab.toys.features import ToySource
     from saelab.toys.worlds import World
-    from saelab.train.trainer import Trainer
+    from saelab.train.trainer import train
 
     base = {
         "world": job["world"],
@@ -286,9 +286,8 @@ def run_one(job: dict) -> dict:
         world = World(job["world_spec"])
         sae = create(job["sae"])
         t0 = time.perf_counter()
-        result = Trainer(sae, ToySource(world, job["batch_size"], job["seed"]), job["train"]).fit(resume=False)
+        train(sae, ToySource(world, job["batch_size"], job["seed"]), job["train"])
         seconds = time.perf_counter() - t0
-        sae.fold_input_scale(result.input_scale)
         gen = torch.Generator().manual_seed(1_000_033 + job["seed"])
         held_out = [world.sample(1024, gen) for _ in range(max(1, job["eval_tokens"] // 1024))]
         rec = reconstruction_metrics(sae, held_out)

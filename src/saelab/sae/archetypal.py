@@ -104,7 +104,7 @@ class ArchetypalSAE(TopKSAE):
         W_dec = self.W_dec
         x_hat = f @ W_dec + self.b_dec
         aux = auxk_loss(self, pre, x, x_hat, ctx)
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x), "auxk": aux})
+        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, ctx.target_for(x)), "auxk": aux})
 
     @torch.no_grad()
     def init_from_data(self, sample) -> None:

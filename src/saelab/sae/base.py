@@ -22,7 +22,7 @@ from saelab.sae.sparse import Selection, SparseActs, dense_preacts, selected_pre
 class SAEConfig(StrictModel):
     """Settings shared by every architecture. Unknown keys are rejected, never ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
     architecture: str = Field(description="Registered architecture name (see saelab.list_architectures()).")
     d_in: PositiveInt = Field(description="Width of the activations the SAE reads.")
@@ -34,6 +34,11 @@ class SAEConfig(StrictModel):
         "gradient removed); 'penalty': rows free, the sparsity penalty is weighted by their norms.",
     )
     seed: int = Field(0, description="Seed for weight initialisation.")
+    site: str | None = Field(
+        None,
+        description="The named site this SAE reads and writes, for sources that yield several per batch "
+        "(None: the batch's own activations).",
+    )
 
 
 @dataclass
@@ -45,6 +50,11 @@ class StepContext:
     step: int = 0  # optimizer steps taken so far
     total_steps: int = 1  # steps the run will take (for schedules owned by an architecture)
     batch: Any = None  # the source's Batch (token ids, targets, true features) for variants that need it
+    target: torch.Tensor | None = None  # what the decoder must reproduce, scaled (an SAE's: x itself)
+
+    def target_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction goal of a step whose input is `x` (x itself unless a target was given)."""
+        return x if self.target is None else self.target
 
 
 @dataclass
@@ -115,9 +125,9 @@ class SAE(torch.nn.Module):
     # The config field that trades sparsity for fidelity (a sparsity coefficient, or k);
     # sweeps and frontier plots vary it without knowing the architecture.
     sweep_parameter: ClassVar[str | None] = None
-    # True when decode needs the batch's token ids (`decode(f, tokens=...)`); metrics and the
-    # trainer then pass them. Without ids such an SAE must still work (see Tokenized).
-    uses_tokens: ClassVar[bool] = False
+    # True for baselines fitted in closed form (PCA, ICA, NMF, ...): `saelab.train` calls their
+    # `fit(sample)` on the first batches instead of running the gradient loop.
+    fitted: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -187,7 +197,7 @@ class SAE(torch.nn.Module):
         return self.activation(self.pre_acts(x))
 
     def decode(self, f: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """`tokens` (the token id at each row) matter only to token-aware variants (`uses_tokens`);
+        """`tokens` (the token id at each row) matter only to token-aware variants (Tokenized);
         every caller passes them when it has them, so no caller needs to know the architecture."""
         return f @ self.W_dec + self.b_dec
 
@@ -224,7 +234,7 @@ class SAE(torch.nn.Module):
         """The training forward: reconstruction plus every loss term, by name."""
         f = self.encode(x)
         x_hat = self.decode(f)
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x)})
+        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, ctx.target_for(x))})
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

@@ -82,9 +82,9 @@ class GatedSAE(SAE):
             x_hat,
             acts,
             {
-                "mse": mse_per_token(x_hat, x),
+                "mse": mse_per_token(x_hat, ctx.target_for(x)),
                 "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1,
-                "aux": mse_per_token(x_hat_frozen, x),
+                "aux": mse_per_token(x_hat_frozen, ctx.target_for(x)),
             },
         )
 

@@ -120,7 +120,7 @@ class JumpReLUSAE(SAE):
         return TrainOutput(
             x_hat,
             acts,
-            {"mse": mse_per_token(x_hat, x), "l0": self.cfg.l0_coefficient * ctx.sparsity_scale * l0},
+            {"mse": mse_per_token(x_hat, ctx.target_for(x)), "l0": self.cfg.l0_coefficient * ctx.sparsity_scale * l0},
         )
 
     def saved_state(self) -> dict[str, torch.Tensor]:

@@ -67,7 +67,9 @@ class MatchingPursuitSAE(SAE):
         f = self.encode(x)
         x_hat = self.decode(f)
         return TrainOutput(
-            x_hat, f, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(self, self.pre_acts(x), x, x_hat, ctx)}
+            x_hat,
+            f,
+            {"mse": mse_per_token(x_hat, ctx.target_for(x)), "auxk": auxk_loss(self, self.pre_acts(x), x, x_hat, ctx)},
         )
 
     @torch.no_grad()

@@ -115,10 +115,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         recons = self.nested_reconstructions(f, prefixes, sel)
         weights = self.level_weights(len(prefixes))
         # The full-width term is named "mse" (what logs and contracts read); shorter prefixes add theirs.
-        losses = {"mse": weights[-1] * mse_per_token(recons[-1], x)}
+        losses = {"mse": weights[-1] * mse_per_token(recons[-1], ctx.target_for(x))}
         for g, (m, w, r) in enumerate(zip(prefixes[:-1], weights[:-1], recons[:-1])):
             name = f"mse_level_{g}" if self.cfg.random_prefixes else f"mse_prefix_{m}"
-            losses[name] = w * mse_per_token(r, x)
+            losses[name] = w * mse_per_token(r, ctx.target_for(x))
         x_hat = recons[-1]
         losses["auxk"] = auxk_loss(self, pre, x, x_hat, ctx)
         return TrainOutput(x_hat, acts, losses)

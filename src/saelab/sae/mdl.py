@@ -65,7 +65,11 @@ class MDLSAE(JumpReLUSAE):
         return TrainOutput(
             x_hat,
             f,
-            {"mse": mse_per_token(x_hat, x), "dl_positions": scale * position_bits, "dl_values": scale * value_bits},
+            {
+                "mse": mse_per_token(x_hat, ctx.target_for(x)),
+                "dl_positions": scale * position_bits,
+                "dl_values": scale * value_bits,
+            },
         )
 
     def saved_architecture(self) -> str:

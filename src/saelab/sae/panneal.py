@@ -89,7 +89,7 @@ class PAnnealReLUSAE(LpAnnealing, ReLUSAE):
         f = self.encode(x)
         x_hat = self.decode(f)
         lp = self.lp_term(f, self.sparsity_weights(), ctx, self.cfg.l1_coefficient)
-        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, x), "lp": lp})
+        return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, ctx.target_for(x)), "lp": lp})
 
     # Inference is a plain ReLU SAE, so the file is SAELens' 'standard' one; the schedule is training state.
     def saved_architecture(self) -> str:

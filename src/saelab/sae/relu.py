@@ -47,5 +47,5 @@ class ReLUSAE(SAE):
         return TrainOutput(
             x_hat,
             acts,
-            {"mse": mse_per_token(x_hat, x), "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1},
+            {"mse": mse_per_token(x_hat, ctx.target_for(x)), "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1},
         )

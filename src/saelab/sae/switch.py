@@ -104,7 +104,7 @@ class SwitchSAE(SAE):
         n = self.cfg.n_experts
         frac = torch.bincount(expert, minlength=n).to(probs.dtype) / x.shape[0]
         balance = self.cfg.load_balance_coefficient * n * (frac * probs.mean(0)).sum()
-        losses = {"mse": mse_per_token(x_hat, x), "load_balance": balance}
+        losses = {"mse": mse_per_token(x_hat, ctx.target_for(x)), "load_balance": balance}
         # AuxK over the dead latents of each token's own expert (dead latents elsewhere cost it no compute).
         if ctx.dead_mask is not None and ctx.dead_mask.any():
             own = torch.zeros_like(f, dtype=torch.bool).view(-1, n, self.cfg.expert_size)

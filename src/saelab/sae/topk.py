@@ -42,7 +42,7 @@ def scatter_topk(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """Reconstruct the residual from the top-k_aux dead latents; zero when none are dead.
+    """Reconstruct the target's residual from the top-k_aux dead latents; zero when none are dead.
 
     Only the dead columns of `pre` are searched and only the chosen entries get a gradient: through
     `pre`'s own graph when it has one, else through the sparse encoder backward.
@@ -56,7 +56,7 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
     local = pre.detach().index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False).indices
     sel = Selection(dead_cols[local], None, pre.shape[0], pre.shape[1])
     values = sel.gather(pre) if pre.requires_grad else sae.preacts_with_grad(pre, x, sel)
-    residual = (x - x_hat).detach()
+    residual = (ctx.target_for(x) - x_hat).detach()  # what the live latents left of the target
     scale = min(n_dead / sae.cfg.effective_k_aux, 1.0)  # few dead latents: a proportionally smaller term
     return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
 
@@ -80,7 +80,9 @@ def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, 
     tokens = getattr(ctx.batch, "tokens", None)
     f, sel, acts = selected_latents(sae, x, pre, sel)
     x_hat = sae.decode(f, tokens) if sel is None else sae.decode_selected(sel, f, tokens)
-    return TrainOutput(x_hat, acts, {"mse": mse_per_token(x_hat, x), "auxk": auxk_loss(sae, pre, x, x_hat, ctx)})
+    return TrainOutput(
+        x_hat, acts, {"mse": mse_per_token(x_hat, ctx.target_for(x)), "auxk": auxk_loss(sae, pre, x, x_hat, ctx)}
+    )
 
 
 @register

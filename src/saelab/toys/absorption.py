@@ -66,7 +66,7 @@ def absorption_toy(
     from saelab.sae.registry import make_config
     from saelab.toys.features import ToySource
     from saelab.toys.worlds import World
-    from saelab.train.trainer import Trainer
+    from saelab.train.trainer import train
 
     world = World({**ABSORPTION_WORLD, "seed": seed})
     cfg = {"architecture": "relu", "d_in": 50, "d_sae": 4, "seed": seed}
@@ -74,9 +74,7 @@ def absorption_toy(
         cfg["l1_coefficient"] = l1_coefficient
     cfg = make_config(cfg)
     sae = TiedReLUSAE(cfg) if tied else ReLUSAE(cfg)
-    trainer = Trainer(sae, ToySource(world, 512, seed), {"steps": steps, "progress": False, "seed": seed})
-    result = trainer.fit(resume=False)
-    sae.fold_input_scale(result.input_scale)
+    train(sae, ToySource(world, 512, seed), {"steps": steps, "progress": False, "seed": seed})
     gen = torch.Generator().manual_seed(99_991 + seed)
     held_out = [world.sample(eval_tokens // 4, gen) for _ in range(4)]
     pairs = world.parent_child_pairs()

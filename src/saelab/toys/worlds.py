@@ -38,7 +38,7 @@ from saelab.toys.features import LinearWorld, embed_directions
 class _WorldBase(BaseModel):
     """Embedding, magnitude and noise settings every world shares."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     d: PositiveInt = Field(64, description="Embedding dimension (the SAE's d_in).")
     magnitude_mean: float = Field(1.0, gt=0, description="Mean magnitude of an active feature.")
@@ -78,7 +78,7 @@ class CorrelatedSpec(IndependentSpec):
 
 
 class NodeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     parent: int | None = Field(None, description="Index of the parent node (None: a root).")
     prob: float = Field(description="Firing probability (for a child: given that its parent fires).")

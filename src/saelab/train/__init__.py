@@ -1,6 +1,5 @@
-"""The one training loop, and sweeps of many SAEs driving it on one activation stream."""
+"""The one training loop (any number of SAEs on one activation stream), and fitted baselines beside it."""
 
-from saelab.train.sweep import Sweep, train_many
-from saelab.train.trainer import TrainConfig, Trainer, TrainResult, train
+from saelab.train.trainer import TrainConfig, Trainer, TrainResult, fit_dictionary, train, train_many
 
-__all__ = ["Sweep", "TrainConfig", "Trainer", "TrainResult", "train", "train_many"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "fit_dictionary", "train", "train_many"]

@@ -41,16 +41,26 @@ def step_path(out_dir: str | Path, step: int) -> Path:
     return _checkpoint_root(Path(out_dir)) / step_name(step)
 
 
+def _complete(path: Path) -> bool:
+    return (path / _STATE).exists() and (path / _TENSORS).exists()
+
+
 def latest(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: the one `latest` names, else the highest complete step."""
     root = _checkpoint_root(Path(out_dir))
     pointer = root / "latest"
     if pointer.exists():
         path = root / pointer.read_text().strip()
-        if (path / _STATE).exists() and (path / _TENSORS).exists():
+        if _complete(path):
             return path
-    complete = sorted(p for p in root.glob("step_*") if (p / _STATE).exists() and (p / _TENSORS).exists())
+    complete = sorted(p for p in root.glob("step_*") if _complete(p))
     return complete[-1] if complete else None
+
+
+def complete_steps(out_dir: str | Path) -> list[int]:
+    """The steps of every complete checkpoint in `out_dir`, oldest first."""
+    root = _checkpoint_root(Path(out_dir))
+    return sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and _complete(p))
 
 
 def _flatten(prefix: str, tensors: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> None:
@@ -91,9 +101,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss))
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    if optimizer is None:  # a fitted model with no trainable parameters
-        return {}, []
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = optimizer.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -103,10 +111,8 @@ def _optimizer_state(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str,
 
 
 def _load_optimizer_state(
-    optimizer: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor], groups: list[dict]
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]
 ) -> None:
-    if optimizer is None:
-        return
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)
@@ -127,11 +133,9 @@ def _rank_prefix(rank: int) -> str:
 
 def local_state(source) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This process's source position and RNG states: the part of a checkpoint that differs
-    between data-parallel ranks (tensors, plus the JSON half of the RNG states). `source=None`:
-    a sweep member, whose shared source the sweep stores itself."""
+    between data-parallel ranks (tensors, plus the JSON half of the RNG states)."""
     tensors: dict[str, torch.Tensor] = {}
-    if source is not None:
-        _flatten("source", source.state_dict(), tensors)
+    _flatten("source", source.state_dict(), tensors)
     rng_tensors, rng_meta = rng_state()
     _flatten("rng", rng_tensors, tensors)
     return tensors, rng_meta
@@ -144,14 +148,11 @@ def save(
     sae,
     optimizer,
     stats,
-    source,
-    keep: int | None = 2,
-    ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+    ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
 ) -> Path:
-    """Write checkpoint `step` and point `latest` at it; then keep the `keep` newest (None: prune later).
+    """Write checkpoint `step` and point `latest` at it (pruning is the caller's: `prune`).
 
-    `ranks`: every rank's `local_state`, rank 0 first, in a data-parallel run; by default this
-    process's own."""
+    `ranks`: every rank's `local_state` (source position and RNG states), rank 0 first."""
     root = _checkpoint_root(Path(out_dir))
     root.mkdir(parents=True, exist_ok=True)
     name = step_name(step)
@@ -160,8 +161,7 @@ def save(
     opt_tensors, groups = _optimizer_state(optimizer)
     _flatten("optimizer", opt_tensors, tensors)
     _flatten("stats", stats.state_dict(), tensors)
-    ranks = ranks if ranks is not None else [local_state(source)]
-    meta: dict[str, Any] = {"world_size": len(ranks), **({"shared_source": True} if source is None else {})}
+    meta: dict[str, Any] = {"world_size": len(ranks)}
     for rank, (rank_tensors, rng_meta) in enumerate(ranks):
         tensors.update({_rank_prefix(rank) + k: v for k, v in rank_tensors.items()})
         meta[_rank_prefix(rank) + "rng"] = rng_meta
@@ -182,8 +182,6 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     write_text(root / "latest", name + "\n")
-    if keep is not None:
-        prune(out_dir, keep)
     return final
 
 
@@ -205,11 +203,6 @@ def load(path: str | Path, sae, optimizer, stats, source, rank: int = 0) -> dict
     """Restore everything; `rank` picks which rank's source position and RNG states to take."""
     path = Path(path)
     state = read_state(path)
-    if source is not None and state.pop("shared_source", False):
-        raise FileFormatError(
-            f"checkpoint {path} holds no source position: it belongs to a sweep, which stores the position once "
-            "for all its SAEs; resume it with saelab.train_many on the sweep's folder"
-        )
     try:
         tensors = load_file(str(path / _TENSORS))
     except (OSError, ValueError) as exc:
@@ -226,7 +219,6 @@ def load(path: str | Path, sae, optimizer, stats, source, rank: int = 0) -> dict
     rng_meta = {k: state.pop(k) for k in [k for k in state if k.endswith("rng")]}
     if prefix + "rng" not in rng_meta:
         raise FileFormatError(f"checkpoint {path} holds no source/RNG state for rank {rank}")
-    if source is not None:
-        source.load_state_dict(_unflatten(prefix + "source", tensors))
+    source.load_state_dict(_unflatten(prefix + "source", tensors))
     set_rng_state(_unflatten(prefix + "rng", tensors), rng_meta[prefix + "rng"])
     return state

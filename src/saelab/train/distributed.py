@@ -111,7 +111,7 @@ class RowShard:
                 f"use a batch size divisible by {self.world_size} (and drop a short last batch)"
             )
         rows = slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
-        return Batch(**{k: (v[rows] if v is not None else None) for k, v in vars(batch).items()})
+        return batch.rows(rows)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.source.state_dict()
@@ -203,13 +203,13 @@ class DataParallel:
             dist.barrier()
 
     # ------------------------------------------------------------------ gradients
-    def loss_fn(self, sae: torch.nn.Module, trainable: bool) -> Callable:
+    def loss_fn(self, sae: torch.nn.Module) -> Callable:
         """`sae.loss_terms`, through DDP when there are several ranks and weights to train.
 
         DDP averages gradients over ranks inside backward. It also checks at construction that
         every rank holds the same parameters and broadcasts rank 0's buffers before each forward.
         """
-        if not (self.active and trainable):
+        if not self.active:
             return sae.loss_terms
         device = next(sae.parameters()).device
         ids = [device] if device.type == "cuda" else None

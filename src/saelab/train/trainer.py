@@ -1,18 +1,36 @@
-"""The one training loop for every architecture.
+"""The one training loop for every architecture, and for any number of dictionaries at once.
 
-Per step: draw a batch, scale it to E||x|| = sqrt(d_in), ask the SAE for its named loss terms,
-backpropagate, let the SAE adjust gradients (unit-norm decoder), clip, take an Adam step, let the
-SAE adjust weights (renormalise, thresholds), and update dead/dense latent statistics. Learning
-rate and sparsity warm-up are pure functions of the step, so a resumed run sees the same values.
+A run trains one or more *members* (dictionaries) on one activation stream; a single run is a run
+of one member. Per step the `Trainer` draws one batch (one model forward, for model sources) and
+scales it once; then each member asks its SAE for the named loss terms, backpropagates, lets the
+SAE adjust gradients (unit-norm decoder), clips, takes an Adam step, lets the SAE adjust weights
+(renormalise, thresholds), and updates dead/dense latent statistics. Learning rate and sparsity
+warm-up are pure functions of the step, so a resumed run sees the same values.
+
+A member trains exactly as it would alone on the same source, config and seed: the input scale,
+b_dec and `init_from_data` sample come from the same first batches (computed once), and each
+member owns its copy of the global RNGs (torch, NumPy, Python), swapped in around all it does.
+
+Layout: a single SAE trains in OUT itself (OUT/metrics.jsonl, OUT/checkpoints/); several members
+train in OUT/<name>/ each, and OUT/members.json names them. Every member checkpoint holds the
+source position, and a run resumes from the newest step at which every member has a complete
+checkpoint (old checkpoints are pruned only after every member has saved), so a run killed
+between two members' saves resumes from the previous common step.
+
+Fitted baselines (PCA, ICA, NMF, dictionary learning: `SAE.fitted`) have nothing to train by
+gradient: `train`/`train_many` fit them on the first batches (`fit_dictionary`), beside this loop.
 Under torch.distributed each rank trains on its share of every batch and gradients are averaged
 over ranks; everything that involves other ranks goes through `saelab.train.distributed`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +41,9 @@ from tqdm.auto import tqdm
 
 from saelab.activations.base import ActivationSource, Batch, as_source
 from saelab.config import StrictModel
-from saelab.errors import ConfigError, NonFiniteError
-from saelab.sae.base import SAE, StepContext
+from saelab.errors import ConfigError, FileFormatError, NonFiniteError
+from saelab.io.atomic import read_json, write_json
+from saelab.sae.base import SAE, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
 from saelab.train.stats import LatentStats
@@ -35,7 +54,7 @@ class TrainConfig(StrictModel):
 
     steps: PositiveInt = Field(2000, description="Optimizer steps (one batch each).")
     lr: PositiveFloat = Field(1e-3, description="Peak Adam learning rate.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), strict=False, description="Adam (beta1, beta2).")
     lr_warmup_steps: NonNegativeInt = Field(50, description="Linear learning-rate warm-up from 0.")
     lr_decay_fraction: float = Field(0.2, ge=0, le=1, description="Final fraction of steps with linear decay to 0.")
     sparsity_warmup_steps: NonNegativeInt = Field(200, description="Linear warm-up of the sparsity coefficient.")
@@ -95,6 +114,9 @@ class DataInit:
 
 @dataclass
 class TrainResult:
+    """A trained dictionary, ready to use: `sae` takes raw activations (the input scale it was
+    trained with, `input_scale`, is already folded into its weights)."""
+
     sae: SAE
     input_scale: float
     steps: int
@@ -104,142 +126,100 @@ class TrainResult:
     latent_stats: LatentStats | None = None
 
 
-class Trainer:
-    """Train one SAE on one activation source; resumable from `out_dir/checkpoints`."""
+def next_checked_batch(source: ActivationSource, d_in: int, device: str, where: str, site: str | None = None) -> Batch:
+    """The source's next batch as an SAE on `site` sees it (`Batch.view`), with `x` (and `target`)
+    on `device` as float32, checked for shape and NaN/Inf; `where` names the position ("step 12")."""
+    try:
+        batch = next(source).view(site)
+    except StopIteration:
+        raise ConfigError(
+            f"the source ran out after {getattr(source, 'position', '?')} batches, at {where}; "
+            "lower `steps` (or `norm_estimation_batches`) or give more data"
+        ) from None
+    same = batch.target is batch.x
+    x = batch.x.to(device, torch.float32)
+    if x.dim() != 2 or x.shape[1] != d_in:
+        raise ConfigError(f"batch at {where} has shape {tuple(x.shape)}; expected [B, {d_in}]")
+    if x.shape[0] == 0:
+        raise ConfigError(f"batch at {where} is empty (0 rows); check the source's batch_size and data")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
+        raise NonFiniteError(
+            f"{where}: batch {getattr(source, 'position', '?')} contains NaN/Inf activations (rows {bad}...); "
+            "training stopped"
+        )
+    batch.x = x
+    batch.target = x if same else batch.target.to(device, torch.float32)
+    return batch
 
-    def __init__(self, sae: SAE, source: Any, cfg: TrainConfig | dict | None = None, out_dir: str | Path | None = None):
-        self.cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.parse(cfg or {})
-        self.sae = sae.to(self.cfg.device)
-        self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
-        self.source: ActivationSource = self.dist.shard(as_source(source, sae.cfg.d_in))
-        if getattr(self.source, "d_in", -1) not in (-1, sae.cfg.d_in):
-            raise ConfigError(
-                f"the source yields d_in={self.source.d_in} but the SAE has d_in={sae.cfg.d_in}; set d_in to match"
-            )
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.optimizer = make_adam(self.sae, self.cfg)
-        self._loss_terms = self.sae.loss_terms  # through DDP once `fit` knows the starting weights
-        self.stats = LatentStats(sae.cfg.d_sae, self.cfg.dead_after_tokens, self.cfg.dense_threshold, self.dist.sum)
+
+def data_init(
+    source: ActivationSource, d_in: int, cfg: TrainConfig, dist: DataParallel, site: str | None = None
+) -> DataInit:
+    """The input scale, b_dec and scaled sample from the first batches (every rank's, combined),
+    after which the source is rewound so training still sees those batches."""
+    start = source.state_dict()
+    with torch.no_grad():
+        batches = [
+            next_checked_batch(source, d_in, cfg.device, f"norm-estimation batch {i}", site)
+            for i in range(cfg.norm_estimation_batches)
+        ]
+        sample = torch.cat([dist.all_rows(b.x) for b in batches])
+        if cfg.normalize_activations == "expected_norm":
+            mean_norm = float(sample.norm(dim=1).mean())
+            if mean_norm == 0:
+                raise ConfigError("every activation in the first batches is zero; check the source")
+            input_scale = math.sqrt(d_in) / mean_norm
+        else:
+            input_scale = 1.0
+        sample = sample * input_scale
+        b_dec = None
+        if cfg.b_dec_init == "geometric_median":
+            b_dec = geometric_median(sample[:8192])
+        elif cfg.b_dec_init == "mean":
+            b_dec = sample.mean(0)
+        tokens = [b.tokens for b in batches]
+        if all(t is not None for t in tokens):
+            tokens = torch.cat([dist.all_rows(t.to(sample.device)) for t in tokens])
+        else:
+            tokens = None
+    source.load_state_dict(start)
+    return DataInit(input_scale, b_dec, Batch(x=sample, tokens=tokens))
+
+
+class Member:
+    """One dictionary's training state in a run: SAE, optimizer, schedules, latent statistics,
+    metrics log, checkpoints and its own RNG stream. The `Trainer` drives it; `train_step` is the
+    public single step (benchmarks time it on a fixed batch)."""
+
+    def __init__(self, name: str, sae: SAE, cfg: TrainConfig, out_dir: Path | None, dist: DataParallel):
+        self.name = name
+        self.cfg = cfg
+        self.sae = sae.to(cfg.device)
+        self.dist = dist
+        self.out_dir = out_dir
+        self.optimizer = make_adam(self.sae, cfg)
+        self.stats = LatentStats(sae.cfg.d_sae, cfg.dead_after_tokens, cfg.dense_threshold, dist.sum)
         self.step = 0
         self.tokens = 0
         self.input_scale: float | None = None
         self.history: list[dict[str, Any]] = []
-        # Set by a sweep (train.sweep), which stores the shared source's position once and
-        # prunes old checkpoints only after every member has saved.
-        self.shares_source = False
+        self._loss_terms = self.sae.loss_terms  # through DDP once `start` knows the starting weights
+        self.rng: tuple | None = None  # this member's global-RNG states between its turns
 
-    # ------------------------------------------------------------------ set-up
-    def _next_x(self) -> torch.Tensor:
-        return self._next_batch().x
-
-    def _next_batch(self):
-        """The next batch, with x on the device as float32 and checked for shape and NaN/Inf."""
-        try:
-            batch = next(self.source)
-        except StopIteration:
-            raise ConfigError(
-                f"the source ran out after {self.step} steps but steps={self.cfg.steps}; "
-                "lower `steps` or give more data"
-            ) from None
-        x = batch.x.to(self.cfg.device, torch.float32)
-        if x.dim() != 2 or x.shape[1] != self.sae.cfg.d_in:
-            raise ConfigError(
-                f"batch at step {self.step} has shape {tuple(x.shape)}; expected [B, {self.sae.cfg.d_in}]"
-            )
-        if not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
-            raise NonFiniteError(
-                f"step {self.step}: batch {getattr(self.source, 'position', self.step)} contains NaN/Inf "
-                f"activations (rows {bad}...); training stopped, last good checkpoint kept"
-                + (f" in {self.out_dir / 'checkpoints'}" if self.out_dir else "")
-            )
-        batch.x = x
-        return batch
-
-    def data_init(self) -> DataInit:
-        """The input scale, b_dec and scaled sample from the first batches (every rank's, combined),
-        after which the source is rewound so training still sees those batches."""
-        start = self.source.state_dict()
-        with torch.no_grad():
-            batches = [self._next_batch() for _ in range(self.cfg.norm_estimation_batches)]
-            sample = torch.cat([self.dist.all_rows(b.x) for b in batches])
-            if self.cfg.normalize_activations == "expected_norm":
-                mean_norm = float(sample.norm(dim=1).mean())
-                if mean_norm == 0:
-                    raise ConfigError("every activation in the first batches is zero; check the source")
-                input_scale = math.sqrt(self.sae.cfg.d_in) / mean_norm
-            else:
-                input_scale = 1.0
-            sample = sample * input_scale
-            b_dec = None
-            if self.cfg.b_dec_init == "geometric_median":
-                b_dec = geometric_median(sample[:8192])
-            elif self.cfg.b_dec_init == "mean":
-                b_dec = sample.mean(0)
-            tokens = [b.tokens for b in batches]
-            if all(t is not None for t in tokens):
-                tokens = torch.cat([self.dist.all_rows(t.to(sample.device)) for t in tokens])
-            else:
-                tokens = None
-        self.source.load_state_dict(start)
-        return DataInit(input_scale, b_dec, Batch(x=sample, tokens=tokens))
-
-    def _initialise(self, init: DataInit | None = None) -> None:
-        """Start from the data: `init` computed once may start several SAEs (see train.sweep)."""
-        init = init or self.data_init()
-        self.input_scale = init.input_scale
-        with torch.no_grad():
-            if init.b_dec is not None:
-                self.sae.b_dec.copy_(init.b_dec)
-            self.sae.init_from_data(init.sample)
-        self.input_scale = self.dist.sync_from_main(self.sae, self.input_scale)  # every rank starts from rank 0's
-
-    # ------------------------------------------------------------------ loop
-    def fit(self, resume: bool = True) -> TrainResult:
-        torch.manual_seed(self.cfg.seed)
-        # Rank 0 decides what to resume from, so all ranks agree even while files change.
-        self.start(self.dist.from_main(ckpt.latest(self.out_dir) if resume and self.out_dir is not None else None))
-        bar = tqdm(
-            total=self.cfg.steps,
-            initial=self.step,
-            disable=None if self.cfg.progress and self.dist.is_main else True,
-            desc=self.sae.architecture,
-            unit="step",
-            dynamic_ncols=True,
-            leave=False,
-        )
-        while self.step < self.cfg.steps:
-            batch = self._next_batch()
-            record = self.advance(batch)
-            if record is not None:
-                bar.set_postfix(
-                    {
-                        **{k: f"{v:.3g}" for k, v in record["losses"].items()},
-                        "L0": f"{record['l0']:.1f}",
-                        "tok/s": f"{record['tokens_per_s']:.3g}",
-                    },
-                    refresh=False,
-                )
-            bar.update(1)
-            if self.checkpoint_due():
-                self.save_checkpoint()
-        bar.close()
-        if self.out_dir and self.dist.from_main(getattr(ckpt.latest(self.out_dir), "name", None)) != ckpt.step_name(
-            self.step
-        ):
-            self.save_checkpoint()
-        return self.result()
-
-    # The loop's pieces, public so that one process can drive several trainers on one stream
-    # (train.sweep): start, then advance once per batch, save when due, and take the result.
-    def start(self, checkpoint: Path | None = None, init: DataInit | None = None) -> None:
-        """Resume from `checkpoint`, or initialise from the data (or from a shared `init`);
+    def start(self, checkpoint: Path | None, init: DataInit | None, source: ActivationSource) -> None:
+        """Resume from `checkpoint` (the source position too), or initialise from the data;
         then open the metrics log and start the clocks."""
         if checkpoint is not None:
-            self._load(checkpoint)
+            self._load(checkpoint, source)
         else:
-            self._initialise(init)
-        self._loss_terms = self.dist.loss_fn(self.sae, trainable=self.optimizer is not None)
+            self.input_scale = init.input_scale
+            with torch.no_grad():
+                if init.b_dec is not None:
+                    self.sae.b_dec.copy_(init.b_dec)
+                self.sae.init_from_data(init.sample)
+            self.input_scale = self.dist.sync_from_main(self.sae, self.input_scale)  # every rank starts from rank 0's
+        self._loss_terms = self.dist.loss_fn(self.sae)
         log_path = self.out_dir / "metrics.jsonl" if self.out_dir and self.dist.is_main else None
         if log_path is not None:
             self.history = _read_log(log_path, up_to_step=self.step) if checkpoint is not None else []
@@ -248,33 +228,76 @@ class Trainer:
         self._window = (self._start_time, self.tokens)
         self.sae.train()
 
-    def advance(self, batch: Batch, x: torch.Tensor | None = None) -> dict[str, Any] | None:
-        """One step on a checked batch (`x`: its scaled activations, if already computed);
-        returns the metrics record on logging steps."""
-        x = batch.x * self.input_scale if x is None else x
-        # A fitted model (no optimizer) does not change between steps: its forward pass runs
-        # only on logging steps, which also feed the latent statistics.
-        logging = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.cfg.steps
-        if self.optimizer is not None or logging:
-            out = self._train_step(x, batch)
+    def advance(self, batch: Batch, x: torch.Tensor, target: torch.Tensor) -> dict[str, Any] | None:
+        """One step on a checked batch whose scaled activations are `x` (encoder input) and
+        `target` (what the decoder must reproduce); returns the metrics record on logging steps."""
+        out = self.train_step(x, batch, target)
         self.step += 1
         self.tokens += x.shape[0] * self.dist.world_size  # every rank's share is the same size
-        if not logging:
+        if not ((self.step) % self.cfg.log_every == 0 or self.step == self.cfg.steps):
             return None
         now = time.perf_counter()
-        record = self._record(out, x, (self.tokens - self._window[1]) / max(now - self._window[0], 1e-9))
+        record = self._record(out, target, (self.tokens - self._window[1]) / max(now - self._window[0], 1e-9))
         self._window = (now, self.tokens)
         self.history.append(record)
         if self.out_dir and self.dist.is_main:
             _append_log(self.out_dir / "metrics.jsonl", record)
         return record
 
-    def checkpoint_due(self) -> bool:
-        return bool(self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0)
+    def train_step(self, x: torch.Tensor, batch: Batch | None = None, target: torch.Tensor | None = None):
+        """Loss terms, backward, the architecture's gradient and weight hooks, clipping, Adam and
+        latent statistics, at the member's current step (its schedules); returns the TrainOutput."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
+        ctx = StepContext(
+            sparsity_scale=sparsity_factor(self.cfg, self.step),
+            dead_mask=self.stats.dead_mask().to(x.device),
+            step=self.step,
+            total_steps=self.cfg.steps,
+            batch=batch,
+            target=x if target is None else target,
+        )
+        out = self._loss_terms(x, ctx)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            terms = {k: float(v) for k, v in out.losses.items()}
+            raise NonFiniteError(
+                f"step {self.step}: the loss is not finite ({terms}); training stopped before the update; "
+                "lower lr or check the activations' scale"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.before_optimizer_step()
+        if self.cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip_norm)
+        self.optimizer.step()
+        self.sae.after_optimizer_step(out)
+        self.stats.update(out.fired_counts(), x.shape[0])
+        return out
+
+    def _record(self, out, target: torch.Tensor, tokens_per_s: float) -> dict[str, Any]:
+        with torch.no_grad():
+            remaining = (self.cfg.steps - self.step) * target.shape[0] * self.dist.world_size / max(tokens_per_s, 1e-9)
+            return {
+                "step": self.step,
+                "tokens": self.tokens,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "sparsity_scale": sparsity_factor(self.cfg, self.step - 1),
+                "losses": {k: float(v) for k, v in out.losses.items()},
+                "loss": float(out.loss),
+                "l0": out.mean_l0(),
+                "fvu": fvu(out.x_hat, target),
+                "dead_fraction": self.stats.dead_fraction(),
+                "dense_fraction": self.stats.dense_fraction(),
+                "tokens_per_s": tokens_per_s,
+                "eta_s": remaining,
+            }
 
     def result(self) -> TrainResult:
+        """The trained dictionary with the input scale folded in (it takes raw activations)."""
         self.sae.eval()
         self.sae.release_training_buffers()  # a trained SAE kept for analysis should not hold them
+        self.sae.fold_input_scale(self.input_scale)
         return TrainResult(
             self.sae,
             self.input_scale,
@@ -285,61 +308,11 @@ class Trainer:
             self.stats,
         )
 
-    def _train_step(self, x: torch.Tensor, batch=None):
-        for group in self.optimizer.param_groups if self.optimizer is not None else []:
-            group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
-        ctx = StepContext(
-            sparsity_scale=sparsity_factor(self.cfg, self.step),
-            dead_mask=self.stats.dead_mask().to(x.device),
-            step=self.step,
-            total_steps=self.cfg.steps,
-            batch=batch,
-        )
-        with torch.set_grad_enabled(self.optimizer is not None):
-            out = self._loss_terms(x, ctx)
-        loss = out.loss
-        if not torch.isfinite(loss):
-            terms = {k: float(v) for k, v in out.losses.items()}
-            raise NonFiniteError(
-                f"step {self.step}: the loss is not finite ({terms}); training stopped before the update, "
-                "last good checkpoint kept; lower lr or check the activations' scale"
-            )
-        if self.optimizer is not None:  # None: a fitted model (e.g. PCA) with nothing to train
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sae.before_optimizer_step()
-            if self.cfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip_norm)
-            self.optimizer.step()
-        self.sae.after_optimizer_step(out)
-        self.stats.update(out.fired_counts(), x.shape[0])
-        return out
-
-    def _record(self, out, x: torch.Tensor, tokens_per_s: float) -> dict[str, Any]:
-        with torch.no_grad():
-            resid = (x - out.x_hat).pow(2).sum(-1).mean()
-            total = (x - x.mean(0)).pow(2).sum(-1).mean()
-            remaining = (self.cfg.steps - self.step) * x.shape[0] * self.dist.world_size / max(tokens_per_s, 1e-9)
-            return {
-                "step": self.step,
-                "tokens": self.tokens,
-                "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0,
-                "sparsity_scale": sparsity_factor(self.cfg, self.step - 1),
-                "losses": {k: float(v) for k, v in out.losses.items()},
-                "loss": float(out.loss),
-                "l0": out.mean_l0(),
-                "fvu": float(resid / total.clamp_min(1e-12)),
-                "dead_fraction": self.stats.dead_fraction(),
-                "dense_fraction": self.stats.dense_fraction(),
-                "tokens_per_s": tokens_per_s,
-                "eta_s": remaining,
-            }
-
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, source: ActivationSource) -> Path | None:
         """Every rank calls this: rank 0 writes the shared state plus each rank's source and RNG
-        state, and the others wait until it is on disk (None on those ranks)."""
-        source = None if self.shares_source else self.source
+        state, and the others wait until it is on disk (None on those ranks). Pruning is the
+        Trainer's, once every member has saved this step."""
         ranks = self.dist.gather_to_main(ckpt.local_state(source))
         if not self.dist.is_main:
             self.dist.barrier()
@@ -351,21 +324,11 @@ class Trainer:
             "sae_config": self.sae.cfg.model_dump(),
             "train_config": self.cfg.model_dump(),
         }
-        path = ckpt.save(
-            self.out_dir,
-            self.step,
-            state,
-            self.sae,
-            self.optimizer,
-            self.stats,
-            source,
-            keep=None if self.shares_source else self.cfg.keep_checkpoints,
-            ranks=ranks,
-        )
+        path = ckpt.save(self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, ranks=ranks)
         self.dist.barrier()
         return path
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, source: ActivationSource) -> None:
         saved = ckpt.read_state(path)
         if saved.get("world_size", 1) != self.dist.world_size:
             raise ConfigError(
@@ -375,9 +338,295 @@ class Trainer:
             )
         _check_same_config("SAE", saved["sae_config"], self.sae.cfg.model_dump(), path)
         _check_same_config("training", saved["train_config"], self.cfg.model_dump(), path, ignore=_BOOKKEEPING)
-        source = None if self.shares_source else self.source
         state = ckpt.load(path, self.sae, self.optimizer, self.stats, source, rank=self.dist.rank)
         self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
+
+
+def fvu(x_hat: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of the target's variance (about its batch mean) the reconstruction leaves unexplained."""
+    with torch.no_grad():
+        resid = (target - x_hat).pow(2).sum(-1).mean()
+        total = (target - target.mean(0)).pow(2).sum(-1).mean()
+        return float(resid / total.clamp_min(1e-12))
+
+
+# Training settings every member of one run must share: they shape the one stream, its start and
+# its checkpoints.
+SHARED = frozenset(
+    {
+        "steps",
+        "normalize_activations",
+        "norm_estimation_batches",
+        "b_dec_init",
+        "device",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "progress",
+    }
+)
+MEMBERS_FILE = "members.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
+
+
+class Trainer:
+    """Train one SAE, or several of one `d_in` (any architectures and widths), on one source;
+    resumable from `out_dir`.
+
+    `saes` is one SAE (or config dict), trained in `out_dir` itself, or a list (member names
+    default to `00_topk`, `01_relu`, ...) or dict from name to member, each trained in
+    `out_dir/<name>`. A member config may carry `name` (list form) and `train`, overrides of
+    `train_config` for that member (any key but those in `SHARED`). `fit` returns a `TrainResult`
+    for one SAE, else a dict of them by name; every SAE comes back ready (input scale folded in).
+    """
+
+    def __init__(
+        self,
+        saes: SAE | dict | Sequence[SAE | dict] | Mapping[str, SAE | dict],
+        data: Any,
+        train_config: TrainConfig | dict | None = None,
+        out_dir: str | Path | None = None,
+    ):
+        cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
+        single = isinstance(saes, SAE) or (isinstance(saes, Mapping) and "architecture" in saes)
+        self._setup(_members([saes] if single else saes, cfg), data, cfg, out_dir, single)
+
+    @classmethod
+    def of_members(
+        cls, members: list[tuple[str, SAE, TrainConfig]], data: Any, cfg: TrainConfig, out_dir: str | Path | None
+    ) -> Trainer:
+        """A run of members already named and configured (see `_members`)."""
+        trainer = cls.__new__(cls)
+        trainer._setup(members, data, cfg, out_dir, single=False)
+        return trainer
+
+    def _setup(self, members, data, cfg: TrainConfig, out_dir, single: bool) -> None:
+        self.cfg, self.single = cfg, single
+        d_ins = {sae.cfg.d_in for _, sae, _ in members}
+        if len(d_ins) > 1:
+            widths = ", ".join(f"{name}: {sae.cfg.d_in}" for name, sae, _ in members)
+            raise ConfigError(f"every SAE in a sweep reads the same activations, but their d_in differ ({widths})")
+        self.d_in = d_ins.pop()
+        sites = {sae.cfg.site for _, sae, _ in members}
+        if len(sites) > 1:
+            names = ", ".join(f"{name}: {sae.cfg.site!r}" for name, sae, _ in members)
+            raise ConfigError(f"every SAE in one run reads the same site, but their sites differ ({names})")
+        self.site = sites.pop()
+        self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
+        self.source: ActivationSource = self.dist.shard(as_source(data, self.d_in))
+        if getattr(self.source, "d_in", -1) not in (-1, self.d_in):
+            raise ConfigError(
+                f"the source yields d_in={self.source.d_in} but the SAE has d_in={self.d_in}; set d_in to match"
+            )
+        for name, sae, _ in members:
+            if sae.fitted:
+                raise ConfigError(
+                    f"{name}: '{sae.architecture}' is fitted in closed form, not trained by gradient; "
+                    "use saelab.train / saelab.train_many, which fit it on the first batches"
+                )
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.members: dict[str, Member] = {}
+        for name, sae, member_cfg in members:
+            folder = self.out_dir if self.single or self.out_dir is None else self.out_dir / name
+            self.members[name] = Member(name, sae, member_cfg, folder, self.dist)
+        self.step = 0
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = True) -> TrainResult | dict[str, TrainResult]:
+        self.start(resume)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            disable=None if self.cfg.progress and self.dist.is_main else True,
+            desc=next(iter(self.members.values())).sae.architecture if self.single else f"sweep of {len(self.members)}",
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
+        while self.step < self.cfg.steps:
+            record = next(iter(self.step_all().values()))
+            if record is not None:
+                bar.set_postfix(
+                    {
+                        **{k: f"{v:.3g}" for k, v in record["losses"].items()},
+                        "L0": f"{record['l0']:.1f}",
+                        "tok/s": f"{record['tokens_per_s']:.3g}",
+                    },
+                    refresh=False,
+                )
+            bar.update(1)
+            if self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.out_dir is not None and self.dist.from_main(self._resumable_step()) != self.step:
+            self.save_checkpoint()
+        results = {name: member.result() for name, member in self.members.items()}
+        return next(iter(results.values())) if self.single else results
+
+    def start(self, resume: bool = True) -> None:
+        """Resume every member from the newest step all of them saved (rank 0 decides, so all
+        ranks agree while files change), or initialise them from the same first batches."""
+        self._check_members_file()
+        step = self.dist.from_main(self._resumable_step()) if resume and self.out_dir is not None else None
+        init = data_init(self.source, self.d_in, self.cfg, self.dist, self.site) if step is None else None
+        process_rng = ckpt.rng_state()  # what each member would find if it ran alone now
+        for member in self.members.values():
+            ckpt.set_rng_state(*process_rng)
+            torch.manual_seed(member.cfg.seed)
+            member.start(ckpt.step_path(member.out_dir, step) if step is not None else None, init, self.source)
+            member.rng = ckpt.rng_state()
+        lead = next(iter(self.members.values()))
+        self.step = lead.step
+        self.input_scale = lead.input_scale
+        if len(self.members) == 1:  # the member's RNG stream is the process's: nothing to swap
+            ckpt.set_rng_state(*lead.rng)
+
+    def step_all(self, batch: Batch | None = None) -> dict[str, dict[str, Any] | None]:
+        """One step of every member on `batch` (by default the source's next one); the metrics
+        records by member name (None off logging steps)."""
+        batch = batch or next_checked_batch(self.source, self.d_in, self.cfg.device, f"step {self.step}", self.site)
+        x = batch.x * self.input_scale
+        target = x if batch.target is batch.x else batch.target * self.input_scale
+        records = {}
+        for name, member in self.members.items():
+            with self._own_rng(member):
+                records[name] = member.advance(batch, x, target)
+        self.step += 1
+        return records
+
+    @contextlib.contextmanager
+    def _own_rng(self, member: Member) -> Iterator[None]:
+        if len(self.members) == 1:
+            yield
+            return
+        ckpt.set_rng_state(*member.rng)
+        try:
+            yield
+        finally:
+            member.rng = ckpt.rng_state()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Every member's checkpoint at this step (each with the source position), then pruning:
+        until every member has saved, each keeps its previous checkpoints."""
+        if self.dist.is_main and not self.single:
+            write_json(self.out_dir / MEMBERS_FILE, {"members": list(self.members)})
+        for member in self.members.values():
+            with self._own_rng(member):  # each checkpoint records its member's own RNG stream
+                member.save_checkpoint(self.source)
+        if self.dist.is_main:
+            for member in self.members.values():
+                ckpt.prune(member.out_dir, self.cfg.keep_checkpoints)
+
+    def _resumable_step(self) -> int | None:
+        """The newest step at which every member has a complete checkpoint."""
+        common = None
+        for member in self.members.values():
+            steps = set(ckpt.complete_steps(member.out_dir))
+            common = steps if common is None else common & steps
+        return max(common) if common else None
+
+    def _check_members_file(self) -> None:
+        path = self.out_dir / MEMBERS_FILE if self.out_dir is not None else None
+        if path is None or not path.exists():
+            return
+        saved = read_json(path, f"delete {self.out_dir} to start over")
+        members = saved.get("members") if isinstance(saved, dict) else None
+        if not isinstance(members, list):
+            raise FileFormatError(f"{path} is unreadable (no `members` list); delete {self.out_dir} to start over")
+        if self.single or members != list(self.members):
+            now = "one SAE" if self.single else str(list(self.members))
+            raise ConfigError(
+                f"{self.out_dir} holds a sweep of {members}, not {now}; resume with the same SAEs "
+                "in the same order or use a new --out folder"
+            )
+
+
+def _members(
+    saes: Sequence[SAE | dict] | Mapping[str, SAE | dict], cfg: TrainConfig
+) -> list[tuple[str, SAE, TrainConfig]]:
+    """(name, SAE, training config) for each member, with every input mistake named."""
+    from saelab.sae.registry import create
+
+    if isinstance(saes, (SAE, str)) or not isinstance(saes, (Sequence, Mapping)) or not saes:
+        raise ConfigError("a sweep needs a non-empty list (or dict by name) of SAEs or SAE configs")
+    named = isinstance(saes, Mapping)
+    members, seen = [], {}
+    for i, (key, entry) in enumerate(saes.items() if named else enumerate(saes)):
+        where = f"saes[{key!r}]" if named else f"saes[{i}]"
+        overrides: Any = {}
+        if isinstance(entry, SAE):
+            sae, name = entry, key if named else None
+        elif isinstance(entry, Mapping):
+            values = dict(entry)
+            name, overrides = values.pop("name", None), values.pop("train", None) or {}
+            name = key if named else name
+            try:
+                sae = create(values)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        else:
+            raise ConfigError(f"{where} must be an SAE or a config mapping with at least `architecture`")
+        name = f"{i:02d}_{sae.architecture}" if name is None else name
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: name {name!r} must be a plain folder name (letters, digits, _ . = + -, not "
+                "starting with . or -)"
+            )
+        if name in seen:
+            raise ConfigError(f"{where}: the name {name!r} is already used by {seen[name]}; names must be unique")
+        if any(sae is other for _, other, _ in members):
+            raise ConfigError(f"{where} is the same SAE object as an earlier member; create one SAE per member")
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"{where}: `train` must be a mapping of training settings for this SAE")
+        shared = sorted(SHARED & set(overrides))
+        if shared:
+            raise ConfigError(
+                f"{where}: {shared} cannot differ between SAEs of one sweep (shared: {', '.join(sorted(SHARED))}); "
+                "set them in the sweep's `train` section"
+            )
+        try:
+            member_cfg = TrainConfig.parse({**cfg.model_dump(), **overrides}) if overrides else cfg
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: train: {exc}") from None
+        seen[name] = where
+        members.append((name, sae, member_cfg))
+    return members
+
+
+# ---------------------------------------------------------------------------- fitted baselines
+def fit_dictionary(sae: SAE, data: Any, train_config: TrainConfig | dict | None = None) -> TrainResult:
+    """Fit a closed-form baseline (`sae.fitted`: PCA, ICA, NMF, dictionary learning) the way the
+    loop starts a trained SAE (same input scale, b_dec and first batches), then measure its
+    firing on those batches. Nothing to checkpoint: fitting is deterministic and quick."""
+    cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
+    t0 = time.perf_counter()
+    dist = DataParallel()
+    sae = sae.to(cfg.device)
+    source = dist.shard(as_source(data, sae.cfg.d_in))
+    torch.manual_seed(cfg.seed)
+    init = data_init(source, sae.cfg.d_in, cfg, dist, sae.cfg.site)
+    stats = LatentStats(sae.cfg.d_sae, cfg.dead_after_tokens, cfg.dense_threshold)
+    with torch.no_grad():
+        if init.b_dec is not None:
+            sae.b_dec.copy_(init.b_dec)
+        sae.fit(init.sample)
+        sae.eval()
+        codes = sae.encode(init.sample.x)
+        stats.update((codes != 0).sum(0), codes.shape[0])
+        x_hat = sae.decode(codes, init.sample.tokens)
+        mse = float(mse_per_token(x_hat, init.sample.x))
+        record = {
+            "step": 0,
+            "tokens": codes.shape[0],
+            "losses": {"mse": mse},
+            "loss": mse,
+            "l0": float((codes != 0).sum(-1).float().mean()),
+            "fvu": fvu(x_hat, init.sample.x),
+            "dead_fraction": float((stats.fire_count == 0).float().mean()),
+            "dense_fraction": stats.dense_fraction(),
+        }
+    sae.fold_input_scale(init.input_scale)
+    return TrainResult(sae, init.input_scale, 0, codes.shape[0], time.perf_counter() - t0, [record], stats)
 
 
 # Training settings that change how a run is logged or stored, not what it computes.
@@ -397,11 +646,11 @@ def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: se
         )
 
 
-def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam | None:
-    """Adam over the trainable parameters; None when there are none (fitted baselines)."""
+def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam over the trainable parameters."""
     params = [p for p in sae.parameters() if p.requires_grad]
     if not params:
-        return None
+        raise ConfigError(f"'{sae.architecture}' has no trainable parameters; nothing to train by gradient")
     try:  # the fused kernel is several times faster on CPU and GPU
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, fused=True)
     except (RuntimeError, TypeError):
@@ -439,14 +688,29 @@ def train(
     train_config: TrainConfig | dict | None = None,
     out_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train any registered architecture on any source or iterable of [B, d_in] tensors.
-
-    Returns the trained SAE with the input scaling folded in, so it takes raw activations.
-    """
+    """Train (or, for a fitted baseline, fit) any registered architecture on any source or
+    iterable of [B, d_in] tensors. The returned SAE takes raw activations (input scale folded in)."""
     from saelab.sae.registry import create
 
     sae = sae_or_config if isinstance(sae_or_config, SAE) else create(sae_or_config)
-    trainer = Trainer(sae, data, train_config, out_dir)
-    result = trainer.fit()
-    sae.fold_input_scale(result.input_scale)
-    return result
+    if sae.fitted:
+        return fit_dictionary(sae, data, train_config)
+    return Trainer(sae, data, train_config, out_dir).fit()
+
+
+def train_many(
+    saes: Sequence[SAE | dict] | Mapping[str, SAE | dict],
+    data: Any,
+    train_config: TrainConfig | dict | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, TrainResult]:
+    """Train several SAEs from one pass over `data` (see `Trainer` for `saes`); each result is what
+    `saelab.train` would return for that SAE alone. Fitted baselines among them are fitted on the
+    first batches, the rest trained together. Resumes from `out_dir`."""
+    cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
+    members = _members(saes, cfg)
+    results = {name: fit_dictionary(sae, data, mcfg) for name, sae, mcfg in members if sae.fitted}
+    trained = [m for m in members if not m[1].fitted]
+    if trained:
+        results.update(Trainer.of_members(trained, data, cfg, out_dir).fit())
+    return {name: results[name] for name, _, _ in members}

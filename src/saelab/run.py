@@ -1,0 +1,143 @@
+"""One run pipeline: a typed run config -> the one training loop -> one evaluation record -> files.
+
+`RunConfig` describes a whole run: one dictionary (`sae`) or several trained on one stream
+(`saes`), the training settings, a typed source, an optional held-out source and the evaluation
+settings. `run(config, out)` trains, evaluates every dictionary on the same held-out batches and
+saves each one; `saelab train`, `saelab demo` and the benchmarks are thin plans over it, and the
+Python API is the same function:
+
+    import saelab
+    records = saelab.run({"sae": {"architecture": "topk", "d_in": 64, "d_sae": 256, "k": 5},
+                          "source": {"type": "world", "world": {"d": 64}}}, out="runs/x")
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, PositiveInt, field_validator
+
+from saelab.activations.factory import SourceConfig, held_out, parse_source
+from saelab.config import StrictModel
+from saelab.errors import ConfigError
+from saelab.train.trainer import TrainConfig, TrainResult
+
+
+class EvalConfig(StrictModel):
+    """How a trained dictionary is scored."""
+
+    batches: PositiveInt = Field(8, description="Held-out batches behind every metric in results.json.")
+
+
+class RunConfig(StrictModel):
+    """A whole run. Exactly one of `sae` (a mapping) and `saes` (a list, trained as one sweep)."""
+
+    sae: dict[str, Any] | None = Field(None, description="One dictionary's config (at least `architecture`).")
+    saes: list[dict[str, Any]] | None = Field(None, description="Several dictionaries trained on one stream.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    source: SourceConfig = Field(default_factory=lambda: parse_source(None), description="Training data.")
+    eval_source: SourceConfig | None = Field(None, description="Held-out data (default: the source, reseeded).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    out: str | None = Field(None, description="Run folder (the CLI's --out wins).")
+
+    @classmethod
+    def parse(cls, values: Any) -> RunConfig:
+        """Validate a whole config; each section's errors carry its name (`train: 'steps': ...`)."""
+        if isinstance(values, RunConfig):
+            return values
+        if not isinstance(values, dict):
+            raise ConfigError("a run config must be a mapping with `sae` (or `saes`), `train` and `source` sections")
+        unknown = set(values) - set(cls.model_fields)
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; valid: {', '.join(cls.model_fields)}")
+        values = dict(values)
+        if ("sae" in values) == ("saes" in values):
+            raise ConfigError(
+                "the config needs either an `sae` mapping or an `saes` list (a sweep), not both or neither"
+            )
+        if "sae" in values and not isinstance(values["sae"], dict):
+            raise ConfigError("`sae` must be a mapping with at least `architecture` (use `saes` for a list)")
+        if "saes" in values and not isinstance(values["saes"], list):
+            raise ConfigError("`saes` must be a list of SAE configs (each a mapping with at least `architecture`)")
+        for name, parse in (("train", TrainConfig.parse), ("eval", EvalConfig.parse)):
+            section = values.get(name)
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"`{name}` must be a mapping of settings, got {type(section).__name__}")
+            try:
+                values[name] = parse(section or {})
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        values["source"] = parse_source(values.get("source"))
+        if values.get("eval_source") is not None:
+            values["eval_source"] = parse_source(values["eval_source"], "eval_source")
+        if values.get("out") is not None and not isinstance(values["out"], str):
+            raise ConfigError(f"`out` must be a folder path, got {values['out']!r}")
+        return cls.model_validate(values, strict=False)
+
+    @field_validator("source", "eval_source", mode="before")
+    @classmethod
+    def _typed_source(cls, v):
+        return v if v is None else parse_source(v)
+
+
+def run(config: RunConfig | dict, out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Train every dictionary of `config`, evaluate each on the same held-out batches, and save it
+    (to OUT/sae for one, OUT/<name>/sae for several). Returns one flat record per dictionary."""
+    from saelab.train import distributed
+    from saelab.train.trainer import train, train_many
+
+    cfg = RunConfig.parse(config)
+    out = Path(out or cfg.out or "runs/train")
+    source = cfg.source.build()
+    t0 = time.perf_counter()
+    if cfg.sae is not None:
+        results = {None: train(cfg.sae, source, cfg.train, out)}
+    else:
+        results = train_many(cfg.saes, source, cfg.train, out)
+    seconds = time.perf_counter() - t0
+    if not distributed.is_main():  # data-parallel: rank 0 evaluates and saves
+        return []
+    batches, world = held_out_batches(cfg)
+    records = []
+    for name, result in results.items():
+        folder = out if name is None else out / name
+        record = evaluate_and_save(result, seconds, batches, world, cfg.source.spec(), folder)
+        records.append(record if name is None else {"name": name, **record})
+    return records
+
+
+def held_out_batches(cfg: RunConfig) -> tuple[list, Any]:
+    """`cfg.eval.batches` fresh batches from the held-out source, and its ground-truth world
+    (None for real data)."""
+    source = held_out(cfg.source, cfg.eval_source).build()
+    return [next(source) for _ in range(cfg.eval.batches)], getattr(source, "world", None)
+
+
+def evaluate_and_save(
+    result: TrainResult, seconds: float, batches: list, world: Any, source_spec: dict, folder: Path
+) -> dict[str, Any]:
+    """The evaluation record of a trained dictionary; the SAE goes to `folder/sae`."""
+    from saelab.evals.summary import evaluate
+    from saelab.io.saelens import save
+
+    sae = result.sae
+    if batches and batches[0].x.shape[1] != sae.cfg.d_in:
+        raise ConfigError(
+            f"the held-out source yields d_in={batches[0].x.shape[1]} but the SAE has d_in={sae.cfg.d_in}; "
+            "give an eval_source with the training data's width"
+        )
+    record = {
+        "architecture": sae.architecture,
+        **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),
+        **evaluate(sae, batches, world.directions if world is not None else None),
+        "train_seconds": seconds,
+        "train_steps": result.steps,
+        "train_tokens": result.tokens,
+        "path": str(folder / "sae"),
+    }
+    save(
+        sae, folder / "sae", sparsity=result.latent_stats.frequencies().float(), metadata={"saelab_source": source_spec}
+    )
+    return record
