@@ -13,10 +13,10 @@ Every trained SAE comes back ready: it takes raw activations (the input scale is
 
 __version__ = "0.1.0"
 
-from saelab.sae import SAE, create, list_architectures  # noqa: E402
 from saelab.io.saelens import load, save  # noqa: E402
-from saelab.train import TrainConfig, train, train_many  # noqa: E402
 from saelab.run import RunConfig, run  # noqa: E402
+from saelab.sae import SAE, create, list_architectures  # noqa: E402
+from saelab.train import TrainConfig, train, train_many  # noqa: E402
 
 __all__ = [
     "SAE",
