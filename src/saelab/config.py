@@ -10,10 +10,11 @@ from saelab.errors import ConfigError
 
 
 def describe_validation_error(exc: ValidationError, model: type[BaseModel], drop: tuple[str, ...] = ()) -> str:
-    """One line per problem, each naming its field; `drop`: location parts to leave out (a union's tag)."""
+    """One line per problem, each naming its field; `drop`: a leading location to leave out (a union's tag)."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"] if str(p) not in drop) or "config"
+        loc = err["loc"][1:] if err["loc"] and str(err["loc"][0]) in drop else err["loc"]
+        where = ".".join(str(p) for p in loc) or "config"
         if err["type"] == "extra_forbidden":
             valid = ", ".join(sorted(model.model_fields))
             lines.append(f"unknown key '{where}' for {model.__name__}; valid keys: {valid}")

@@ -5,7 +5,7 @@ real tokens, not BOS/pad/specials) by
 - the reconstruction x̂ = SAE(x): CE loss and KL(clean || spliced) say how much behaviour the
   SAE keeps;
 - zero (x -> 0) and the mean activation: the two usual baselines for
-  CE loss recovered = (CE_ablation - CE_SAE) / (CE_ablation - CE_clean)  (science.md A.1);
+  CE loss recovered = (CE_ablation - CE_SAE) / (CE_ablation - CE_clean);
 - x̂ + (x - x̂), the SAE with its error term added back: the identity, computed in float64 so it
   gives back x bit for bit and therefore the clean logits exactly. It checks that the splice
   itself changes nothing, and it is the form circuit analyses use (error node kept).

@@ -1,4 +1,4 @@
-"""SAE pathologies measured against a toy world's ground truth (science.md A.2, C.2, C.3).
+"""SAE pathologies measured against a toy world's ground truth.
 
 Each metric is a plain function returning a dataclass. Latents are matched to true features
 one-to-one by the Hungarian algorithm on decoder cosines, so one latent cannot stand for two

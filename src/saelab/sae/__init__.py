@@ -1,24 +1,15 @@
-"""SAE architectures. Importing this package registers every built-in architecture."""
+"""SAE architectures. Importing this package registers every built-in architecture: each module of
+this package (and the baselines) registers its own with `@register`, so adding one is adding a file."""
 
-import saelab.activations.tokens  # noqa: E402,F401  (registers the toy_tokens source)
-import saelab.baselines  # noqa: E402,F401  (PCA, ICA, NMF, dictionary learning)
+import importlib
+import pkgutil
 
-# Each import registers its architectures.
-from saelab.sae import (  # noqa: E402,F401  # noqa: E402,F401
-    archetypal,
-    gated,
-    jumprelu,
-    matching_pursuit,
-    matryoshka,
-    mdl,
-    panneal,
-    relu,
-    switch,
-    tokenized,
-    topk,
-)
+import saelab.baselines  # noqa: F401  (PCA, ICA, NMF, dictionary learning)
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput
 from saelab.sae.registry import create, get_class, list_architectures, make_config, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "SAE",

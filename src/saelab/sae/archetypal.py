@@ -13,6 +13,8 @@ Lambda and the scale, since SAELens has no such parametrisation.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
@@ -29,6 +31,11 @@ class ArchetypalConfig(TopKConfig):
     )
     learn_scale: bool = Field(True, description="Learn one positive scale exp(s) on the dictionary.")
     kmeans_iter: PositiveInt = Field(50, description="k-means iterations when choosing candidates.")
+    decoder_norm: Literal["archetypal"] = Field(
+        "archetypal",
+        description="Decoder rows are convex combinations of data candidates (plus a bounded relaxation), "
+        "so neither 'unit' rows nor a norm 'penalty' applies.",
+    )
 
     @property
     def effective_n_candidates(self) -> int:
@@ -127,10 +134,6 @@ class ArchetypalSAE(TopKSAE):
         norms = atoms.norm(dim=1, keepdim=True).clamp_min(1e-8)
         self.log_scale.zero_()
         self.W_enc.copy_((atoms / norms.pow(2)).t())  # f_i ~ projection coefficient onto atom i
-
-    # The base class's unit-norm handling is for free decoder rows; here the constraints are A's and Lambda's.
-    def before_optimizer_step(self) -> None:
-        pass
 
     @torch.no_grad()
     def after_optimizer_step(self, out: TrainOutput) -> None:

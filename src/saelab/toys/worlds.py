@@ -10,7 +10,7 @@ Kinds (the `kind` key of a world spec):
 - `correlated`: a Gaussian copula with equicorrelated groups (rho > 0 correlated, < 0 anti);
 - `hierarchy`: trees where a child can fire only if its parent fires, optional mutually
   exclusive children, any depth (explicit `nodes` or a generated forest);
-- `bundle`: the "elephant" world (science.md C.1): sparse entity features whose directions lie
+- `bundle`: the "elephant" world: sparse entity features whose directions lie
   in the span of a few dense attribute features, plus an optional entity-specific label.
 """
 
