@@ -27,7 +27,7 @@ class _Source(StrictModel):
 
     def spec(self) -> dict[str, Any]:
         """The plain dict this config came from, with every default filled in (for metadata)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class WorldSource(_Source):
