@@ -5,13 +5,13 @@ import torch
 
 import saelab
 from saelab.activations.base import Batch
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 
 WORLD = {"n_features": 16, "d": 12, "firing_prob": 0.15, "magnitude_std": 0.2}
 
 
 def sample(n=2000):
-    return next(ToySource(ToyWorld(WORLD), batch_size=n, seed=1)).x
+    return next(ToySource(World(WORLD), batch_size=n, seed=1)).x
 
 
 @pytest.mark.parametrize("arch", ["pca", "ica"])
@@ -64,7 +64,7 @@ def test_matching_pursuit_explains_away_and_recovers_an_exact_sparse_code():
 
 
 def test_fitted_baselines_train_through_the_trainer_without_an_optimizer():
-    src = ToySource(ToyWorld(WORLD), batch_size=128, seed=0)
+    src = ToySource(World(WORLD), batch_size=128, seed=0)
     r = saelab.train(
         {"architecture": "pca", "d_in": 12, "d_sae": 12},
         src,

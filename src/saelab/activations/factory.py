@@ -28,13 +28,14 @@ def build_source(spec: dict[str, Any]):
 
 @register_source("toy")
 def _toy(spec: dict[str, Any]):
-    from saelab.toys.features import ToySource, ToyWorld
+    from saelab.toys.features import ToySource
+    from saelab.toys.worlds import World
 
     allowed = {"world", "batch_size", "seed"}
     unknown = set(spec) - allowed
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in toy source; valid keys: {sorted(allowed)}")
-    return ToySource(ToyWorld(spec.get("world") or {}), int(spec.get("batch_size", 1024)), int(spec.get("seed", 0)))
+    return ToySource(World(spec.get("world") or {}), int(spec.get("batch_size", 1024)), int(spec.get("seed", 0)))
 
 
 @register_source("world")

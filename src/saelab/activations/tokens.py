@@ -74,14 +74,15 @@ class TokenMeanSource:
 
 @register_source("toy_tokens")
 def _toy_tokens(spec: dict[str, Any]):
-    from saelab.toys.features import ToySource, ToyWorld
+    from saelab.toys.features import ToySource
+    from saelab.toys.worlds import World
 
     allowed = {"world", "batch_size", "seed", "vocab_size", "mean_norm", "zipf_exponent", "token_seed"}
     unknown = set(spec) - allowed
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in toy_tokens source; valid keys: {sorted(allowed)}")
     seed = int(spec.get("seed", 0))
-    base = ToySource(ToyWorld(spec.get("world") or {}), int(spec.get("batch_size", 1024)), seed)
+    base = ToySource(World(spec.get("world") or {}), int(spec.get("batch_size", 1024)), seed)
     return TokenMeanSource(
         base,
         int(spec.get("vocab_size", 64)),

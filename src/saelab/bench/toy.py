@@ -3,10 +3,9 @@
 Because the true features are known, each run reports not only L0 and FVU but recovery (Hungarian
 match, MCC), shrinkage, absorption and hedging (hierarchy), splitting, merging, the nth-decoder-
 projection L0 signal, and for the elephant world whether entities or attributes were learned.
-Architectures come from the registry and are swept along their own `sweep_parameter`; a k-like
-knob (an integer count) is set relative to the world's true L0, a coefficient is divided by the
-multiplier, so multiplier > 1 always means "more latents active". Runs are independent processes
-with one torch thread each.
+Architectures come from the registry and are swept along their own `sweep_parameter` by
+`saelab.sae.registry.sweep_setting`, so multiplier > 1 always means "more latents active". Runs
+are independent processes with one torch thread each.
 """
 
 from __future__ import annotations
@@ -105,8 +104,6 @@ WORLDS: dict[str, tuple[dict, dict]] = {
     ),
 }
 
-K_LIKE = {"k", "top_k", "target_l0", "l0_target"}
-
 
 class BenchConfig(BaseModel):
     """What `saelab bench toy` runs. Defaults are the full benchmark; `quick()` is the CI size."""
@@ -166,25 +163,8 @@ def world_spec(name: str, quick: bool, seed: int) -> dict:
     return {**WORLDS[name][1 if quick else 0], "seed": seed}
 
 
-def knob_value(cls, multiplier: float, true_l0: float) -> tuple[str | None, Any]:
-    """The sweep setting for one architecture: k-like knobs relative to the true L0."""
-    knob = cls.sweep_parameter
-    if knob is None:
-        return None, None
-    info = cls.Config.model_fields.get(knob)
-    integer = knob in K_LIKE or (
-        info is not None and info.annotation in (int,) or "Int" in str(getattr(info, "annotation", ""))
-    )
-    if integer:
-        return knob, max(1, round(true_l0 * multiplier))
-    default = info.default if info is not None else None
-    if not isinstance(default, (int, float)) or default is None:
-        return None, None
-    return knob, float(default) / multiplier
-
-
 def plan(cfg: BenchConfig) -> list[dict]:
-    from saelab.sae.registry import get_class, list_architectures
+    from saelab.sae.registry import get_class, list_architectures, sweep_setting
     from saelab.toys.worlds import World
 
     archs = cfg.architectures or list_architectures()
@@ -196,12 +176,15 @@ def plan(cfg: BenchConfig) -> list[dict]:
             spec = world_spec(wname, cfg.quick, seed)
             world = World(spec)
             for arch in archs:
-                cls = get_class(arch)
-                for m in cfg.multipliers if cls.sweep_parameter else [1.0]:
-                    knob, value = knob_value(cls, m, world.expected_l0)
-                    sae = {"architecture": arch, "d_in": world.d_in, "d_sae": world.n_features, "seed": seed}
-                    if knob is not None:
-                        sae[knob] = value
+                knob = get_class(arch).sweep_parameter
+                for m in cfg.multipliers if knob else [1.0]:
+                    sae = {
+                        "architecture": arch,
+                        "d_in": world.d_in,
+                        "d_sae": world.n_features,
+                        "seed": seed,
+                        **sweep_setting(arch, m, world.expected_l0),
+                    }
                     jobs.append(
                         {
                             "world": wname,

@@ -76,6 +76,7 @@ class ArchetypalSAE(TopKSAE):
     architecture = "archetypal"
     Config = ArchetypalConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: ArchetypalConfig):
         super().__init__(cfg)

@@ -88,6 +88,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     Config = TopKConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return scatter_topk(pre, self.cfg.k)
@@ -116,6 +117,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     Config = BatchTopKConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
