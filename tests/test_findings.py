@@ -28,7 +28,7 @@ def run(arch_cfg: dict, seed: int) -> dict:
         {"steps": 800, "progress": False, "seed": seed},
     )
     held_out = [world.sample(1024, torch.Generator().manual_seed(10_000 + seed * 10 + i)) for i in range(4)]
-    return evaluate(result.sae, held_out, world.directions)
+    return evaluate(result.sae, held_out, world).as_dict()
 
 
 @pytest.fixture(scope="module")

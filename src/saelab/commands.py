@@ -133,7 +133,7 @@ def evaluate_and_save(result, seconds: float, held: tuple[list, Any], source_spe
     record = {
         "architecture": sae.architecture,
         **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),
-        **evaluate(sae, batches, world.directions if world is not None else None),
+        **evaluate(sae, batches, world).as_dict(),
         "train_seconds": seconds,
         "train_steps": result.steps,
         "train_tokens": result.tokens,
@@ -331,11 +331,10 @@ def run_eval(args: argparse.Namespace) -> int:
     source = build_source(spec)
     if source.d_in != sae.cfg.d_in:
         raise ConfigError(f"the source has d_in={source.d_in} but the SAE has d_in={sae.cfg.d_in}")
-    world = getattr(source, "world", None)
     record = {
         "path": str(args.path),
         "architecture": sae.architecture,
-        **evaluate(sae, eval_batches(source, args.batches), world.directions if world is not None else None),
+        **evaluate(sae, eval_batches(source, args.batches), getattr(source, "world", None)).as_dict(),
     }
     if args.out:
         write_json(Path(args.out) / "results.json", record)

@@ -209,48 +209,10 @@ def plan(cfg: BenchConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- one run
-def pathology_record(sae, world, held_out: list) -> dict[str, Any]:
-    """Every ground-truth metric that applies to `world`, as a flat dict."""
-    from saelab.evals import pathology as P
-    from saelab.evals.core import ground_truth_recovery
-
-    c = P.collect(sae, held_out)
-    rec = P.matched_recovery(sae, world.directions, c)
-    shr = P.shrinkage(sae, c, world.directions)
-    out: dict[str, Any] = {
-        "recovered_fraction": rec.recovered_fraction,
-        "mean_matched_cosine": rec.mean_matched_cosine,
-        "mcc": rec.mcc,
-        "mmcs_decoder": ground_truth_recovery(sae, world.directions).mmcs_decoder,
-        "shrinkage": shr.gamma,
-        "feature_magnitude_ratio": shr.feature_magnitude_ratio,
-        "splitting": P.splitting(sae, world.directions, c).split_fraction,
-        "merging": P.merging(sae, c, world.directions).merged_feature_fraction,
-        "nth_decoder_projection": P.nth_decoder_projection(sae, held_out).value,
-    }
-    pairs = world.parent_child_pairs() if hasattr(world, "parent_child_pairs") else []
-    if pairs:
-        ab = P.absorption(sae, c, world.directions, pairs)
-        out.update(
-            absorption=ab.absorption_rate,
-            absorption_baseline=ab.parent_alone_miss_rate,
-            child_decoder_parent_cos=ab.child_decoder_parent_cos,
-            hedging=P.hedging(sae, world.directions, pairs).hedging,
-        )
-    if getattr(world, "bundles", None) is not None:
-        b = P.bundle_decomposition(sae, world)
-        out.update(
-            entity_recovered=b.entity_recovered,
-            attribute_recovered=b.attribute_recovered,
-            label_recovered=b.label_recovered,
-        )
-    return out
-
-
 def run_one(job: dict) -> dict:
     """Train and measure one (world, architecture, setting); errors become a record, not a crash."""
     torch.set_num_threads(1)
-    from saelab.evals.core import latent_density, reconstruction_metrics
+    from saelab.evals.summary import evaluate
     from saelab.sae.registry import create
     from saelab.toys.features import ToySource
     from saelab.toys.worlds import World
@@ -274,16 +236,7 @@ def run_one(job: dict) -> dict:
         sae.fold_input_scale(result.input_scale)
         gen = torch.Generator().manual_seed(1_000_033 + job["seed"])
         held_out = [world.sample(1024, gen) for _ in range(max(1, job["eval_tokens"] // 1024))]
-        rec = reconstruction_metrics(sae, held_out)
-        dens = latent_density(sae, held_out)
-        return {
-            **base,
-            "l0": rec.l0,
-            "fvu": rec.fvu,
-            "dead_fraction": dens.dead_fraction,
-            **pathology_record(sae, world, held_out),
-            "train_seconds": seconds,
-        }
+        return {**base, **evaluate(sae, held_out, world).as_dict(), "train_seconds": seconds}
     except Exception as exc:  # a variant that cannot train on toy data must not stop the benchmark
         return {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
 

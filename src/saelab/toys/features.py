@@ -57,13 +57,14 @@ class LinearWorld:
     """What every ground-truth world shares: activations are `features @ directions` plus noise.
 
     A subclass sets `cfg` (with the `seed` its stream derives from), `directions` [N, d], `probs`
-    [N] and `noise_std`, and says how features are drawn (`sample_features`); `ToySource` streams
+    [N], `parents` and `noise_std`, and says how features are drawn (`sample_features`); `ToySource` streams
     any such world.
     """
 
     cfg: Any
     directions: torch.Tensor
     probs: torch.Tensor
+    parents: list[int | None]  # each feature's parent in a hierarchy (None: a root)
     noise_std: float = 0.0
 
     @property
@@ -80,6 +81,10 @@ class LinearWorld:
 
     def interference(self) -> dict[str, float]:
         return interference(self.directions)
+
+    def parent_child_pairs(self) -> list[tuple[int, int]]:
+        """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
+        return [(p, c) for c, p in enumerate(self.parents) if p is not None]
 
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

@@ -382,10 +382,6 @@ class World(LinearWorld):
     def kind(self) -> str:
         return self.cfg.kind
 
-    def parent_child_pairs(self) -> list[tuple[int, int]]:
-        """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
-        return [(p, c) for c, p in enumerate(self.parents) if p is not None]
-
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return _magnitudes(self.cfg, self.sampler.active(n, gen), gen)
 
