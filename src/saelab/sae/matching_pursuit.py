@@ -31,6 +31,7 @@ class MatchingPursuitSAE(SAE):
     architecture = "matching_pursuit"
     Config = MatchingPursuitConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: MatchingPursuitConfig):
         super().__init__(cfg)

@@ -74,6 +74,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
     Config = MatryoshkaConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def sample_prefixes(self) -> list[int]:
         """Nabeshima's random prefixes: n-1 distinct lengths in [1, d_sae) from a power law, plus d_sae.

@@ -61,6 +61,7 @@ class SwitchSAE(SAE):
     architecture = "switch"
     Config = SwitchConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: SwitchConfig):
         super().__init__(cfg)

@@ -90,6 +90,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     Config = TopKConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return scatter_topk(pre, self.cfg.k)
@@ -118,6 +119,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     Config = BatchTopKConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
