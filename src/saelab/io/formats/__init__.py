@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saelab.errors import ConfigError
-from saelab.io.formats import (  # noqa: F401  (each import registers its format; saelens first)
+from saelab.io.formats import (  # noqa: F401  (each import registers its format)
     dictionary_learning,
     gemma_scope_1,
     gemma_scope_2,
