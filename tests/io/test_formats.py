@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,40 @@ def test_dictionary_learning_matches_numpy(dict_class, tmp_path):
     if dict_class == "MatryoshkaBatchTopKSAE":
         assert sae.cfg.prefixes == [3, 8, 15]
     round_trip(sae, x, tmp_path, "dictionary_learning")
+
+
+DL_PYTHON = Path(os.environ.get("SAELAB_DICTIONARY_LEARNING_PYTHON", "/tmp/dl-venv/bin/python"))
+
+
+@pytest.mark.slow
+def test_dictionary_learning_matches_the_library(tmp_path):
+    """dictionary-learning 0.1.0 pulls nnsight 0.3, numba and a CUDA-built torchvision, so it runs in
+    its own environment: python3 -m venv /tmp/dl-venv && /tmp/dl-venv/bin/pip install -c
+    constraints.txt dictionary-learning==0.1.0 && /tmp/dl-venv/bin/pip uninstall -y torchvision"""
+    if not DL_PYTHON.exists():
+        pytest.skip(f"no dictionary-learning environment at {DL_PYTHON} (see this test's docstring to make one)")
+    folders = [tmp_path / name for name in DL_CLASSES]
+    for folder in folders:
+        _write_dl(folder, folder.name)
+    x = inputs(256)
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = Path(__file__).with_name("dictionary_learning_reference.py")
+    done = subprocess.run(
+        [str(DL_PYTHON), "-W", "ignore", str(script), str(tmp_path / "x.npy"), str(tmp_path / "ref.npz")]
+        + [str(f) for f in folders],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(tmp_path / "ref.npz") as ref:
+        for folder in folders:
+            sae = saelab.load(folder)
+            f_ref = ref[f"{folder.name}/f"]
+            assert 0.02 < fired_fraction(torch.from_numpy(f_ref)) < 0.98, folder.name
+            assert_matches(sae.encode(x), f_ref, f"{folder.name} encode vs dictionary_learning")
+            assert_matches(sae(x), ref[f"{folder.name}/x_hat"], f"{folder.name} forward vs dictionary_learning")
 
 
 def test_dictionary_learning_class_from_tensor_names(tmp_path):
@@ -527,3 +562,7 @@ def test_convert_command_writes_saelens_and_records_the_source(tmp_path, capsys)
     )
     assert main(["convert", str(tmp_path / "dl"), "--out", str(tmp_path / "out3"), "--from", "gemma_scope_2"]) == 2
     assert "params.safetensors" in capsys.readouterr().err
+    _write_dl(tmp_path / "dl_topk", "AutoEncoderTopK")
+    assert main(["convert", str(tmp_path / "dl_topk"), "--out", str(tmp_path / "layers.2"), "--to", "sparsify"]) == 0
+    x = inputs(64)
+    assert torch.equal(saelab.load(tmp_path / "layers.2").encode(x), saelab.load(tmp_path / "dl_topk").encode(x))

@@ -161,5 +161,5 @@ def build(values: dict[str, Any], state: dict[str, torch.Tensor], path: Path, pr
     for key, shape in expected.items():
         check_shape(state[key], shape, key, path, f"d_in={cfg.d_in}, d_sae={cfg.d_sae}")
     sae.load_saved_state(state)
-    sae.provenance = {"source_format": provenance.pop("source_format"), "source_path": str(path), **provenance}
+    sae.provenance = {"source_format": provenance["source_format"], "source_path": str(path), **provenance}
     return sae.eval()

@@ -78,7 +78,7 @@ def _dict_class(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], path:
 
 def _read(folder: Path) -> SAE:
     path = folder / WEIGHTS
-    tensors = {k: v for k, v in read_torch_state(path).items()}
+    tensors = read_torch_state(path)
     trainer = _trainer_config(folder)
     name = _dict_class(trainer, tensors, path)
     require_keys(tensors, sorted(_KEYS[name] - {"threshold"} if name == "AutoEncoderTopK" else _KEYS[name]), path, name)

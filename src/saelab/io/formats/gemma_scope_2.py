@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from saelab.errors import FileFormatError
-from saelab.io.atomic import read_json
+from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.io.formats.base import (
     Format,
     build,
@@ -85,8 +85,6 @@ def _read(folder: Path) -> SAE:
 
 def _write(sae: SAE, folder: Path) -> Path:
     """A saelab JumpReLU SAE (no b_dec subtracted) as a Gemma Scope 2 folder."""
-    from saelab.io.atomic import write_json, write_safetensors
-
     if sae.architecture != "jumprelu" or sae.cfg.apply_b_dec_to_input:
         raise FileFormatError(
             f"Gemma Scope 2 stores JumpReLU SAEs that do not subtract b_dec; this SAE is '{sae.architecture}'"
