@@ -208,16 +208,21 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from saelab.activations.factory import held_out, parse_source
+    from saelab.errors import FileFormatError
     from saelab.evals.summary import evaluate
-    from saelab.io.saelens import load, read_config
+    from saelab.io.formats import load
+    from saelab.io.saelens import read_config
     from saelab.run import EvalConfig
 
-    sae = load(args.path)
+    sae = load(args.path)  # any known format
     if args.source:
         spec = read_config_file(args.source)
         source = parse_source(spec.get("source", spec))
     else:
-        spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
+        try:
+            spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
+        except FileFormatError:  # another library's folder: it cannot name a saelab source
+            spec = None
         if not isinstance(spec, dict):
             raise ConfigError(f"{args.path} does not record its source; pass --source CONFIG")
         source = held_out(spec)  # the training source reseeded: batches it never trained on

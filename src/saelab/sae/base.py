@@ -134,6 +134,9 @@ class SAE(torch.nn.Module):
     # True for baselines fitted in closed form (PCA, ICA, NMF, ...): `saelab.train` calls their
     # `fit(sample)` on the first batches instead of running the gradient loop.
     fitted: ClassVar[bool] = False
+    # True when decode needs each row's token id (Tokenized): views for tools that decode without
+    # ids (saelab.io.saebench) refuse such an SAE instead of decoding it wrongly.
+    uses_tokens: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

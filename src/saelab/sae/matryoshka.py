@@ -86,6 +86,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         picks = torch.multinomial(probs, n, replacement=False) + 1 if n > 0 else torch.empty(0, dtype=torch.long)
         return sorted(int(v) for v in picks) + [cfg.d_sae]
 
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict, values: dict) -> dict:
+        """k and the prefixes of a SAELens `matryoshka_batchtopk` training checkpoint."""
+        out = super().config_from_saved(saved_cfg, values)
+        widths = saved_cfg.get("matryoshka_widths")
+        if widths:
+            out["prefixes"] = [int(w) for w in widths]
+            out["level_weights"] = None  # SAELens sums the level losses with equal weight
+        return out
+
     def level_weights(self, n: int) -> list[float]:
         w = self.cfg.level_weights
         return list(w) if w is not None else [1.0] * n

@@ -161,6 +161,11 @@ class BatchTopKSAE(SAE):
     def saved_architecture(self) -> str:
         return "jumprelu"
 
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict, values: dict) -> dict:
+        """k from a SAELens BatchTopK-family training checkpoint (saelab's own files keep theirs)."""
+        return {"k": int(saved_cfg.get("k", values.get("k", 100)))}
+
     def saved_state(self) -> dict[str, torch.Tensor]:
         state = super().saved_state()
         theta = state.pop("threshold").clamp_min(0)
