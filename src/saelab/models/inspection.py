@@ -169,7 +169,7 @@ def final_norm(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
     device = unembed.weight.device
     ids = torch.tensor([[1, 2, 3]], device=device) % unembed.weight.shape[0]
     with hooks.capture(model, points, stop_early=False) as store:
-        model(input_ids=ids)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
     read = store[points[-1].name]
     found = None
     for n in norms:

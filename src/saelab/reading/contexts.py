@@ -407,6 +407,11 @@ class ContextCollector:
         return Histogram(edges=[w * i for i in range(n + 1)], counts=counts[:n].tolist())
 
 
+def _short(values: torch.Tensor) -> list[float]:
+    """float32 values as the shortest decimals that read back as the same float32 (JSON stays small)."""
+    return [float(x) for x in values.float().numpy().astype(str)]
+
+
 def _equal_count_split(items: list, n: int) -> list[list]:
     """`items` (sorted) cut into `n` consecutive groups whose sizes differ by at most one."""
     size, extra = divmod(len(items), n)
@@ -496,7 +501,7 @@ class _Slots:
             out.append(
                 Context(
                     token_ids=self.ids[s, c][ok].tolist(),
-                    values=self.vals[s, c][ok].tolist(),
+                    values=_short(self.vals[s, c][ok]),
                     doc=int(self.doc[s, c]),
                     position=int(self.pos[s, c]),
                     offset=int(ok[: self.before].sum()),  # invalid entries before it were dropped
