@@ -232,12 +232,9 @@ def context_html(ctx: Context, collection: ContextCollection, scale: float) -> s
     for j, (tid, v) in enumerate(zip(ctx.token_ids, ctx.values)):
         tok = collection.tokens.get(int(tid), f"<{int(tid)}>")
         alpha = min(max(v / scale, 0.0), 1.0) if scale > 0 else 0.0
-        label = f"{v:.4g}  {tok!r}"
+        shade = f' style="background:rgba(255,120,0,{alpha:.2f})"' if alpha >= 0.005 else ""
         cls = "t pk" if j == ctx.peak else "t"
-        spans.append(
-            f'<span class="{cls}" style="background:rgba(255,120,0,{alpha:.2f})" data-v="{esc(label)}" '
-            f'title="{esc(label)}">{esc(show_token(tok))}</span>'
-        )
+        spans.append(f'<span class="{cls}"{shade} data-v="{esc(f"{v:.4g} {tok!r}")}">{esc(show_token(tok))}</span>')
     where = f"row {ctx.doc}, token {ctx.position}"
     return f'<div class="ctx"><span class="v" title="{esc(where)}">{fmt(ctx.value)}</span><span>{"".join(spans)}</span></div>'
 
