@@ -214,12 +214,14 @@ def collect_contexts(
 
 
 def _config_specials(model: torch.nn.Module) -> torch.Tensor:
+    """BOS, EOS and pad ids from the model's config (an id or a list of ids each)."""
     cfg = getattr(model, "config", None)
-    ids = {getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    flat = set()
-    for v in ids - {None}:
-        flat.update(v if isinstance(v, (list, tuple)) else [v])
-    return torch.tensor(sorted(int(v) for v in flat), dtype=torch.int64)
+    flat: set[int] = set()
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(cfg, k, None)
+        if v is not None:
+            flat.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return torch.tensor(sorted(flat), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------- streaming state
