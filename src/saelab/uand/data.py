@@ -81,6 +81,16 @@ def pair_index(i: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:
     return i * (2 * m - i - 1) // 2 + (j - i - 1)
 
 
+def all_inputs(m: int, s: int) -> torch.Tensor:
+    """Every input with exactly s of m inputs on, once each: [C(m, s), m] float 0/1.
+
+    Under sparsity "exact" all of them are equally likely, so metrics over this set are the
+    exact expected metrics (no sampling error).
+    """
+    idx = torch.combinations(torch.arange(m), s) if s > 1 else torch.arange(m)[:, None]
+    return torch.zeros(len(idx), m).scatter_(1, idx, 1.0)
+
+
 def active_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, pair) of every pair with both inputs on, in O(n s^2) instead of O(n m^2).
 
