@@ -1,10 +1,19 @@
 import itertools
+import math
 
 import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.uand.data import DataConfig, UANDTask, active_pairs, pair_indices, parse_truth_table, touched_pairs
+from saelab.uand.data import (
+    DataConfig,
+    UANDTask,
+    active_pairs,
+    all_inputs,
+    pair_indices,
+    parse_truth_table,
+    touched_pairs,
+)
 
 
 def gen(seed=0):
@@ -110,3 +119,10 @@ def test_touched_pairs_are_exactly_the_outputs_outside_cell_00():
     dense[rows, pairs] += 1.0
     assert torch.equal(dense, (task.cells(x) > 0).float())  # each once, none missing
     assert torch.equal(task.targets_at(x, rows, pairs), task.targets(x)[rows, pairs])
+
+
+def test_all_inputs_lists_every_exactly_s_input_once():
+    x = all_inputs(9, 3)
+    assert x.shape == (math.comb(9, 3), 9) and bool((x.sum(1) == 3).all())
+    assert len({tuple(r) for r in x.tolist()}) == len(x)
+    assert torch.equal(all_inputs(5, 1), torch.eye(5))
