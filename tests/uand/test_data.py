@@ -85,14 +85,14 @@ def test_superposition_and_noise():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"m": 5, "s": 6}, "s="),
-        ({"op": "0021"}, "op="),
-        ({"op": "and2"}, "op="),
-        ({"op": "00011"}, "op="),
-        ({"sparsity": "dense"}, "sparsity="),
-        ({"noise": -1.0}, "noise="),
-        ({"d0": 0}, "d0="),
-        ({"circuit_op": "xx"}, "circuit_op="),
+        ({"m": 5, "s": 6}, "'s'.*s=6 exceeds m=5"),
+        ({"op": "0021"}, "'op'"),
+        ({"op": "and2"}, "'op'"),
+        ({"op": "00011"}, "'op'"),
+        ({"sparsity": "dense"}, "'sparsity'"),
+        ({"noise": -1.0}, "'noise'"),
+        ({"d0": 0}, "'d0'"),
+        ({"circuit_op": "xx"}, "'circuit_op'"),
     ],
 )
 def test_bad_data_config_names_the_field(kwargs, field):
