@@ -1159,7 +1159,8 @@ def write_combined(out: Path, records: dict, wall: float, quick: bool, seed: int
     ]
     report = [
         "# U-AND lab: all experiments\n",
-        f"quick={quick}, seed={seed}, total wall time {wall:.1f} s; {sum(c['holds'] for c in claims)} of "
+        f"quick={quick}, seeds {next(iter(records.values()), {}).get('seeds', [seed])}, total wall time "
+        f"{wall:.1f} s; {sum(c['holds'] for c in claims)} of "
         f"{len(claims)} claims hold. Each experiment's report is in its own folder.\n",
         "## Claims\n\n" + markdown_table(rows),
         "## Wall time\n\n" + markdown_table(times),
