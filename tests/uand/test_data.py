@@ -1,10 +1,19 @@
 import itertools
+import math
 
 import pytest
 import torch
 
 from saelab.errors import ConfigError
-from saelab.uand.data import DataConfig, UANDTask, active_pairs, pair_indices, parse_truth_table, touched_pairs
+from saelab.uand.data import (
+    DataConfig,
+    UANDTask,
+    active_pairs,
+    all_inputs,
+    pair_indices,
+    parse_truth_table,
+    touched_pairs,
+)
 
 
 def gen(seed=0):
@@ -76,14 +85,14 @@ def test_superposition_and_noise():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"m": 5, "s": 6}, "s="),
-        ({"op": "0021"}, "op="),
-        ({"op": "and2"}, "op="),
-        ({"op": "00011"}, "op="),
-        ({"sparsity": "dense"}, "sparsity="),
-        ({"noise": -1.0}, "noise="),
-        ({"d0": 0}, "d0="),
-        ({"circuit_op": "xx"}, "circuit_op="),
+        ({"m": 5, "s": 6}, "'s'.*s=6 exceeds m=5"),
+        ({"op": "0021"}, "'op'"),
+        ({"op": "and2"}, "'op'"),
+        ({"op": "00011"}, "'op'"),
+        ({"sparsity": "dense"}, "'sparsity'"),
+        ({"noise": -1.0}, "'noise'"),
+        ({"d0": 0}, "'d0'"),
+        ({"circuit_op": "xx"}, "'circuit_op'"),
     ],
 )
 def test_bad_data_config_names_the_field(kwargs, field):
@@ -110,3 +119,10 @@ def test_touched_pairs_are_exactly_the_outputs_outside_cell_00():
     dense[rows, pairs] += 1.0
     assert torch.equal(dense, (task.cells(x) > 0).float())  # each once, none missing
     assert torch.equal(task.targets_at(x, rows, pairs), task.targets(x)[rows, pairs])
+
+
+def test_all_inputs_lists_every_exactly_s_input_once():
+    x = all_inputs(9, 3)
+    assert x.shape == (math.comb(9, 3), 9) and bool((x.sum(1) == 3).all())
+    assert len({tuple(r) for r in x.tolist()}) == len(x)
+    assert torch.equal(all_inputs(5, 1), torch.eye(5))

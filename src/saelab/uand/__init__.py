@@ -1,7 +1,8 @@
 """The U-AND lab: one-layer ReLU models computing every pairwise boolean function of sparse inputs.
 
 data (task and truth tables) -> model (train any subset of W, b, R, c) -> metrics (per class and
-per cell) -> constructions (Hänni sparse, dense binary) -> readout (batched least squares) ->
+per cell) -> constructions (Hänni sparse, dense binary) -> readout (batched least squares, and
+the linear floor of x every AND result is compared with) ->
 analysis (density, binarity, neuron classes) -> experiments (the `saelab uand` commands).
 """
 

@@ -1,4 +1,4 @@
-"""`saelab uand EXPERIMENT [--quick] [--seed N] --out DIR`: one subcommand per experiment."""
+"""`saelab uand EXPERIMENT [--quick] [--seed N] [--seeds K] --out DIR`: one subcommand per experiment."""
 
 from __future__ import annotations
 
@@ -25,7 +25,13 @@ def register(subparsers) -> None:
     for name, help_text in [*((n, e.help) for n, e in EXPERIMENTS.items()), ("all", "run every experiment")]:
         sub = experiments.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--quick", action="store_true", help="small sizes: seconds instead of minutes")
-        sub.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and training")
+        sub.add_argument("--seed", type=int, default=0, help="first seed of data, initialisation and training")
+        sub.add_argument(
+            "--seeds",
+            type=int,
+            default=None,
+            help="run seeds SEED..SEED+K-1 (default 3); a claim holds only if it holds in every seed",
+        )
         sub.add_argument("--out", type=Path, default=None, help="output folder (default runs/uand/EXPERIMENT)")
         sub.add_argument(
             "--threads",
@@ -47,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads={args.threads}: need at least 1 thread")
     torch.set_num_threads(args.threads)
     out = args.out or Path("runs/uand") / args.experiment
-    record = run_experiment(args.experiment, out, quick=args.quick, seed=args.seed)
+    record = run_experiment(args.experiment, out, quick=args.quick, seed=args.seed, seeds=args.seeds)
     rows = [
         {"experiment": c.get("experiment", args.experiment), "claim": c["name"], "holds": "yes" if c["holds"] else "NO"}
         for c in record["claims"]

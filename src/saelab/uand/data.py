@@ -10,14 +10,14 @@ code here loops over the C(m, 2) outputs.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Literal
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 
 from saelab.errors import ConfigError
+from saelab.uand.config import UANDConfig
 
 NAMED_TABLES = {
     "and": "0001",
@@ -27,7 +27,6 @@ NAMED_TABLES = {
     "nor": "1000",
     "xnor": "1001",
 }
-SPARSITY_MODES = ("exact", "at_most", "bernoulli")
 
 
 def parse_truth_table(spec: str, field_name: str = "op") -> torch.Tensor:
@@ -81,6 +80,16 @@ def pair_index(i: torch.Tensor, j: torch.Tensor, m: int) -> torch.Tensor:
     return i * (2 * m - i - 1) // 2 + (j - i - 1)
 
 
+def all_inputs(m: int, s: int) -> torch.Tensor:
+    """Every input with exactly s of m inputs on, once each: [C(m, s), m] float 0/1.
+
+    Under sparsity "exact" all of them are equally likely, so metrics over this set are the
+    exact expected metrics (no sampling error).
+    """
+    idx = torch.combinations(torch.arange(m), s) if s > 1 else torch.arange(m)[:, None]
+    return torch.zeros(len(idx), m).scatter_(1, idx, 1.0)
+
+
 def active_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, pair) of every pair with both inputs on, in O(n s^2) instead of O(n m^2).
 
@@ -120,48 +129,45 @@ def touched_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, pair_index(torch.minimum(a, c), torch.maximum(a, c), m)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(UANDConfig):
     """The task: which inputs occur and which boolean function of each pair is the target."""
 
-    m: int = field(default=100, metadata={"help": "number of boolean input features"})
-    s: int = field(default=3, metadata={"help": "sparsity: active inputs per sample (exact, cap, or mean)"})
-    sparsity: Literal["exact", "at_most", "bernoulli"] = field(
-        default="exact",
-        metadata={"help": "exact: exactly s on; at_most: Bernoulli(s/m) capped at s; bernoulli: Bernoulli(s/m)"},
+    m: int = Field(100, ge=2, description="number of boolean input features (at least 2, to have a pair)")
+    s: int = Field(3, ge=1, description="sparsity: active inputs per sample (exact, cap, or mean)")
+    sparsity: Literal["exact", "at_most", "bernoulli"] = Field(
+        "exact",
+        description="exact: exactly s on; at_most: Bernoulli(s/m) capped at s; bernoulli: Bernoulli(s/m)",
     )
-    op: str = field(default="and", metadata={"help": "truth table per pair: and/or/xor/nand/nor/xnor or e.g. '0001'"})
-    d0: int | None = field(
-        default=None, metadata={"help": "if set, inputs are stored in superposition in d0 < m dimensions"}
+    op: str = Field("and", description="truth table per pair: and/or/xor/nand/nor/xnor or e.g. '0001'")
+    d0: int | None = Field(None, ge=1, description="if set, inputs are stored in superposition in d0 < m dimensions")
+    noise: float = Field(0.0, ge=0, allow_inf_nan=False, description="std of Gaussian noise added to the model's input")
+    circuit_op: str | None = Field(
+        None, description="two-step circuit: target = circuit_op(op(x_i, x_j), x_k) for a fixed random k per pair"
     )
-    noise: float = field(default=0.0, metadata={"help": "std of Gaussian noise added to the model's input"})
-    circuit_op: str | None = field(
-        default=None,
-        metadata={"help": "two-step circuit: target = circuit_op(op(x_i, x_j), x_k) for a fixed random k per pair"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the fixed parts of the world (embedding, wiring)"})
+    seed: int = Field(0, description="seed of the fixed parts of the world (embedding, wiring)")
 
-    def __post_init__(self) -> None:
-        if self.m < 2:
-            raise ConfigError(f"m={self.m}: need at least 2 input features to have a pair")
-        if self.s < 1:
-            raise ConfigError(f"s={self.s}: sparsity must be at least 1 active input")
-        if self.s > self.m:
-            raise ConfigError(f"s={self.s} exceeds m={self.m}: at most m inputs can be active; lower s")
-        if self.sparsity not in SPARSITY_MODES:
-            raise ConfigError(f"sparsity={self.sparsity!r}: choose one of {SPARSITY_MODES}")
-        parse_truth_table(self.op, "op")
-        if self.circuit_op is not None:
-            parse_truth_table(self.circuit_op, "circuit_op")
-            if self.m < 3:
-                raise ConfigError("circuit_op needs m >= 3 so each pair has a third input")
-        if self.d0 is not None and not 1 <= self.d0:
-            raise ConfigError(f"d0={self.d0}: the embedding dimension must be at least 1 (or None for none)")
-        if self.noise < 0 or not math.isfinite(self.noise):
-            raise ConfigError(f"noise={self.noise}: the noise std must be a finite number >= 0")
+    @field_validator("s")
+    @classmethod
+    def _s_at_most_m(cls, s: int, info: ValidationInfo) -> int:
+        m = info.data.get("m")
+        if m is not None and s > m:
+            raise ValueError(f"s={s} exceeds m={m}: at most m inputs can be active; lower s")
+        return s
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @field_validator("op")
+    @classmethod
+    def _op_is_a_table(cls, op: str) -> str:
+        parse_truth_table(op, "op")
+        return op
+
+    @field_validator("circuit_op")
+    @classmethod
+    def _circuit_needs_a_third_input(cls, op: str | None, info: ValidationInfo) -> str | None:
+        if op is not None:
+            parse_truth_table(op, "circuit_op")
+            if info.data.get("m", 3) < 3:
+                raise ValueError("circuit_op needs m >= 3 so each pair has a third input")
+        return op
 
 
 class UANDTask:

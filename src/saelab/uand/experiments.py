@@ -2,11 +2,21 @@
 
 An experiment is a function `(Scale, seed) -> Outcome`: measured results (plain dicts), claims
 (each a measured boolean with the numbers behind it and the criterion, fixed before running),
-figures and Markdown sections. `run_experiment` writes DIR/results.json, DIR/*.png and
-DIR/report.md; `all` runs every experiment into DIR/<name>/ and adds a combined claim table.
+figures and Markdown sections. `run_experiment` runs it for `Scale.seeds` consecutive seeds
+and writes DIR/results.json (every seed's results, their mean and standard deviation), DIR/*.png
+and DIR/report.md; a claim holds only if it holds in every seed. `all` runs every experiment
+into DIR/<name>/ and adds a combined claim table.
+
+Every AND result stands beside the linear floor (readout.linear_floor): the best read-out of
+the raw input x with no hidden layer, exact for the task's loss. With exactly s inputs on, AND
+is a linear threshold of x, so the floor is right on every output once thresholded, and a
+hidden layer computes something only where its loss is below the floor's. Trained models and
+constructions are scored on all C(m, s) inputs when that is cheap (`EXACT_OUTPUTS`), else on a
+held-out sample.
 
 `--quick` shrinks m, the d grid and the training steps so each experiment takes seconds; the
-defaults (m = 100, d from 10 to 1000; `scale_m` at m = 1000) take a few minutes each on 2 cores.
+defaults (m = 100, d from 10 to 1000; `scale_m` at m = 1000) take 2 to 19 minutes of one core each
+for 3 seeds (`scaling` and `constructions` the longest).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.errors import ConfigError
 from saelab.io.atomic import save_figure, write_json, write_text
 from saelab.plotting import new_figure, plt
 from saelab.report import markdown_table
@@ -33,10 +44,13 @@ from saelab.uand.constructions import (
     sign_product_readout,
     tune,
 )
-from saelab.uand.data import DataConfig, UANDTask
+from saelab.uand.data import DataConfig, UANDTask, all_inputs
 from saelab.uand.metrics import Metrics, evaluate
 from saelab.uand.model import ModelConfig, TrainConfig, UANDModel, train
-from saelab.uand.readout import collect_stats, solve_readout
+from saelab.uand.readout import collect_stats, linear_floor, solve_readout
+
+# Score on every input when C(m, s) * C(m, 2) outputs are at most this many (a few seconds at d = 50).
+EXACT_OUTPUTS = 30_000_000
 
 
 @dataclass
@@ -54,7 +68,7 @@ class Scale:
     n_fit: int  # samples for least-squares read-outs
     s_grid: list[int]
     m_grid: list[int]
-    seeds: int
+    seeds: int = 3  # every experiment runs for this many consecutive seeds; claims must hold in all
     lr: float = 1e-2  # at base_width 50; R's lr is lr * 50 / d (muP, see model.py)
     # scale_m: one large-m run trained on the sampled-output loss and scored on every output
     m_big: int = 1000
@@ -80,7 +94,6 @@ class Scale:
                 n_fit=20000,
                 s_grid=[2, 3, 4],
                 m_grid=[20, 30, 45],
-                seeds=1,
                 m_big=200,
                 d_big=20,
                 d_big_grid=[20, 200],
@@ -101,7 +114,6 @@ class Scale:
             n_fit=60000,
             s_grid=[2, 3, 5],
             m_grid=[50, 100, 150],
-            seeds=2,
         )
 
 
@@ -118,15 +130,52 @@ class Claim:
 class Outcome:
     results: dict
     claims: list[Claim] = field(default_factory=list)
-    figures: dict = field(default_factory=dict)  # file stem -> matplotlib figure
+    figures: dict = field(default_factory=dict)  # file stem -> matplotlib figure (first seed's)
     sections: list[str] = field(default_factory=list)  # Markdown
+    # (mean results, sd results) over seeds -> figures; replaces `figures` when set
+    plot: Callable[[dict, dict], dict] | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _eval_set(task: UANDTask, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_set(task: UANDTask, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return task.sample(n, torch.Generator().manual_seed(10_000 + seed))
+
+
+def exact_eval(task: UANDTask) -> bool:
+    """Whether the test set is every input: exactly-s inputs and few enough outputs."""
+    cfg = task.config
+    return cfg.sparsity == "exact" and math.comb(cfg.m, cfg.s) * task.n_pairs <= EXACT_OUTPUTS
+
+
+def _eval_set(task: UANDTask, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test set: all C(m, s) inputs once each when cheap (exact metrics), else n fresh samples."""
+    if not exact_eval(task):
+        return _sample_set(task, n, seed)
+    x = all_inputs(task.m, task.config.s)
+    return x, task.encode(x, torch.Generator().manual_seed(10_000 + seed))
+
+
+def _floor(task: UANDTask, loss: str = "balanced") -> Metrics:
+    """Exact metrics of the linear floor of x for this task (its clean inputs; see module docstring)."""
+    return linear_floor(task, loss).metrics
+
+
+def _with_floor(row: dict, floor: Metrics) -> dict:
+    """The floor's balanced MSE and class accuracies beside a row's, and the row's MSE over the floor's."""
+    return {
+        **row,
+        "floor_mse": floor.balanced_mse,
+        "floor_acc_pos": floor.acc_pos,
+        "floor_acc_neg": floor.acc_neg,
+        "over_floor": row["balanced_mse"] / max(floor.balanced_mse, 1e-12),
+    }
+
+
+def _first_below(ds: list[int], errs: list[float], floor: float) -> int | None:
+    """The smallest d whose error is below the floor (None when none is)."""
+    return next((d for d, e in zip(ds, errs) if e < floor), None)
 
 
 def _train_eval(task: UANDTask, model_cfg: ModelConfig, scale: Scale, seed: int, val) -> tuple[UANDModel, Metrics]:
@@ -162,20 +211,36 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
 
 
-def _line_plot(ax, rows, x, y, label_key=None, logx=True, logy=True):
-    groups = {}
-    for r in rows:
-        groups.setdefault(r.get(label_key, "") if label_key else "", []).append(r)
-    for label, rs in groups.items():
-        ax.plot([r[x] for r in rs], [r[y] for r in rs], marker="o", label=str(label) or None)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
+def _band_plot(ax, rows, sd_rows, x, y, label=None, logx=True, logy=True):
+    """Mean over seeds with a band of one standard deviation."""
+    xs = [r[x] for r in rows]
+    mean = torch.tensor([r[y] for r in rows])
+    spread = torch.tensor([r.get(y) or 0.0 for r in sd_rows])
+    ax.plot(xs, mean.tolist(), marker="o", label=label)
+    ax.fill_between(xs, (mean - spread).clamp(min=1e-12).tolist(), (mean + spread).tolist(), alpha=0.25)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
     ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    if label_key:
+    ax.set_ylabel(f"{y} (mean ± sd over seeds)")
+
+
+def _plot_groups(stem: str, x: str, group: str, title: str, logx: bool = True) -> Callable[[dict, dict], dict]:
+    """A plot of balanced MSE against `x`, one band per value of `group`, with the floor dashed."""
+
+    def plot(mean: dict, sd: dict) -> dict:
+        rows, spread = mean["rows"], sd["rows"]
+        fig, axes = new_figure()
+        ax = axes[0][0]
+        for value in dict.fromkeys(r[group] for r in rows):
+            pick = [k for k, r in enumerate(rows) if r[group] == value]
+            _band_plot(ax, [rows[k] for k in pick], [spread[k] for k in pick], x, "balanced_mse", str(value), logx)
+        ax.axhline(rows[0]["floor_mse"], color="k", linestyle="--", label="linear floor of x")
+        ax.set_title(title)
         ax.legend(fontsize=8)
+        fig.tight_layout()
+        return {stem: fig}
+
+    return plot
 
 
 def _hanni_grid() -> list[float]:
@@ -190,72 +255,101 @@ def _dense_bias_grid() -> list[float]:
 
 
 def exp_scaling(scale: Scale, seed: int) -> Outcome:
-    """Error of trained models against d (main sweep), s and m."""
+    """Error of trained models against d (main sweep), s and m, each beside the linear floor of x."""
     base = DataConfig(m=scale.m, s=scale.s, seed=seed)
     rows_d, rows_s, rows_m = [], [], []
     task = UANDTask(base)
     val = _eval_set(task, scale.n_eval, seed)
+    floor = _floor(task)
     done = {}  # (m, s, d) -> metrics: the base point (m, s, d) is in all three sweeps, trained once
     for d in scale.d_grid:
         _, done[(scale.m, scale.s, d)] = _train_eval(task, ModelConfig(d=d), scale, seed, val)
-        rows_d.append(_row(done[(scale.m, scale.s, d)], d=d))
+        rows_d.append(_with_floor(_row(done[(scale.m, scale.s, d)], d=d), floor))
     for s in scale.s_grid:
+        t = UANDTask(DataConfig(m=scale.m, s=s, seed=seed))
         if (scale.m, s, scale.d) not in done:
-            t = UANDTask(DataConfig(m=scale.m, s=s, seed=seed))
             _, done[(scale.m, s, scale.d)] = _train_eval(
                 t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed)
             )
-        rows_s.append(_row(done[(scale.m, s, scale.d)], s=s))
+        rows_s.append(_with_floor(_row(done[(scale.m, s, scale.d)], s=s), _floor(t)))
     for m in scale.m_grid:
+        t = UANDTask(DataConfig(m=m, s=scale.s, seed=seed))
         if (m, scale.s, scale.d) not in done:
-            t = UANDTask(DataConfig(m=m, s=scale.s, seed=seed))
             _, done[(m, scale.s, scale.d)] = _train_eval(
                 t, ModelConfig(d=scale.d), scale, seed, _eval_set(t, scale.n_eval, seed)
             )
-        rows_m.append(_row(done[(m, scale.s, scale.d)], m=m, pairs=math.comb(m, 2)))
+        rows_m.append(_with_floor(_row(done[(m, scale.s, scale.d)], m=m, pairs=math.comb(m, 2)), _floor(t)))
     errs = [r["balanced_mse"] for r in rows_d]
     rho = _spearman(scale.d_grid, errs)
     s_errs = [r["balanced_mse"] for r in rows_s]
     s_ratio = max(s_errs) / max(min(s_errs), 1e-12)
+    first = _first_below(scale.d_grid, errs, floor.balanced_mse)
     claims = [
         Claim(
             "trades_error_for_neurons",
-            "error falls steadily as d grows (graceful as d shrinks)",
-            "Spearman rho(d, balanced MSE) <= -0.8 and balanced MSE at the smallest d < 0.5 (zero predictor)",
-            rho <= -0.8 and errs[0] < 0.5,
-            {"spearman_rho": rho, "balanced_mse_by_d": dict(zip(scale.d_grid, errs))},
+            "error falls steadily as d grows, and with enough neurons the hidden layer beats the linear "
+            "read-out of x (the floor: no hidden layer)",
+            "Spearman rho(d, balanced MSE) <= -0.8 and balanced MSE at the largest d < the linear floor's",
+            rho <= -0.8 and errs[-1] < floor.balanced_mse,
+            {
+                "spearman_rho": rho,
+                "largest_d": scale.d_grid[-1],
+                "mse_at_largest_d": errs[-1],
+                "floor_mse": floor.balanced_mse,
+                "largest_d_over_floor": errs[-1] / floor.balanced_mse,
+                "smallest_d_below_floor": first,
+                "balanced_mse_by_d": dict(zip(scale.d_grid, errs)),
+            },
         ),
         Claim(
             "robust_to_s",
             "error roughly insensitive to s in the sparse regime",
             f"max/min balanced MSE over s in {scale.s_grid} <= 3",
             s_ratio <= 3,
-            {"max_over_min": s_ratio, "balanced_mse_by_s": dict(zip(scale.s_grid, s_errs))},
+            {
+                "max_over_min": s_ratio,
+                "balanced_mse_by_s": dict(zip(scale.s_grid, s_errs)),
+                "floor_mse_by_s": {r["s"]: r["floor_mse"] for r in rows_s},
+            },
         ),
     ]
-    fig, axes = new_figure(ncols=3)
-    _line_plot(axes[0][0], rows_d, "d", "balanced_mse")
-    _line_plot(axes[0][1], rows_s, "s", "balanced_mse", logx=False)
-    _line_plot(axes[0][2], rows_m, "m", "balanced_mse")
-    for ax, title in zip(
-        axes[0], [f"m={scale.m}, s={scale.s}", f"m={scale.m}, d={scale.d}", f"s={scale.s}, d={scale.d}"]
-    ):
-        ax.set_title(title)
-    fig.tight_layout()
     sections = [
+        f"Linear floor (best read-out of x, no hidden layer) at m={scale.m}, s={scale.s}: balanced MSE "
+        f"{floor.balanced_mse:.4g}, accuracy {floor.acc_pos:.4f} on positives and {floor.acc_neg:.4f} on "
+        f"negatives (exact). `over_floor` is balanced_mse / floor_mse: below 1 the hidden layer beats it.\n",
         f"### Error vs d (m={scale.m}, s={scale.s})\n\n" + markdown_table(rows_d),
         f"### Error vs s (m={scale.m}, d={scale.d})\n\n" + markdown_table(rows_s),
         f"### Error vs m (s={scale.s}, d={scale.d})\n\n" + markdown_table(rows_m),
-        "![scaling](scaling.png)\n",
     ]
-    return Outcome({"by_d": rows_d, "by_s": rows_s, "by_m": rows_m}, claims, {"scaling": fig}, sections)
+    return Outcome({"by_d": rows_d, "by_s": rows_s, "by_m": rows_m}, claims, {}, sections, plot=_plot_scaling(scale))
+
+
+def _plot_scaling(scale: Scale) -> Callable[[dict, dict], dict]:
+    def plot(mean: dict, sd: dict) -> dict:
+        fig, axes = new_figure(ncols=3)
+        for ax, key, x, logx, title in zip(
+            axes[0],
+            ("by_d", "by_s", "by_m"),
+            ("d", "s", "m"),
+            (True, False, True),
+            (f"m={scale.m}, s={scale.s}", f"m={scale.m}, d={scale.d}", f"s={scale.s}, d={scale.d}"),
+        ):
+            _band_plot(ax, mean[key], sd[key], x, "balanced_mse", logx=logx, label="trained")
+            ax.plot([r[x] for r in mean[key]], [r["floor_mse"] for r in mean[key]], "k--", label="linear floor of x")
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        return {"scaling": fig}
+
+    return plot
 
 
 def exp_constructions(scale: Scale, seed: int) -> Outcome:
-    """Trained models against the Hänni and dense binary constructions at equal d, low s."""
+    """Trained models against the Hänni and dense binary constructions at equal d, low s, and the floor."""
     task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
     val = _eval_set(task, scale.n_eval, seed)
-    tune_set = _eval_set(task, scale.n_eval // 2, seed + 1)
+    tune_set = _sample_set(task, scale.n_eval // 2, seed + 1)
+    floor = _floor(task)
     rows = []
     for d in scale.d_grid:
         _, met = _train_eval(task, ModelConfig(d=d), scale, seed, val)
@@ -271,9 +365,25 @@ def exp_constructions(scale: Scale, seed: int) -> Outcome:
         rows.append(_row(evaluate(model, task, *val), method="dense_sign", d=d, tuned=f"b={bias}"))
         model = dense_binary_construction(task, d, bias, seed=seed, readout="lstsq", n_fit=scale.n_fit)
         rows.append(_row(evaluate(model, task, *val), method="dense_lstsq", d=d, tuned=f"b={bias}"))
+    rows = [_with_floor(r, floor) for r in rows]
     err = {(r["method"], r["d"]): r["balanced_mse"] for r in rows}
-    wins = [err[("trained", d)] < err[("hanni", d)] for d in scale.d_grid]
-    dense_wins = [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) < err[("hanni", d)] for d in scale.d_grid]
+    grid = scale.d_grid
+    best_dense = [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) for d in grid]
+    best_built = [min(err[("hanni", d)], b) for d, b in zip(grid, best_dense)]
+    wins = [err[("trained", d)] < err[("hanni", d)] for d in grid]
+    dense_wins = [b < err[("hanni", d)] for d, b in zip(grid, best_dense)]
+    f = floor.balanced_mse
+    first_trained = _first_below(grid, [err[("trained", d)] for d in grid], f)
+    first_built = _first_below(grid, best_built, f)
+    below = {
+        name: [d for d in grid if err[(name, d)] < f] for name in ("trained", "hanni", "dense_sign", "dense_lstsq")
+    }
+    floor_numbers = {
+        "floor_mse": f,
+        "trained_first_d_below_floor": first_trained,
+        "construction_first_d_below_floor": first_built,
+        "d_below_floor": below,
+    }
     claims = [
         Claim(
             "beats_sparse_construction",
@@ -281,10 +391,25 @@ def exp_constructions(scale: Scale, seed: int) -> Outcome:
             "trained balanced MSE < tuned Hänni balanced MSE at every d in the grid",
             all(wins),
             {
-                "max_trained_over_hanni": max(err[("trained", d)] / err[("hanni", d)] for d in scale.d_grid),
-                "d": scale.d_grid,
-                "trained": [err[("trained", d)] for d in scale.d_grid],
-                "hanni": [err[("hanni", d)] for d in scale.d_grid],
+                "max_trained_over_hanni": max(err[("trained", d)] / err[("hanni", d)] for d in grid),
+                **floor_numbers,
+                "d": grid,
+                "trained": [err[("trained", d)] for d in grid],
+                "hanni": [err[("hanni", d)] for d in grid],
+            },
+        ),
+        Claim(
+            "beats_construction_beyond_floor",
+            "the trained model beats the linear floor of x at a smaller d than any construction does "
+            "(below the floor the hidden layer computes something x alone cannot)",
+            "some d in the grid has trained balanced MSE < floor, and the smallest such d is below the smallest "
+            "d at which the best construction (Hänni, dense sign or dense least squares) is below the floor "
+            "(never counts as infinite)",
+            first_trained is not None and (first_built is None or first_trained < first_built),
+            {
+                **floor_numbers,
+                "best_trained_over_floor": min(err[("trained", d)] for d in grid) / f,
+                "best_construction_over_floor": min(best_built) / f,
             },
         ),
         Claim(
@@ -293,23 +418,35 @@ def exp_constructions(scale: Scale, seed: int) -> Outcome:
             "best dense read-out balanced MSE < tuned Hänni balanced MSE at every d",
             all(dense_wins),
             {
-                "max_dense_over_hanni": max(
-                    min(err[("dense_sign", d)], err[("dense_lstsq", d)]) / err[("hanni", d)] for d in scale.d_grid
-                ),
-                "dense_best": [min(err[("dense_sign", d)], err[("dense_lstsq", d)]) for d in scale.d_grid],
+                "max_dense_over_hanni": max(b / err[("hanni", d)] for d, b in zip(grid, best_dense)),
+                "floor_mse": f,
+                "dense_best": best_dense,
             },
         ),
     ]
-    fig, axes = new_figure()
-    _line_plot(axes[0][0], rows, "d", "balanced_mse", label_key="method")
-    axes[0][0].set_title(f"m={scale.m}, s={scale.s}")
-    fig.tight_layout()
     sections = [
         "Constructions are tuned on a separate sample (Hänni p, dense shared bias) and scored on the "
-        "same evaluation inputs as the trained models.\n\n" + markdown_table(rows),
-        "![constructions](constructions.png)\n",
+        "same evaluation inputs as the trained models. Linear floor of x (no hidden layer): balanced MSE "
+        f"{f:.4g}, accuracy {floor.acc_pos:.4f} / {floor.acc_neg:.4f} on positives / negatives (exact); "
+        "`over_floor` below 1 beats it.\n\n" + markdown_table(rows),
     ]
-    return Outcome({"rows": rows}, claims, {"constructions": fig}, sections)
+    return Outcome({"rows": rows}, claims, {}, sections, plot=_plot_constructions(scale))
+
+
+def _plot_constructions(scale: Scale) -> Callable[[dict, dict], dict]:
+    def plot(mean: dict, sd: dict) -> dict:
+        fig, axes = new_figure()
+        ax = axes[0][0]
+        for method in ("trained", "hanni", "dense_sign", "dense_lstsq"):
+            pick = [k for k, r in enumerate(mean["rows"]) if r["method"] == method]
+            _band_plot(ax, [mean["rows"][k] for k in pick], [sd["rows"][k] for k in pick], "d", "balanced_mse", method)
+        ax.axhline(mean["rows"][0]["floor_mse"], color="k", linestyle="--", label="linear floor of x")
+        ax.set_title(f"m={scale.m}, s={scale.s}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return {"constructions": fig}
+
+    return plot
 
 
 def exp_anatomy(scale: Scale, seed: int) -> Outcome:
@@ -323,10 +460,11 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
     # The same at a small initial scale (rich regime: W must move far from its random draw).
     small, met_small = _train_eval(task, ModelConfig(d=scale.d, scale=0.1), scale, seed, val)
     small_an = analyse(small, task, val[1], seed=seed)
-    tune_set = _eval_set(task, scale.n_eval // 2, seed + 1)
+    tune_set = _sample_set(task, scale.n_eval // 2, seed + 1)
     p, hanni, _, _ = tune(lambda p: hanni_construction(task, scale.d, p, seed=seed), _hanni_grid(), task, tune_set)
     hanni_an = analyse(hanni, task, val[1], seed=seed)
     dens, bin_, sign = trained["density"], trained["binarity"], trained["readout_sign"]
+    floor = _floor(task)
     claims = [
         Claim(
             "dense",
@@ -339,6 +477,8 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
                 "hanni_participation": hanni_an["density"]["participation"],
                 "hanni_p": p,
                 "hanni_p_squared": p * p,
+                "balanced_mse": met.balanced_mse,
+                "floor_mse": floor.balanced_mse,
             },
         ),
         Claim(
@@ -354,6 +494,7 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
                 "W_moved_from_init": trained["W_moved"],
                 "small_init_cv_per_neuron": small_an["binarity"]["cv_per_neuron"],
                 "small_init_frac_positive": small_an["binarity"]["frac_positive"],
+                "floor_mse": floor.balanced_mse,
             },
         ),
         Claim(
@@ -361,7 +502,7 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
             "read-out weights follow sign(W_ni) sign(W_nj)",
             "Pearson correlation of R with the sign product >= 0.5",
             sign["correlation"] >= 0.5,
-            sign,
+            {**sign, "balanced_mse": met.balanced_mse, "floor_mse": floor.balanced_mse},
         ),
     ]
     ct = trained["class_table"]
@@ -382,9 +523,9 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
     fig.tight_layout()
     sections = [
         f"Model: m={scale.m}, s={scale.s}, d={scale.d}; balanced MSE {met.balanced_mse:.4f}, "
-        f"worst-cell accuracy {met.worst_cell_acc:.3f}.\n",
+        f"worst-cell accuracy {met.worst_cell_acc:.3f}; the linear floor of x (no hidden layer) has balanced "
+        f"MSE {floor.balanced_mse:.4f} and worst-cell accuracy {floor.worst_cell_acc:.3f}.\n",
         "### Neuron classes (signs of W_ni, W_nj) and their mean activation per cell\n\n" + markdown_table(table_rows),
-        "![anatomy](anatomy.png)\n",
     ]
     compare = [
         {
@@ -401,6 +542,7 @@ def exp_anatomy(scale: Scale, seed: int) -> Outcome:
             (f"Hänni (p={p})", evaluate(hanni, task, *val), hanni_an),
         ]
     ]
+    compare = [_with_floor(row, floor) for row in compare]
     sections.insert(1, "### Trained models against the sparse construction\n\n" + markdown_table(compare))
     results = {
         "metrics": met.to_dict(),
@@ -420,16 +562,12 @@ def exp_frozen(scale: Scale, seed: int) -> Outcome:
     """W frozen at a random draw from each distribution (equal RMS); only b, R, c are trained."""
     task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
     val = _eval_set(task, scale.n_eval, seed)
+    floor = _floor(task)
     rows = []
     for dist, skew in FROZEN_DISTS:
-        errs = []
-        for k in range(scale.seeds):
-            _, met = _train_eval(
-                task, ModelConfig(d=scale.d, init=dist, skew=skew, frozen=("W",)), scale, seed + k, val
-            )
-            errs.append(met.balanced_mse)
+        _, met = _train_eval(task, ModelConfig(d=scale.d, init=dist, skew=skew, frozen=("W",)), scale, seed, val)
         name = dist if dist != "skewed_binary" else f"skewed_binary(p={skew})"
-        rows.append({"dist": name, "balanced_mse": sum(errs) / len(errs), "per_seed": errs})
+        rows.append(_with_floor(_row(met, dist=name), floor))
     err = {r["dist"]: r["balanced_mse"] for r in rows}
     skewed = min(err["skewed_binary(p=0.25)"], err["skewed_binary(p=0.75)"])
     ratio = max(err.values()) / max(min(err.values()), 1e-12)
@@ -439,36 +577,45 @@ def exp_frozen(scale: Scale, seed: int) -> Outcome:
             "frozen W distributions give similar losses",
             "max/min balanced MSE <= 1.5",
             ratio <= 1.5,
-            {"max_over_min": ratio, **err},
+            {"max_over_min": ratio, **err, "floor_mse": floor.balanced_mse},
         ),
         Claim(
             "binary_best",
             "binary is (slightly) best among the symmetric distributions",
             "binary balanced MSE < Gaussian and < uniform",
             err["binary"] < min(err["gaussian"], err["uniform"]),
-            {k: err[k] for k in ("binary", "gaussian", "uniform")},
+            {**{k: err[k] for k in ("binary", "gaussian", "uniform")}, "floor_mse": floor.balanced_mse},
         ),
         Claim(
             "skew_helps_and",
             "skewed binary beats symmetric binary on AND",
             "best of skew p=0.25 / 0.75 balanced MSE < binary (both skews reported)",
             skewed < err["binary"],
-            {"binary": err["binary"], "best_skewed": skewed},
+            {"binary": err["binary"], "best_skewed": skewed, "floor_mse": floor.balanced_mse},
         ),
     ]
-    fig, axes = new_figure(size=(7, 4))
-    ax = axes[0][0]
-    ax.bar(range(len(rows)), [r["balanced_mse"] for r in rows])
-    ax.set_xticks(range(len(rows)), [r["dist"] for r in rows], rotation=20, fontsize=8)
-    ax.set_ylabel("balanced MSE")
-    ax.set_title(f"frozen W, trained b/R/c (m={scale.m}, s={scale.s}, d={scale.d})")
-    fig.tight_layout()
-    table = [{"dist": r["dist"], "balanced_mse": r["balanced_mse"], "seeds": len(r["per_seed"])} for r in rows]
     sections = [
-        "All distributions have the same weight RMS (1).\n\n" + markdown_table(table),
-        "![frozen](frozen.png)\n",
+        "All distributions have the same weight RMS (1); `floor_mse` is the linear floor of x (no hidden "
+        "layer).\n\n" + markdown_table(rows),
     ]
-    return Outcome({"rows": rows}, claims, {"frozen": fig}, sections)
+    return Outcome({"rows": rows}, claims, {}, sections, plot=_plot_frozen(scale))
+
+
+def _plot_frozen(scale: Scale) -> Callable[[dict, dict], dict]:
+    def plot(mean: dict, sd: dict) -> dict:
+        rows, spread = mean["rows"], sd["rows"]
+        fig, axes = new_figure(size=(7, 4))
+        ax = axes[0][0]
+        ax.bar(range(len(rows)), [r["balanced_mse"] for r in rows], yerr=[r["balanced_mse"] or 0.0 for r in spread])
+        ax.axhline(rows[0]["floor_mse"], color="k", linestyle="--", label="linear floor of x")
+        ax.set_xticks(range(len(rows)), [r["dist"] for r in rows], rotation=20, fontsize=8)
+        ax.set_ylabel("balanced MSE (mean ± sd over seeds)")
+        ax.set_title(f"frozen W, trained b/R/c (m={scale.m}, s={scale.s}, d={scale.d})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return {"frozen": fig}
+
+    return plot
 
 
 TABLES = ["and", "or", "xor", "nand", "nor", "xnor"]
@@ -478,9 +625,10 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
     """Every two-input table read linearly from the hidden layer of a model trained only on AND.
 
     Baselines: the same model before training (random Gaussian W, zero bias) and the raw inputs
-    x (a linear function of x cannot compute XOR). Read-outs are cell-balanced least squares
-    from one statistics pass per hidden layer (readout.solve_readout); XOR is also read out by
-    training R, c with Adam on the frozen layer.
+    x (a linear function of x cannot compute XOR), both fitted like the hidden layers and, for x,
+    also exactly (`raw_inputs_exact`: the linear floor for the cell-balanced loss). Read-outs are
+    cell-balanced least squares from one statistics pass per hidden layer (readout.solve_readout);
+    XOR is also read out by training R, c with Adam on the frozen layer.
     """
     task = UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed))
     val = _eval_set(task, scale.n_eval, seed)
@@ -498,6 +646,8 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
             R, c = solve_readout(stats, t)
             met = evaluate(lambda h: h @ R.T + c, t, val[0], h_val)
             rows.append(_row(met, hidden=name, table=op.upper()))
+    for op in TABLES:  # the exact linear floor of x for the cell-balanced loss (raw_inputs above is fitted)
+        rows.append(_row(_floor(task.with_op(op), "cells"), hidden="raw_inputs_exact", table=op.upper()))
     # The same question with a read-out trained by Adam (W, b frozen) on the cell-balanced loss:
     # no covariance approximation. (The class-balanced loss would ignore XOR's rare cell 11,
     # which sits inside the common negative class.)
@@ -519,6 +669,11 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
     get = {(r["hidden"], r["table"]): r for r in rows}
     adam = {r["hidden"]: r for r in adam_rows}
     xor_t, xor_raw = get[("and_trained", "XOR")], get[("raw_inputs", "XOR")]
+    xor_floor = get[("raw_inputs_exact", "XOR")]
+    floor_numbers = {
+        "floor_worst_cell_acc": xor_floor["worst_cell_acc"],
+        "floor_cell_mse": xor_floor["cell_mse_mean"],
+    }
     crit = "XOR worst-cell accuracy >= 0.9 and cell-mean MSE < half the raw-input read-out's"
     claims = [
         Claim(
@@ -531,6 +686,7 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
                 "trained_cell_mse": xor_t["cell_mse_mean"],
                 "raw_worst_cell_acc": xor_raw["worst_cell_acc"],
                 "raw_cell_mse": xor_raw["cell_mse_mean"],
+                **floor_numbers,
                 "random_init_worst_cell_acc": get[("random_init", "XOR")]["worst_cell_acc"],
             },
         ),
@@ -540,22 +696,26 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
             crit + " (Adam read-out)",
             adam["and_trained"]["worst_cell_acc"] >= 0.9
             and adam["and_trained"]["cell_mse_mean"] < 0.5 * adam["raw_inputs"]["cell_mse_mean"],
-            {f"{k}_{m}": adam[k][m] for k in adam for m in ("worst_cell_acc", "cell_mse_mean")},
+            {**{f"{k}_{m}": adam[k][m] for k in adam for m in ("worst_cell_acc", "cell_mse_mean")}, **floor_numbers},
         ),
         Claim(
             "xor_specific_to_training",
             "the AND-trained layer reads XOR better than the same layer before training",
             "Adam read-out: AND-trained XOR cell-mean MSE < 0.8 x random-init's",
             adam["and_trained"]["cell_mse_mean"] < 0.8 * adam["random_init"]["cell_mse_mean"],
-            {"and_trained": adam["and_trained"]["cell_mse_mean"], "random_init": adam["random_init"]["cell_mse_mean"]},
+            {
+                "and_trained": adam["and_trained"]["cell_mse_mean"],
+                "random_init": adam["random_init"]["cell_mse_mean"],
+                **floor_numbers,
+            },
         ),
     ]
     fig, axes = new_figure(size=(7, 4))
     ax = axes[0][0]
-    width = 0.27
-    for k, name in enumerate(hiddens):
+    width = 0.2
+    for k, name in enumerate([*hiddens, "raw_inputs_exact"]):
         ax.bar(
-            [x + (k - 1) * width for x in range(len(TABLES))],
+            [x + (k - 1.5) * width for x in range(len(TABLES))],
             [get[(name, op.upper())]["worst_cell_acc"] for op in TABLES],
             width,
             label=name,
@@ -570,7 +730,6 @@ def exp_truth_tables(scale: Scale, seed: int) -> Outcome:
         "a read-out that gets XOR's rare (1,1) cell wrong scores low even if overall accuracy is high.\n\n"
         + markdown_table(rows),
         "### XOR with a read-out trained by Adam (W, b frozen, cell-balanced loss)\n\n" + markdown_table(adam_rows),
-        "![truth tables](truth_tables.png)\n",
     ]
     return Outcome({"rows": rows, "adam_xor": adam_rows}, claims, {"truth_tables": fig}, sections)
 
@@ -582,6 +741,7 @@ def exp_noise(scale: Scale, seed: int) -> Outcome:
     input-noise levels and evaluate every model on clean and noisy inputs.
     """
     levels = [0.0, 0.1] if scale.m <= 30 else [0.0, 0.05, 0.1, 0.2]
+    floor = _floor(UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed)))  # reads clean x: no noise at all
     rows = []
     for train_noise in levels:
         task = UANDTask(DataConfig(m=scale.m, s=scale.s, noise=train_noise, seed=seed))
@@ -590,7 +750,7 @@ def exp_noise(scale: Scale, seed: int) -> Outcome:
         for eval_noise in levels:
             t = UANDTask(DataConfig(m=scale.m, s=scale.s, noise=eval_noise, seed=seed))
             met = evaluate(model, t, *_eval_set(t, scale.n_eval, seed))
-            rows.append(_row(met, train_noise=train_noise, eval_noise=eval_noise))
+            rows.append(_with_floor(_row(met, train_noise=train_noise, eval_noise=eval_noise), floor))
     err = {(r["train_noise"], r["eval_noise"]): r["balanced_mse"] for r in rows}
     clean = err[(0.0, 0.0)]
     best_noisy_on_clean = min(err[(n, 0.0)] for n in levels[1:])
@@ -600,28 +760,30 @@ def exp_noise(scale: Scale, seed: int) -> Outcome:
             "the circuit does not rely on noise: training without noise is best on clean inputs",
             "clean-trained error on clean inputs <= 1.1 x every noise-trained model's clean error",
             clean <= 1.1 * best_noisy_on_clean,
-            {"clean_trained_clean": clean, "best_noise_trained_clean": best_noisy_on_clean},
+            {
+                "clean_trained_clean": clean,
+                "best_noise_trained_clean": best_noisy_on_clean,
+                "floor_mse": floor.balanced_mse,
+            },
         ),
     ]
-    fig, axes = new_figure()
-    _line_plot(axes[0][0], rows, "eval_noise", "balanced_mse", label_key="train_noise", logx=False)
-    axes[0][0].set_title("legend: training noise")
-    fig.tight_layout()
-    sections = [markdown_table(rows), "![noise](noise.png)\n"]
-    return Outcome({"rows": rows}, claims, {"noise": fig}, sections)
+    sections = ["`floor_mse`: the linear floor of clean x (no hidden layer, no noise).\n\n" + markdown_table(rows)]
+    plot = _plot_groups("noise", "eval_noise", "train_noise", "legend: training noise", logx=False)
+    return Outcome({"rows": rows}, claims, {}, sections, plot=plot)
 
 
 def exp_superposition(scale: Scale, seed: int) -> Outcome:
     """Inputs stored in superposition (random unit directions in d0 < m dimensions)."""
     d0s = [None] + [max(2, int(scale.m * f)) for f in (0.75, 0.5, 0.25)]
+    floor = _floor(UANDTask(DataConfig(m=scale.m, s=scale.s, seed=seed)))
     rows = []
     for d0 in d0s:
         task = UANDTask(DataConfig(m=scale.m, s=scale.s, d0=d0, seed=seed))
         val = _eval_set(task, scale.n_eval, seed)
         _, met = _train_eval(task, ModelConfig(d=scale.d), scale, seed, val)
-        rows.append(_row(met, method="trained", d0=d0 or scale.m))
+        rows.append(_with_floor(_row(met, method="trained", d0=d0 or scale.m), floor))
         model = dense_binary_construction(task, scale.d, -1.0, seed=seed, readout="lstsq", n_fit=scale.n_fit)
-        rows.append(_row(evaluate(model, task, *val), method="dense_lstsq", d0=d0 or scale.m))
+        rows.append(_with_floor(_row(evaluate(model, task, *val), method="dense_lstsq", d0=d0 or scale.m), floor))
     err = {(r["method"], r["d0"]): r for r in rows}
     half = d0s[2]
     basis, sup = err[("trained", scale.m)], err[("trained", half)]
@@ -636,35 +798,47 @@ def exp_superposition(scale: Scale, seed: int) -> Outcome:
                 "half_balanced_mse": sup["balanced_mse"],
                 "half_acc_pos": sup["acc_pos"],
                 "half_acc_neg": sup["acc_neg"],
+                "floor_mse": floor.balanced_mse,
+                "floor_acc_pos": floor.acc_pos,
+                "floor_acc_neg": floor.acc_neg,
             },
         ),
     ]
-    fig, axes = new_figure()
-    _line_plot(axes[0][0], rows, "d0", "balanced_mse", label_key="method", logx=False)
-    axes[0][0].set_title(f"m={scale.m}, s={scale.s}, d={scale.d}")
-    fig.tight_layout()
-    sections = [markdown_table(rows), "![superposition](superposition.png)\n"]
-    return Outcome({"rows": rows}, claims, {"superposition": fig}, sections)
+    sections = [
+        "`floor_mse`: the linear floor of the basis-aligned x (no hidden layer, no superposition), a stricter "
+        "baseline than any linear read-out of the embedded input.\n\n" + markdown_table(rows)
+    ]
+    plot = _plot_groups("superposition", "d0", "method", f"m={scale.m}, s={scale.s}, d={scale.d}", logx=False)
+    return Outcome({"rows": rows}, claims, {}, sections, plot=plot)
 
 
 def exp_circuit(scale: Scale, seed: int) -> Outcome:
     """A two-step boolean circuit OR(AND(x_i, x_j), x_k): one hidden layer vs two of equal total width."""
     task = UANDTask(DataConfig(m=scale.m, s=scale.s, op="and", circuit_op="or", seed=seed))
     val = _eval_set(task, scale.n_eval, seed)
+    floor = _floor(task)
     rows = []
     for name, cfg in [("one_layer", ModelConfig(d=2 * scale.d)), ("two_layer", ModelConfig(d=scale.d, d2=scale.d))]:
         _, met = _train_eval(task, cfg, scale, seed, val)
-        rows.append(_row(met, model=name))
+        rows.append(_with_floor(_row(met, model=name), floor))
     claims = [
         Claim(
             "circuit_learnable",
             "a two-step circuit OR(AND(x_i,x_j), x_k) is learned in superposition",
             "best balanced accuracy over the two architectures >= 0.9",
             max(0.5 * (r["acc_pos"] + r["acc_neg"]) for r in rows) >= 0.9,
-            {r["model"]: r["balanced_mse"] for r in rows},
+            {
+                **{r["model"]: r["balanced_mse"] for r in rows},
+                "floor_mse": floor.balanced_mse,
+                "floor_balanced_acc": floor.balanced_acc,
+            },
         ),
     ]
-    return Outcome({"rows": rows}, claims, {}, [markdown_table(rows)])
+    sections = [
+        "`floor_mse`: the best linear read-out of x for OR(AND(x_i, x_j), x_k) (no hidden layer; with exactly "
+        "s inputs on, x_i + x_j + 2 x_k >= 2 is a linear threshold for it).\n\n" + markdown_table(rows)
+    ]
+    return Outcome({"rows": rows}, claims, {}, sections)
 
 
 def exp_scale_m(scale: Scale, seed: int) -> Outcome:
@@ -682,7 +856,7 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
     """
     task = UANDTask(DataConfig(m=scale.m_big, s=scale.s, seed=seed))
     val = _eval_set(task, scale.n_eval_big, seed)
-    small = _eval_set(task, max(scale.n_eval_big // 4, 50), seed + 1)  # tuning and calibration
+    small = _sample_set(task, max(scale.n_eval_big // 4, 50), seed + 1)  # tuning and calibration
     rows = []
     start = time.perf_counter()
     model = UANDModel.for_task(task, ModelConfig(d=scale.d_big), seed=seed)
@@ -728,6 +902,8 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
         )
         del built
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    floor = _floor(task)
+    rows = [_with_floor(r, floor) for r in rows]
     dense = {r["d"]: r for r in rows if r["method"] == "dense_sign"}
     best = dense[max(dense)]
     bal_acc = lambda r: 0.5 * (r["acc_pos"] + r["acc_neg"])  # noqa: E731
@@ -744,7 +920,13 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
             f"one shared dense layer computes all {task.n_pairs} ANDs",
             f"dense sign-product construction at d={max(dense)}: balanced accuracy >= 0.9 on every output",
             bal_acc(best) >= 0.9,
-            {"balanced_acc": bal_acc(best), "balanced_mse": best["balanced_mse"], "d": max(dense)},
+            {
+                "balanced_acc": bal_acc(best),
+                "balanced_mse": best["balanced_mse"],
+                "d": max(dense),
+                "floor_mse": floor.balanced_mse,
+                "floor_balanced_acc": floor.balanced_acc,
+            },
         ),
         Claim(
             "trained_large_m_beats_zero",
@@ -757,6 +939,7 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
                 "acc_neg": met.acc_neg,
                 "positives_per_pair": seen,
                 "trained_sign_readout_balanced_mse": signed_met.balanced_mse,
+                "floor_mse": floor.balanced_mse,
             },
         ),
     ]
@@ -764,7 +947,9 @@ def exp_scale_m(scale: Scale, seed: int) -> Outcome:
         f"m={scale.m_big}, s={scale.s}, {task.n_pairs} outputs, scored on all of them for {scale.n_eval_big} "
         f"samples. Trained: d={scale.d_big}, {scale.steps_big} steps of batch {scale.batch_big}, sampled-output "
         f"loss ({scale.output_sample} random cell-00 columns per step), {train_s:.0f} s; each pair was positive "
-        f"{seen:.2f} times on average in training. Process peak RSS {peak_gib:.2f} GiB.\n\n" + markdown_table(rows),
+        f"{seen:.2f} times on average in training. Process peak RSS {peak_gib:.2f} GiB. The linear floor of x "
+        f"(no hidden layer, exact over all inputs) has balanced MSE {floor.balanced_mse:.4g} and accuracy "
+        f"{floor.acc_pos:.4f} / {floor.acc_neg:.4f} on positives / negatives.\n\n" + markdown_table(rows),
     ]
     return Outcome(
         {"rows": rows, "peak_rss_gib": peak_gib, "train_s": train_s, "positives_per_pair": seen}, claims, {}, sections
@@ -796,60 +981,155 @@ EXPERIMENTS: dict[str, Experiment] = {
 def _claim_rows(claims: list[Claim], experiment: str | None = None) -> list[dict]:
     rows = []
     for c in claims:
-        nums = ", ".join(f"{k}={_short(v)}" for k, v in c.numbers.items() if not isinstance(v, (list, dict)))
+        nums = ", ".join(
+            f"{k}={_short(v, c.numbers.get(k + '_sd'))}"
+            for k, v in c.numbers.items()
+            if not k.endswith("_sd") and not isinstance(v, (list, dict))
+        )
         row = {"claim": c.name, "holds": "yes" if c.holds else "NO", "criterion": c.criterion, "numbers": nums}
         rows.append({"experiment": experiment, **row} if experiment else row)
     return rows
 
 
-def _short(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _short(v, sd=None) -> str:
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{text} ± {sd:.2g}" if isinstance(sd, float) and sd > 0 else text
 
 
 def _title(name: str) -> str:
     return f"U-AND: {name} — {EXPERIMENTS[name].help}" if name in EXPERIMENTS else f"U-AND: {name}"
 
 
-def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0) -> dict:
-    """Run one experiment (or `all`) and write results.json, plots and report.md under `out`."""
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def mean_sd(values: list):
+    """(mean, sd) over seeds of matching structures: dicts by key, lists by position, numbers averaged.
+
+    Numbers that agree in every seed (d, m, a tuned value) stay as they are with sd 0; strings that
+    differ are joined with '/'; lists whose lengths differ are kept per seed.
+    """
+    first = values[0]
+    if isinstance(first, dict):
+        pairs = {k: mean_sd([v.get(k) if isinstance(v, dict) else None for v in values]) for k in first}
+        return {k: m for k, (m, _) in pairs.items()}, {k: sd for k, (_, sd) in pairs.items()}
+    if isinstance(first, (list, tuple)):
+        if all(isinstance(v, (list, tuple)) and len(v) == len(first) for v in values):
+            pairs = [mean_sd([v[k] for v in values]) for k in range(len(first))]
+            return [m for m, _ in pairs], [sd for _, sd in pairs]
+        return list(values), None
+    if all(v == first for v in values):
+        return first, (0.0 if _number(first) else None)
+    nums = [float(v) for v in values if _number(v) and math.isfinite(v)]
+    if nums and len(nums) == len(values):
+        mean = sum(nums) / len(nums)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in nums) / max(len(nums) - 1, 1))
+        return mean, sd
+    return "/".join(dict.fromkeys(str(v) for v in values)), None
+
+
+def combine_claims(per_seed: list[list[Claim]], seeds: list[int]) -> list[Claim]:
+    """One claim per name: holds only if it holds in every seed; numbers are mean and sd over seeds."""
+    out = []
+    for k, first in enumerate(per_seed[0]):
+        versions = [claims[k] for claims in per_seed]
+        mean, sd = mean_sd([c.numbers for c in versions])
+        numbers = {"holds_in_seeds": f"{sum(c.holds for c in versions)}/{len(versions)}"}
+        for key, value in mean.items():
+            numbers[key] = value
+            if isinstance(sd.get(key), float) and sd[key] > 0:
+                numbers[key + "_sd"] = sd[key]
+        numbers["per_seed"] = {seed: c.numbers for seed, c in zip(seeds, versions)}
+        criterion = first.criterion + (f"; in every one of {len(seeds)} seeds" if len(seeds) > 1 else "")
+        out.append(Claim(first.name, first.statement, criterion, all(c.holds for c in versions), numbers))
+    return out
+
+
+def _spread_tables(mean: dict, sd: dict) -> list[str]:
+    """Every list of rows in the results as a Markdown table with 'mean ± sd' cells."""
+    sections = []
+    for key, rows in mean.items():
+        if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
+            continue
+        cells = []
+        for row, spread in zip(rows, sd[key] or [{}] * len(rows)):
+            cells.append(
+                {
+                    c: _short(v, (spread or {}).get(c)) if _number(v) else v
+                    for c, v in row.items()
+                    if not isinstance(v, (list, dict))
+                }
+            )
+        sections.append(f"### {key}\n\n" + markdown_table(cells))
+    return sections
+
+
+def run_experiment(name: str, out: Path, quick: bool = False, seed: int = 0, seeds: int | None = None) -> dict:
+    """Run one experiment (or `all`) for `seeds` seeds (default `Scale.seeds`) and write its report under `out`."""
     out = Path(out)
     if name == "all":
-        return _run_all(out, quick, seed)
+        return _run_all(out, quick, seed, seeds)
     scale = Scale.make(quick)
+    if seeds is not None:
+        if seeds < 1:
+            raise ConfigError(f"seeds={seeds}: run at least 1 seed")
+        scale.seeds = seeds
+    run_seeds = list(range(seed, seed + scale.seeds))
     start, cpu_start = time.perf_counter(), time.process_time()
-    outcome = EXPERIMENTS[name].run(scale, seed)
+    outcomes = [EXPERIMENTS[name].run(scale, s) for s in run_seeds]
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    for stem, fig in outcome.figures.items():
+    mean, sd = mean_sd([o.results for o in outcomes])
+    claims = combine_claims([o.claims for o in outcomes], run_seeds)
+    first = outcomes[0]
+    figures = first.plot(mean, sd) if first.plot is not None else first.figures
+    for o in outcomes[1:]:
+        for fig in o.figures.values():
+            plt.close(fig)
+    if first.plot is not None:
+        for fig in first.figures.values():
+            plt.close(fig)
+    for stem, fig in figures.items():
         save_figure(fig, out / f"{stem}.png", dpi=110)
         plt.close(fig)
     record = {
         "experiment": name,
         "quick": quick,
         "seed": seed,
+        "seeds": run_seeds,
         "scale": asdict(scale),
         "wall_s": wall,
         "cpu_s": cpu,  # one thread: about the wall time on a quiet core, whatever else the machine runs
         "load_avg": list(os.getloadavg()),
-        "claims": [asdict(c) for c in outcome.claims],
-        "results": outcome.results,
+        "claims": [asdict(c) for c in claims],
+        "results": mean,  # mean over seeds (values equal in every seed stay as they are)
+        "results_sd": sd,
+        "results_per_seed": {s: o.results for s, o in zip(run_seeds, outcomes)},
     }
     write_json(out / "results.json", _clean(record))
     load = os.getloadavg()[0]
+    plots = "" if first.plot is not None else f" Plots show seed {seed}."
     report = [
         f"# {_title(name)}\n",
-        f"quick={quick}, seed={seed}, wall time {wall:.1f} s, CPU time {cpu:.1f} s (load average {load:.1f}).\n",
+        f"quick={quick}, seeds {run_seeds}, wall time {wall:.1f} s, CPU time {cpu:.1f} s (load average "
+        f"{load:.1f}). A claim holds only if it holds in every seed; its numbers are the mean (± standard "
+        f"deviation) over seeds.{plots}\n",
     ]
-    if outcome.claims:
-        report.append("## Claims\n\n" + markdown_table(_claim_rows(outcome.claims)))
-    report.append("## Results\n")
-    report += outcome.sections
+    if claims:
+        report.append("## Claims\n\n" + markdown_table(_claim_rows(claims)))
+    if len(run_seeds) > 1:
+        report.append(f"## Results: mean ± sd over seeds {run_seeds}\n")
+        report += _spread_tables(mean, sd)
+    report.append(f"## Results of seed {seed} in detail\n")
+    report += first.sections
+    report += [f"![{stem}]({stem}.png)\n" for stem in figures]
     write_text(out / "report.md", "\n".join(report))
     return record
 
 
-def _run_all(out: Path, quick: bool, seed: int) -> dict:
+def _run_all(out: Path, quick: bool, seed: int, seeds: int | None) -> dict:
     start = time.perf_counter()
-    records = {name: run_experiment(name, out / name, quick, seed) for name in EXPERIMENTS}
+    records = {name: run_experiment(name, out / name, quick, seed, seeds) for name in EXPERIMENTS}
     return write_combined(out, records, time.perf_counter() - start, quick, seed)
 
 
@@ -880,7 +1160,8 @@ def write_combined(out: Path, records: dict, wall: float, quick: bool, seed: int
     ]
     report = [
         "# U-AND lab: all experiments\n",
-        f"quick={quick}, seed={seed}, total wall time {wall:.1f} s; {sum(c['holds'] for c in claims)} of "
+        f"quick={quick}, seeds {next(iter(records.values()), {}).get('seeds', [seed])}, total wall time "
+        f"{wall:.1f} s; {sum(c['holds'] for c in claims)} of "
         f"{len(claims)} claims hold. Each experiment's report is in its own folder.\n",
         "## Claims\n\n" + markdown_table(rows),
         "## Wall time\n\n" + markdown_table(times),

@@ -66,19 +66,29 @@ class MetricAccumulator:
         self.n_cell = torch.zeros(4, dtype=torch.float64)
         self.max_abs = 0.0
 
-    def update(self, pred: torch.Tensor, y: torch.Tensor, cells: torch.Tensor) -> None:
+    def update(
+        self, pred: torch.Tensor, y: torch.Tensor, cells: torch.Tensor, count: torch.Tensor | None = None
+    ) -> None:
+        """Add outputs; `count` (same shape) says how many outputs each entry stands for (default 1).
+
+        Counts let an exact evaluation pass each distinct (input, output) pattern once with its
+        multiplicity instead of enumerating every input.
+        """
         err = pred - y
-        sq = err.square().double().flatten()
-        ok = ((pred > 0.5) == (y > 0.5)).double().flatten()
+        w = torch.ones_like(err, dtype=torch.float64) if count is None else count.double()
+        w = w.flatten()
+        sq = err.square().double().flatten() * w
+        ok = ((pred > 0.5) == (y > 0.5)).double().flatten() * w
         cls = (y > 0.5).long().flatten()
         cell = cells.flatten()
         self.sq_class += torch.bincount(cls, weights=sq, minlength=2)
         self.ok_class += torch.bincount(cls, weights=ok, minlength=2)
-        self.n_class += torch.bincount(cls, minlength=2).double()
+        self.n_class += torch.bincount(cls, weights=w, minlength=2)
         self.sq_cell += torch.bincount(cell, weights=sq, minlength=4)
         self.ok_cell += torch.bincount(cell, weights=ok, minlength=4)
-        self.n_cell += torch.bincount(cell, minlength=4).double()
-        self.max_abs = max(self.max_abs, float(err.abs().max()))
+        self.n_cell += torch.bincount(cell, weights=w, minlength=4)
+        if bool((w > 0).any()):
+            self.max_abs = max(self.max_abs, float(err.flatten()[w > 0].abs().max()))
 
     def result(self) -> Metrics:
         n = self.n_class.clamp(min=1)

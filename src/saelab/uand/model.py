@@ -23,13 +23,14 @@ docs/results/uand_all_default.md).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from saelab.errors import ConfigError
+from saelab.uand.config import UANDConfig
 from saelab.uand.data import UANDTask, touched_pairs
 
 INITS = ("gaussian", "uniform", "binary", "skewed_binary")
@@ -53,41 +54,32 @@ def random_weights(
     raise ConfigError(f"init={dist!r}: choose one of {INITS}")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(UANDConfig):
     """Architecture, initial weights and which parameters stay frozen."""
 
-    d: int = field(default=100, metadata={"help": "number of hidden ReLU neurons"})
-    d2: int | None = field(default=None, metadata={"help": "optional second hidden layer width (boolean circuits)"})
-    init: Literal["gaussian", "uniform", "binary", "skewed_binary"] = field(
-        default="gaussian", metadata={"help": "distribution of the initial (or frozen) W"}
+    d: int = Field(100, ge=1, description="number of hidden ReLU neurons")
+    d2: int | None = Field(None, ge=1, description="optional second hidden layer width (boolean circuits)")
+    init: Literal["gaussian", "uniform", "binary", "skewed_binary"] = Field(
+        "gaussian", description="distribution of the initial (or frozen) W"
     )
-    scale: float = field(default=1.0, metadata={"help": "root-mean-square of the initial W entries"})
-    skew: float = field(default=0.5, metadata={"help": "P(+) of skewed_binary weights"})
-    bias_init: float = field(default=0.0, metadata={"help": "initial value of every hidden bias"})
-    frozen: tuple[str, ...] = field(default=(), metadata={"help": "parameters kept at their initial value"})
+    scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="root-mean-square of the initial W entries")
+    skew: float = Field(0.5, ge=0, le=1, description="P(+) of skewed_binary weights")
+    bias_init: float = Field(0.0, allow_inf_nan=False, description="initial value of every hidden bias")
+    frozen: tuple[str, ...] = Field((), description="parameters kept at their initial value")
 
-    def __post_init__(self) -> None:
-        if self.d < 1:
-            raise ConfigError(f"d={self.d}: the hidden layer needs at least 1 neuron; set d >= 1")
-        if self.d2 is not None and self.d2 < 1:
-            raise ConfigError(f"d2={self.d2}: the second hidden layer needs at least 1 neuron (or None)")
-        if self.init not in INITS:
-            raise ConfigError(f"init={self.init!r}: choose one of {INITS}")
-        if not 0.0 <= self.skew <= 1.0:
-            raise ConfigError(f"skew={self.skew}: P(+) must lie in [0, 1]")
-        if not self.scale > 0:
-            raise ConfigError(f"scale={self.scale}: the weight scale must be > 0")
-        self.frozen = tuple(self.frozen)
-        known = {"W", "b", "R", "c"} | ({"W2", "b2"} if self.d2 is not None else set())
-        unknown = [name for name in self.frozen if name not in known]
+    @field_validator("frozen", mode="before")
+    @classmethod
+    def _names_as_tuple(cls, names):
+        return tuple(names) if isinstance(names, list) else names  # a list from JSON or YAML is fine
+
+    @field_validator("frozen")
+    @classmethod
+    def _known_parameters(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        known = {"W", "b", "R", "c"} | ({"W2", "b2"} if info.data.get("d2") is not None else set())
+        unknown = [name for name in names if name not in known]
         if unknown:
-            raise ConfigError(
-                f"frozen={list(self.frozen)}: unknown parameter(s) {unknown}; choose from {sorted(known)}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+            raise ValueError(f"frozen={list(names)}: unknown parameter(s) {unknown}; choose from {sorted(known)}")
+        return names
 
 
 class UANDModel(nn.Module):
@@ -264,48 +256,28 @@ def sampled_output_loss(
     return _grouped_loss(sq, weight, cells)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(UANDConfig):
     """Adam on freshly sampled batches (the input space is too large to hold a fixed dataset)."""
 
-    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=256, metadata={"help": "samples per step"})
-    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (cosine-decayed to 10%)"})
-    base_width: int | None = field(
-        default=50,
-        metadata={
-            "help": "muP width scaling: weights whose fan-in is a hidden width (R, W2) learn at "
-            "lr * base_width / fan_in, the rest at lr; None: one lr for all"
-        },
+    steps: int = Field(2000, ge=0, description="optimizer steps")
+    batch_size: int = Field(256, ge=1, description="samples per step")
+    lr: float = Field(1e-2, gt=0, allow_inf_nan=False, description="Adam learning rate (cosine-decayed to 10%)")
+    base_width: int | None = Field(
+        50,
+        ge=1,
+        description="muP width scaling: weights whose fan-in is a hidden width (R, W2) learn at "
+        "lr * base_width / fan_in, the rest at lr; None: one lr for all",
     )
-    loss: Literal["balanced", "cells", "mse"] = field(
-        default="balanced", metadata={"help": "balanced: per-class mean; cells: per-input-cell mean; mse: plain"}
+    loss: Literal["balanced", "cells", "mse"] = Field(
+        "balanced", description="balanced: per-class mean; cells: per-input-cell mean; mse: plain"
     )
-    seed: int = field(default=0, metadata={"help": "seed of the training data stream"})
-    output_sample: int | None = field(
-        default=None,
-        metadata={
-            "help": "if set, estimate the loss from the outputs with an active input plus this many "
-            "random other outputs (unbiased per row; for large m)"
-        },
+    seed: int = Field(0, description="seed of the training data stream")
+    output_sample: int | None = Field(
+        None,
+        ge=1,
+        description="if set, estimate the loss from the outputs with an active input plus this many "
+        "random other outputs (unbiased per row; for large m)",
     )
-
-    def __post_init__(self) -> None:
-        if self.output_sample is not None and self.output_sample < 1:
-            raise ConfigError(f"output_sample={self.output_sample}: sample at least 1 output column (or None)")
-        if self.steps < 0:
-            raise ConfigError(f"steps={self.steps}: must be >= 0")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}: must be >= 1")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr}: the learning rate must be > 0")
-        if self.base_width is not None and self.base_width < 1:
-            raise ConfigError(f"base_width={self.base_width}: must be >= 1 (or None for one lr for all parameters)")
-        if self.loss not in ("balanced", "cells", "mse"):
-            raise ConfigError(f"loss={self.loss!r}: choose 'balanced', 'cells' or 'mse'")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def param_groups(model: UANDModel, config: TrainConfig) -> list[dict]:

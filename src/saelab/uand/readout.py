@@ -13,17 +13,22 @@ XOR experiment uses.
 Plain least squares weights samples by their natural frequency and so shrinks the rare
 positives towards 0 (useless once thresholded); the default "cells" weighting counts the four
 input cells of each pair equally instead (see `solve_readout`).
+
+`linear_floor` is the trivial baseline every U-AND result stands beside: the best read-out of
+the raw input x itself, with no hidden layer, solved in closed form.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from saelab.errors import ConfigError
-from saelab.uand.data import UANDTask, active_pairs, parse_truth_table, table_coefficients
+from saelab.uand.data import UANDTask, active_pairs, apply_table, parse_truth_table, table_coefficients
+from saelab.uand.metrics import MetricAccumulator, Metrics
 
 
 @dataclass
@@ -166,3 +171,134 @@ def fit_readout(
     """Collect statistics and solve, in one call."""
     stats = collect_stats(hidden, task, n_samples, torch.Generator().manual_seed(seed))
     return solve_readout(stats, task, weighting=weighting, ridge=ridge)
+
+
+@dataclass
+class LinearFloor:
+    """The best linear read-out of the raw input x (no hidden layer) for one loss, solved exactly.
+
+    With exactly s inputs on, AND of a pair is a linear threshold of x (x_i + x_j >= 2), so this
+    read-out can be right on every output once thresholded; a hidden layer is only doing
+    computation where it beats this. `coef` multiplies (1, x_i, x_j[, x_k][, T]): x_k is a
+    circuit's third input, T the number of other inputs on (absent for sparsity "exact", where
+    T = s - x_i - x_j and the offset absorbs it). `objective` is the exact loss; `metrics` are
+    exact over all C(m, s) inputs for sparsity "exact" (None for the Bernoulli modes).
+    """
+
+    loss: str
+    coef: torch.Tensor
+    objective: float
+    metrics: Metrics | None
+    task: UANDTask
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predictions [n, P] for clean boolean inputs x [n, m] (what the floor reads)."""
+        x = x.double()
+        cols = _named_columns(self.task)
+        coef = self.coef
+        out = coef[0] + sum(coef[1 + k] * x[:, col] for k, col in enumerate(cols))
+        if len(coef) > 1 + len(cols):  # the count of the other inputs
+            named = sum(x[:, col] for col in cols)
+            out = out + coef[-1] * (x.sum(1, keepdim=True) - named)
+        return out.float()
+
+
+def _named_columns(task: UANDTask) -> list[torch.Tensor]:
+    i, j = task.pairs
+    return [i, j] if task.third is None else [i, j, task.third]
+
+
+def _atoms(task: UANDTask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The distinct (named inputs, T) patterns of one pair: features [A, r + 1 or r + 2], probability [A],
+    and, for sparsity "exact", how many of the C(m, s) inputs show each pattern (else None).
+
+    Every input distribution here is exchangeable, so a pair's outputs depend on the other
+    m - r inputs only through their count T, whose law is exact: hypergeometric (exact),
+    binomial (bernoulli), or binomial capped at s with a uniform active set (at_most).
+    """
+    cfg = task.config
+    m, s = cfg.m, cfg.s
+    r = 2 if task.third is None else 3
+    rest = m - r
+    patterns = torch.tensor([[(b >> (r - 1 - k)) & 1 for k in range(r)] for b in range(2**r)], dtype=torch.float64)
+    rows, mass, count = [], [], []
+    p = s / m
+
+    def log_binom(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+    def log_bernoulli(n: int, k: int) -> float:  # log P(Binomial(n, p) = k)
+        if p >= 1.0:
+            return 0.0 if k == n else -math.inf
+        return log_binom(n, k) + k * math.log(p) + (n - k) * math.log1p(-p)
+
+    if cfg.sparsity == "at_most":
+        below = [math.exp(log_bernoulli(m, k)) for k in range(s)]
+        p_count = [*below, max(0.0, 1.0 - sum(below))]  # P(K = k), K = min(Binomial(m, p), s)
+    for pattern in patterns:
+        a = int(pattern.sum())
+        if cfg.sparsity == "exact":
+            if 0 <= s - a <= rest:
+                n_inputs = math.comb(rest, s - a)
+                rows.append(pattern.tolist())
+                mass.append(n_inputs / math.comb(m, s))
+                count.append(n_inputs)
+            continue
+        for t in range(rest + 1):
+            if cfg.sparsity == "bernoulli":
+                prob = math.exp(log_bernoulli(r, a) - log_binom(r, a) + log_bernoulli(rest, t))
+            elif a + t <= s:
+                k = a + t
+                prob = p_count[k] * math.exp(log_binom(rest, t) - log_binom(m, k))
+            else:
+                prob = 0.0
+            if prob > 0:
+                rows.append([*pattern.tolist(), float(t)])
+                mass.append(prob)
+    feats = torch.cat([torch.ones(len(rows), 1, dtype=torch.float64), torch.tensor(rows, dtype=torch.float64)], 1)
+    return feats, torch.tensor(mass, dtype=torch.float64), torch.tensor(count) if count else None
+
+
+def linear_floor(task: UANDTask, loss: str = "balanced") -> LinearFloor:
+    """Closed-form best read-out pred = R x + c of every pair for `loss` ("balanced", "cells", "mse").
+
+    The loss is convex in each pair's (R_p, c_p) and unchanged by permuting the inputs outside
+    the pair (the input law is exchangeable and the target ignores them), so averaging any
+    optimum over those permutations gives an optimum with one weight for all of them: a
+    weighted least squares over the few patterns of `_atoms`, exact, for any m. The class or
+    cell weights are global constants of the task, so the pooled loss splits into the same
+    problem for every pair.
+    """
+    feats, mass, count = _atoms(task)
+    r = len(_named_columns(task))
+    x = feats[:, 1 : 1 + r]
+    y = apply_table(task.table.double(), x[:, 0], x[:, 1])
+    if task.circuit_table is not None:
+        y = apply_table(task.circuit_table.double(), y, x[:, 2])
+    cells = (2 * x[:, 0] + x[:, 1]).long()
+    if loss == "mse":
+        w = mass
+    elif loss == "balanced":
+        group = (y > 0.5).long()
+        w = _group_weights(mass, group)
+    elif loss == "cells":
+        w = _group_weights(mass, cells)
+    else:
+        raise ConfigError(f"loss={loss!r}: choose 'balanced', 'cells' or 'mse'")
+    root = w.sqrt()
+    coef = torch.linalg.lstsq(root[:, None] * feats, (root * y)[:, None], driver="gelsd").solution[:, 0]
+    pred = feats @ coef
+    objective = float((w * (pred - y).square()).sum())
+    metrics = None
+    if count is not None:
+        acc = MetricAccumulator()
+        acc.update(pred, y, cells, count * task.n_pairs)
+        metrics = acc.result()
+    return LinearFloor(loss=loss, coef=coef, objective=objective, metrics=metrics, task=task)
+
+
+def _group_weights(mass: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Each present group weighs equally: mass / (group mass * number of groups)."""
+    total = torch.zeros(int(group.max()) + 1, dtype=mass.dtype).index_add_(0, group, mass)
+    present = int((total > 0).sum())
+    return mass / (total[group] * present)
