@@ -197,11 +197,12 @@ def data_init(
     """The input scale, b_dec and scaled sample from the first batches (every rank's, combined),
     after which the source is rewound so training still sees those batches."""
     start = source.state_dict()
+    # drawn with autograd on, as training draws them: a source that builds itself lazily may need it
+    batches = [
+        next_checked_batch(source, d_in, cfg.device, f"norm-estimation batch {i}", site)
+        for i in range(cfg.norm_estimation_batches)
+    ]
     with torch.no_grad():
-        batches = [
-            next_checked_batch(source, d_in, cfg.device, f"norm-estimation batch {i}", site)
-            for i in range(cfg.norm_estimation_batches)
-        ]
         sample = torch.cat([dist.all_rows(b.x) for b in batches])
         if cfg.normalize_activations == "expected_norm":
             mean_norm = float(sample.norm(dim=1).mean())
