@@ -212,6 +212,13 @@ def save(
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except WriteError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(exc).split(" (", 1)[-1].split(")", 1)[0]
+        raise WriteError(
+            f"cannot write checkpoint {root / name} ({reason}); the previous checkpoints are kept: free disk "
+            "space, then run the same command again to resume"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
