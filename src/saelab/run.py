@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator
 
 from saelab.activations.factory import SourceConfig, held_out, parse_source
-from saelab.config import StrictModel
+from saelab.config import StrictModel, describe_validation_error
 from saelab.errors import ConfigError
 from saelab.train.trainer import TrainConfig, TrainResult
 
@@ -72,9 +72,16 @@ class RunConfig(StrictModel):
         values["source"] = parse_source(values.get("source"))
         if values.get("eval_source") is not None:
             values["eval_source"] = parse_source(values["eval_source"], "eval_source")
+        if "saes" in values:
+            for i, entry in enumerate(values["saes"]):
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`, got {entry!r:.40}")
         if values.get("out") is not None and not isinstance(values["out"], str):
             raise ConfigError(f"`out` must be a folder path, got {values['out']!r}")
-        return cls.model_validate(values, strict=False)
+        try:
+            return cls.model_validate(values, strict=False)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, cls)) from None
 
     @field_validator("source", "eval_source", mode="before")
     @classmethod
