@@ -212,9 +212,9 @@ def save(
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except WriteError as exc:
+    except OSError as exc:  # WriteError from a file, or the folder's own rename
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = str(exc).split(" (", 1)[-1].split(")", 1)[0]
+        reason = exc.strerror if exc.strerror else str(exc).split(" (", 1)[-1].split(")", 1)[0]
         raise WriteError(
             f"cannot write checkpoint {root / name} ({reason}); the previous checkpoints are kept: free disk "
             "space, then run the same command again to resume"
