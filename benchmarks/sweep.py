@@ -54,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     from saelab.models import ModelSource
-    from saelab.toys import ToySource, ToyWorld
+    from saelab.toys import ToySource, World
     from tests.models.tiny import make_texts, make_tokenizer
 
     train = {
@@ -68,7 +68,7 @@ def main() -> None:
     rows = []
 
     # (a) toy world: 256 true features in 64 dimensions; four TopK widths of k plus a ReLU
-    world = ToyWorld({"n_features": 256, "d": 64, "firing_prob": 0.02})
+    world = World({"n_features": 256, "d": 64, "firing_prob": 0.02})
     toy_saes = [{"architecture": "topk", "d_in": 64, "d_sae": 512, "k": k} for k in (3, 5, 8)]
     toy_saes.append({"architecture": "relu", "d_in": 64, "d_sae": 512})
     rows.append(compare("toy", toy_saes, lambda: ToySource(world, batch_size=1024), train, args.repeats))

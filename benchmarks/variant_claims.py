@@ -113,7 +113,7 @@ def job(spec: dict) -> dict:
     torch.set_num_threads(1)
     import saelab
     from saelab.activations.factory import build_source
-    from saelab.toys import ToySource, ToyWorld
+    from saelab.toys import ToySource, World
 
     claim, cfg, seed, steps = spec["claim"], spec["sae"], spec["seed"], spec["steps"]
     tc = {**TRAIN, "steps": steps, "seed": seed}
@@ -127,8 +127,8 @@ def job(spec: dict) -> dict:
         r = saelab.train(cfg, build_source({**spec_src, "seed": seed}), tc)
         rec = fvu_l0(r.sae, [next(build_source({**spec_src, "seed": seed + 7919})) for _ in range(4)])
     else:
-        r = saelab.train(cfg, ToySource(ToyWorld(WORLD), 1024, seed), tc)
-        held = ToySource(ToyWorld(WORLD), 1024, seed + 7919)
+        r = saelab.train(cfg, ToySource(World(WORLD), 1024, seed), tc)
+        held = ToySource(World(WORLD), 1024, seed + 7919)
         rec = fvu_l0(r.sae, [next(held) for _ in range(4)])
         if claim == "switch" and hasattr(r.sae, "flops_per_token"):
             rec["encoder_flops"] = r.sae.flops_per_token()["router"] + r.sae.flops_per_token()["encoder"]

@@ -7,9 +7,9 @@ import torch
 
 import saelab
 from saelab.evals import ground_truth_recovery, reconstruction_metrics
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 
-world = ToyWorld({"n_features": 256, "d": 64, "firing_prob": 0.02, "magnitude_std": 0.2})
+world = World({"n_features": 256, "d": 64, "firing_prob": 0.02, "magnitude_std": 0.2})
 print(f"true L0 = {world.expected_l0:.1f}, interference = {world.interference()}")
 
 result = saelab.train(

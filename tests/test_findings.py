@@ -15,20 +15,20 @@ import torch
 
 import saelab
 from saelab.evals.summary import evaluate
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 
 SEEDS = [0, 1, 2]
 
 
 def run(arch_cfg: dict, seed: int) -> dict:
-    world = ToyWorld({"n_features": 128, "d": 48, "firing_prob": 0.03, "magnitude_std": 0.2, "seed": seed})
+    world = World({"n_features": 128, "d": 48, "firing_prob": 0.03, "magnitude_std": 0.2, "seed": seed})
     result = saelab.train(
         {"d_in": 48, "d_sae": 128, "seed": seed, **arch_cfg},
         ToySource(world, 512, seed),
         {"steps": 800, "progress": False, "seed": seed},
     )
     held_out = [world.sample(1024, torch.Generator().manual_seed(10_000 + seed * 10 + i)) for i in range(4)]
-    return evaluate(result.sae, held_out, world.directions)
+    return evaluate(result.sae, held_out, world).as_dict()
 
 
 @pytest.fixture(scope="module")

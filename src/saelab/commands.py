@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from saelab.errors import ConfigError, SaelabWarning, TrainingInterrupted
-from saelab.io.atomic import save_figure, write_json, write_text
+from saelab.io.atomic import write_json, write_text
 from saelab.report import markdown_table, text_table
 from saelab.train.distributed import DEFAULT_TIMEOUT_S
 
@@ -122,54 +122,19 @@ def _yaml_loader():
     return UniqueKeyLoader
 
 
-FVU_FLOOR = 1e-3  # dense baselines (PCA with L0 = d_in) reach ~1e-14 and would flatten the plot
-
-
-def plot_frontier(records: list[dict], path: Path, title: str) -> None:
-    from saelab.plotting import new_figure, plt
-
-    fig, axes = new_figure(ncols=2, size=(6.0, 4.5))
-    by_arch: dict[str, list[dict]] = {}
-    for r in records:
-        by_arch.setdefault(r["architecture"], []).append(r)
-    colours = plt.get_cmap("tab20").colors  # distinct colours for up to 20 architectures
-    for i, (arch, rs) in enumerate(sorted(by_arch.items())):
-        rs = sorted(rs, key=lambda r: r["l0"])
-        style = dict(color=colours[i % len(colours)], marker="os^D"[i // len(colours) % 4], label=arch)
-        axes[0][0].plot([r["l0"] for r in rs], [max(r["fvu"], FVU_FLOOR) for r in rs], "-", **style)
-        if "recovered_fraction" in rs[0]:
-            axes[0][1].plot([r["l0"] for r in rs], [r["recovered_fraction"] for r in rs], "-", **style)
-    axes[0][0].set(
-        xlabel="L0 (active latents per token)",
-        ylabel=f"FVU (lower is better; shown >= {FVU_FLOOR:g})",
-        title=title,
-        xscale="log",
-        yscale="log",
-    )
-    axes[0][1].set(
-        xlabel="L0",
-        ylabel="true features recovered (cos >= 0.9)",
-        title="ground-truth recovery",
-        xscale="log",
-        ylim=(0, 1.02),
-    )
-    for ax in axes[0]:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-
-
 # ---------------------------------------------------------------------------- demo
+DEMO_MULTIPLIERS = (0.5, 1.0, 2.0)  # the full demo's sparsity sweep (saelab.sae.registry.sweep_setting)
+
+
 def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict]]:
     """The default world, training settings and one run per (architecture, sparsity setting)."""
-    from saelab.sae.registry import get_class, list_architectures
-    from saelab.toys.features import ToyWorldConfig, firing_probabilities
+    from saelab.sae.registry import get_class, list_architectures, sweep_setting
+    from saelab.toys.worlds import World
 
     world = {"n_features": 256, "d": 64, "firing_prob": 0.02, "magnitude_std": 0.2, "seed": seed}
     if quick:
         world.update(n_features=64, d=32, firing_prob=0.05)
-    true_l0 = float(firing_probabilities(ToyWorldConfig(**world)).sum())
+    true_l0 = World(world).expected_l0
     source = {"type": "toy", "world": world, "batch_size": 256 if quick else 1024, "seed": seed}
     train = {
         "steps": 60 if quick else steps,
@@ -180,21 +145,10 @@ def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict
     }
     runs = []
     for arch in list_architectures():
-        cls = get_class(arch)
         base = {"architecture": arch, "d_in": world["d"], "d_sae": world["n_features"], "seed": seed}
-        knob = cls.sweep_parameter
-        if knob == "k":
-            settings = [max(1, round(true_l0 * m)) for m in (0.5, 1.0, 2.0)]
-        elif knob is not None:
-            default = cls.Config.model_fields[knob].default
-            settings = [default * m for m in (0.5, 1.0, 2.0)]
-        else:
-            settings = [None]
-        if quick and len(settings) > 1:
-            settings = settings[1:2]
-        for i, value in enumerate(settings):
-            cfg = dict(base) if value is None else {**base, knob: value}
-            runs.append({"sae": cfg, "default": value is None or len(settings) == 1 or i == 1})
+        multipliers = (1.0,) if quick or get_class(arch).sweep_parameter is None else DEMO_MULTIPLIERS
+        for m in multipliers:
+            runs.append({"sae": {**base, **sweep_setting(arch, m, true_l0)}, "default": m == 1.0})
     return source, train, runs
 
 
@@ -211,6 +165,7 @@ def _demo_worker(job: tuple) -> dict:
 
 def run_demo(args: argparse.Namespace) -> int:
     from saelab.parallel import default_workers, run_jobs
+    from saelab.plotting import plot_frontier
     from saelab.sae.registry import get_class
 
     out = Path(args.out)
@@ -320,16 +275,21 @@ def one_line_warnings(command: str):
 
 def run_eval(args: argparse.Namespace) -> int:
     from saelab.activations.factory import held_out, parse_source
+    from saelab.errors import FileFormatError
     from saelab.evals.summary import evaluate
-    from saelab.io.saelens import load, read_config
+    from saelab.io.formats import load
+    from saelab.io.saelens import read_config
     from saelab.run import EvalConfig
 
-    sae = load(args.path)
+    sae = load(args.path)  # any known format
     if args.source:
         spec = read_config_file(args.source)
         source = parse_source(spec.get("source", spec))
     else:
-        spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
+        try:
+            spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
+        except FileFormatError:  # another library's folder: it cannot name a saelab source
+            spec = None
         if not isinstance(spec, dict):
             raise ConfigError(f"{args.path} does not record its source; pass --source CONFIG")
         source = held_out(spec)  # the training source reseeded: batches it never trained on
@@ -337,11 +297,10 @@ def run_eval(args: argparse.Namespace) -> int:
     source = source.build()
     if source.d_in != sae.cfg.d_in:
         raise ConfigError(f"the source has d_in={source.d_in} but the SAE has d_in={sae.cfg.d_in}")
-    world = getattr(source, "world", None)
     record = {
         "path": str(args.path),
         "architecture": sae.architecture,
-        **evaluate(sae, [next(source) for _ in range(n)], world.directions if world is not None else None),
+        **evaluate(sae, [next(source) for _ in range(n)], getattr(source, "world", None)).as_dict(),
     }
     if args.out:
         write_json(Path(args.out) / "results.json", record)

@@ -174,7 +174,7 @@ def evaluate_and_save(
     record = {
         "architecture": sae.architecture,
         **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),
-        **evaluate(sae, batches, world.directions if world is not None else None),
+        **evaluate(sae, batches, world).as_dict(),
         "train_seconds": seconds,
         "train_steps": result.steps,
         "train_tokens": result.tokens,

@@ -7,10 +7,10 @@ import torch
 
 import saelab
 from saelab.bench import WORLDS, BenchConfig, run_toy_bench
-from saelab.bench.toy import knob_value, plan, run_one
+from saelab.bench.toy import plan, run_one
 from saelab.cli import main
 from saelab.errors import ConfigError
-from saelab.sae.registry import get_class
+from saelab.sae.registry import get_class, sweep_setting
 
 REQUIRED = {"world", "architecture", "l0", "fvu", "recovered_fraction", "shrinkage", "splitting", "merging"}
 
@@ -25,7 +25,7 @@ def test_plan_covers_every_registered_architecture_and_sets_k_from_the_true_l0()
     relu = [j for j in jobs if j["sae"]["architecture"] == "relu"]
     default = get_class("relu").Config.model_fields["l1_coefficient"].default
     assert [j["sae"]["l1_coefficient"] for j in relu] == pytest.approx([default / m for m in (0.5, 1.0, 2.0)])
-    assert knob_value(get_class("topk"), 1.0, 0.2) == ("k", 1)  # never below 1
+    assert sweep_setting("topk", 1.0, 0.2) == {"k": 1}  # never below 1
 
 
 def test_a_failing_architecture_becomes_an_error_record():

@@ -70,7 +70,7 @@ def test_l0_and_density_count_active_latents():
     assert dens.dead_fraction == pytest.approx(0.2)
     assert dens.dense_fraction == pytest.approx(0.8)  # each feature fires ~20% of the time
     assert sum(dens.histogram_counts) == 8
-    record = evaluate(sae, data, dense_threshold=0.15)  # one encoding pass for both
+    record = evaluate(sae, data, dense_threshold=0.15).as_dict()  # one encoding pass for both
     assert (record["dead_fraction"], record["dense_fraction"]) == (dens.dead_fraction, dens.dense_fraction)
     assert record["density_histogram"]["counts"] == dens.histogram_counts
 

@@ -8,6 +8,7 @@ import torch
 import saelab
 from saelab.activations.base import Batch
 from saelab.errors import ConfigError
+from saelab.evals import ground_truth_recovery, reconstruction_metrics
 from saelab.evals import pathology as P
 from saelab.toys.worlds import make_world
 
@@ -39,8 +40,8 @@ PARENT_CHILD = {
 def test_the_true_dictionary_is_perfect_on_every_metric():
     world, data = world_and_data(PARENT_CHILD)
     sae = hand_sae(world.directions)
-    rec = P.matched_recovery(sae, world.directions, data)
-    assert rec.recovered_fraction == 1.0 and rec.mcc == pytest.approx(1.0, abs=1e-5)
+    rec = ground_truth_recovery(sae, world.directions)
+    assert rec.recovered_fraction == 1.0 and P.mean_correlation(sae, data).mcc == pytest.approx(1.0, abs=1e-5)
     assert rec.matched_latents == [0, 1, 2]
     ab = P.absorption(sae, data, world.directions, world.parent_child_pairs())
     assert (
@@ -51,8 +52,9 @@ def test_the_true_dictionary_is_perfect_on_every_metric():
     assert P.hedging(sae, world.directions, world.parent_child_pairs()).hedging == pytest.approx(0, abs=1e-6)
     assert P.splitting(sae, world.directions, data).split_fraction == 0.0
     assert P.merging(sae, data, world.directions).merged_feature_fraction == 0.0
-    shr = P.shrinkage(sae, data, world.directions)
-    assert shr.gamma == pytest.approx(1.0, abs=1e-5) and shr.feature_magnitude_ratio == pytest.approx(1.0, abs=1e-5)
+    gamma = reconstruction_metrics(sae, data).shrinkage
+    ratio = P.feature_shrinkage(sae, data, world.directions).feature_magnitude_ratio
+    assert gamma == pytest.approx(1.0, abs=1e-5) and ratio == pytest.approx(1.0, abs=1e-5)
 
 
 def test_an_absorbing_child_latent_is_detected():
@@ -98,9 +100,10 @@ def test_merging_ignores_overlap_the_true_directions_already_have():
 
 def test_shrinkage_of_a_scaled_decoder():
     world, data = world_and_data({"kind": "independent", "n_features": 6, "d": 8, "firing_prob": 0.3})
-    shr = P.shrinkage(hand_sae(0.5 * world.directions, enc=world.directions.t()), data, world.directions)
-    assert shr.gamma == pytest.approx(0.5, abs=1e-5) and shr.norm_ratio == pytest.approx(0.5, abs=1e-5)
-    assert shr.feature_magnitude_ratio == pytest.approx(0.5, abs=1e-5)
+    sae = hand_sae(0.5 * world.directions, enc=world.directions.t())
+    rec = reconstruction_metrics(sae, data)
+    assert rec.shrinkage == pytest.approx(0.5, abs=1e-5) and rec.norm_ratio == pytest.approx(0.5, abs=1e-5)
+    assert P.feature_shrinkage(sae, data, world.directions).feature_magnitude_ratio == pytest.approx(0.5, abs=1e-5)
 
 
 def test_nth_decoder_projection_is_the_nth_largest_projection_per_token():
@@ -125,7 +128,7 @@ def test_bad_inputs_name_the_problem():
     world, data = world_and_data(PARENT_CHILD)
     sae = hand_sae(world.directions)
     with pytest.raises(ConfigError, match="d_in=8"):
-        P.matched_recovery(sae, torch.randn(3, 5))
+        ground_truth_recovery(sae, torch.randn(3, 5))
     with pytest.raises(ConfigError, match="true `features`"):
         P.collect(sae, [Batch(x=data[0].x)])
     with pytest.raises(ConfigError, match="no hierarchy"):

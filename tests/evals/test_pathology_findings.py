@@ -18,6 +18,7 @@ import torch
 
 import saelab
 from saelab.bench.toy import world_spec
+from saelab.evals import ground_truth_recovery
 from saelab.evals import pathology as P
 from saelab.toys.absorption import absorption_toy
 from saelab.toys.features import ToySource
@@ -56,7 +57,7 @@ def _correlated_run(k: int, seed: int) -> dict:
     return {
         "merging": P.merging(result.sae, c, world.directions).merged_feature_fraction,
         "nth": P.nth_decoder_projection(result.sae, held_out).value,
-        "recovered": P.matched_recovery(result.sae, world.directions).recovered_fraction,
+        "recovered": ground_truth_recovery(result.sae, world.directions).recovered_fraction,
         "true_l0": world.expected_l0,
     }
 

@@ -5,13 +5,13 @@ import torch
 
 import saelab
 from saelab.activations.base import Batch
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 
 WORLD = {"n_features": 16, "d": 12, "firing_prob": 0.15, "magnitude_std": 0.2}
 
 
 def sample(n=2000):
-    return next(ToySource(ToyWorld(WORLD), batch_size=n, seed=1)).x
+    return next(ToySource(World(WORLD), batch_size=n, seed=1)).x
 
 
 @pytest.mark.parametrize("arch", ["pca", "ica"])
@@ -64,12 +64,12 @@ def test_matching_pursuit_explains_away_and_recovers_an_exact_sparse_code():
 
 
 def test_fitted_baselines_fit_beside_the_loop_through_saelab_train():
-    src = ToySource(ToyWorld(WORLD), batch_size=128, seed=0)
+    src = ToySource(World(WORLD), batch_size=128, seed=0)
     r = saelab.train(
         {"architecture": "pca", "d_in": 12, "d_sae": 12},
         src,
         {"steps": 20, "progress": False, "log_every": 10, "norm_estimation_batches": 4},
     )
     assert r.steps == 0 and r.tokens == 4 * 128 and r.history[-1]["fvu"] < 1e-3
-    x = next(ToySource(ToyWorld(WORLD), batch_size=512, seed=3)).x  # ready: raw activations in
+    x = next(ToySource(World(WORLD), batch_size=512, seed=3)).x  # ready: raw activations in
     assert float((r.sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 1e-3

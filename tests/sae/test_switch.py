@@ -33,13 +33,16 @@ def test_each_token_uses_only_its_argmax_expert_and_is_scaled_by_its_probability
         torch.testing.assert_close(f[i, e * 8 : (e + 1) * 8], expected)
 
 
-def test_load_balance_is_alpha_when_balanced_and_router_gets_gradient():
-    sae = make(load_balance_coefficient=1.0)
+def test_balance_and_z_losses_are_on_the_reconstruction_scale_and_router_gets_gradient():
+    sae = make(load_balance_coefficient=1.0, router_z_coefficient=0.5)
     x = torch.randn(512, 12)
     out = sae.loss_terms(x, StepContext())
     probs = sae.router_probs(x)
     frac = torch.bincount(probs.argmax(-1), minlength=4).float() / 512
-    torch.testing.assert_close(out.losses["load_balance"], 4 * (frac * probs.mean(0)).sum())
+    # x d_in: the MSE is summed over d_in on inputs with E||x||^2 ~ d_in
+    torch.testing.assert_close(out.losses["load_balance"], 12 * 4 * (frac * probs.mean(0)).sum())
+    z = torch.logsumexp(sae.router_logits(x), -1).pow(2).mean()
+    torch.testing.assert_close(out.losses["router_z"], 12 * 0.5 * z)
     out.losses["mse"].backward()
     assert sae.W_router.grad.abs().sum() > 0
 
@@ -59,3 +62,30 @@ def test_expert_count_must_divide_the_width():
         make(n_experts=5)
     with pytest.raises(ConfigError, match="expert width"):
         make(k=9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_routing_stays_balanced_and_follows_clusters(seed):
+    """Four clusters (a large shared offset each, plus sparse features): the default balance and
+    z-loss keep every expert in use (busiest at most 2/N of tokens, where a collapsed router sends
+    all of them to one) and each cluster goes mostly to one expert."""
+    gen = torch.Generator().manual_seed(seed)
+    d, n_feat = 16, 32
+    centres = 3.0 * torch.nn.functional.normalize(torch.randn(4, d, generator=gen), dim=1)
+    dirs = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=gen), dim=1)
+
+    def batch(n=256):
+        c = torch.randint(4, (n,), generator=gen)
+        f = (torch.rand(n, n_feat, generator=gen) < 0.08).float()
+        return c, centres[c] + f @ dirs
+
+    data = [batch()[1] for _ in range(600)]
+    cfg = {"architecture": "switch", "d_in": d, "d_sae": 64, "k": 3, "n_experts": 4, "seed": seed}
+    result = saelab.train(cfg, data, {"steps": 600, "progress": False, "seed": seed})
+    c, x = batch(4096)
+    util = result.sae.expert_utilisation(x)
+    assert float(util.max()) <= 2 / 4, util
+    expert = result.sae.router_probs(x).argmax(-1)
+    purity = sum(float(torch.bincount(expert[c == i], minlength=4).max()) for i in range(4)) / len(c)
+    assert purity > 0.6, purity  # a router blind to the clusters, balanced, gets about 0.25-0.4

@@ -7,7 +7,8 @@ import torch
 
 from saelab.activations.factory import build_source
 from saelab.errors import ConfigError
-from saelab.toys.tms import TMSConfig, phase_diagram, tms_geometry, train_tms
+from saelab.toys.features import LinearWorld
+from saelab.toys.tms import TMSConfig, TMSWorld, phase_diagram, tms_geometry, train_tms
 
 
 def test_geometry_of_known_configurations():
@@ -61,3 +62,18 @@ def test_tms_source_and_bad_config():
         TMSConfig.parse({"feature_probs": [0.5, 1.5]})
     with pytest.raises(ConfigError, match="unknown key"):
         build_source({"type": "tms", "tms": {"n_feature": 3}})
+
+
+def test_a_tms_world_is_a_linear_world_with_the_stated_sparsity():
+    torch.set_num_threads(1)
+    world = TMSWorld({"n_features": 8, "d_hidden": 3, "feature_prob": 0.2, "steps": 50})
+    assert isinstance(world, LinearWorld)
+    assert world.d_in == 3 and world.n_features == 8 and world.expected_l0 == pytest.approx(8 * 0.2)
+    assert world.parent_child_pairs() == []
+    n = 40_000
+    batch = world.sample(n, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch.x, batch.features @ world.directions)
+    freq = (batch.features > 0).float().mean(0)
+    assert ((freq - 0.2).abs() <= 5 * (0.2 * 0.8 / n) ** 0.5).all()  # 5 sigma per feature
+    active = batch.features[batch.features > 0]
+    assert float(active.max()) <= 1.0 and active.mean().item() == pytest.approx(0.5, abs=0.01)  # U[0, 1]

@@ -5,7 +5,7 @@ import torch
 
 from saelab.activations.factory import build_source
 from saelab.errors import ConfigError
-from saelab.toys.worlds import World, make_world
+from saelab.toys.worlds import IndependentSpec, World, firing_probabilities, make_world
 
 N_SAMPLES = 40_000
 
@@ -170,3 +170,51 @@ def test_world_source_streams_for_training_and_rejects_unknown_keys():
     assert torch.equal(next(src).x, nxt.x)
     with pytest.raises(ConfigError, match="valid keys"):
         build_source({"type": "world", "worlds": {}})
+
+
+# ---------------------------------------------------------------------------- the independent kind
+def test_firing_frequencies_match_the_probabilities_within_sampling_error():
+    world = World({"n_features": 64, "d": 32, "firing": "zipf", "firing_prob": 0.05, "zipf_exponent": 1.0})
+    n = 40_000
+    feats = world.sample_features(n, torch.Generator().manual_seed(0))
+    freq = (feats > 0).float().mean(0)
+    p = world.probs
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-4).all()  # 5 sigma per feature: a false alarm is ~1e-5
+    assert p.mean().item() == pytest.approx(0.05, rel=1e-4)
+    assert (p[:-1] >= p[1:]).all()  # Zipf: decreasing
+
+
+def test_zipf_probabilities_are_clipped_at_one_keeping_the_mean():
+    p = firing_probabilities(IndependentSpec(n_features=10, d=4, firing="zipf", firing_prob=0.5, zipf_exponent=3.0))
+    assert p.max() <= 1.0 and p.mean().item() == pytest.approx(0.5, rel=1e-3)
+
+
+def test_magnitudes_have_the_chosen_mean_and_std_and_are_non_negative():
+    world = World({"n_features": 16, "d": 16, "firing_prob": 0.5, "magnitude_mean": 2.0, "magnitude_std": 0.3})
+    feats = world.sample_features(20_000, torch.Generator().manual_seed(1))
+    active = feats[feats > 0]
+    assert (feats >= 0).all()
+    assert active.mean().item() == pytest.approx(2.0, abs=0.01)
+    assert active.std().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_activations_are_the_features_times_directions():
+    world = World({"n_features": 20, "d": 8})
+    batch = world.sample(100, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(batch.x, batch.features @ world.directions)
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"firing_prob": 0}, "firing_prob"),
+        ({"n_features": -3}, "n_features"),
+        ({"magnitude_mean": -1.0}, "magnitude_mean"),
+        ({"dim": 3}, "dim"),
+        ({"target_cos_sim": 1.5}, "target_cos_sim"),
+    ],
+)
+def test_bad_independent_world_settings_name_the_field(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        World(bad)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import saelab
 from saelab.activations.base import Batch, IteratorSource
 from saelab.errors import ConfigError
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 from saelab.train import Trainer
 from saelab.train.distributed import RowShard
 from saelab.train.trainer import Member
@@ -47,8 +47,8 @@ def sae_config(arch: str) -> dict:
 
 
 @functools.cache
-def toy_world() -> ToyWorld:
-    return ToyWorld(WORLD)
+def toy_world() -> World:
+    return World(WORLD)
 
 
 def toy_source() -> ToySource:

@@ -9,7 +9,7 @@ import yaml
 import saelab
 from saelab.cli import main
 from saelab.errors import ConfigError
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 from saelab.train import Trainer, train_many
 from saelab.train import checkpoint as ckpt
 from saelab.train.trainer import Member
@@ -111,7 +111,7 @@ def test_train_command_trains_an_saes_list_as_one_sweep(tmp_path):
     assert records[0]["l0"] <= 3 + 1e-6 < records[1]["l0"] <= 6 + 1e-6
     assert {r["train_steps"] for r in records} == {40}
     alone = saelab.train(
-        {"architecture": "relu", "d_in": 16, "d_sae": 32}, ToySource(ToyWorld(WORLD), 64), {**FAST, "lr": 3e-3}
+        {"architecture": "relu", "d_in": 16, "d_sae": 32}, ToySource(World(WORLD), 64), {**FAST, "lr": 3e-3}
     )
     assert_same_weights(alone.sae, saelab.load(records[2]["path"]), "02_relu")
 

@@ -8,7 +8,7 @@ import torch
 
 import saelab
 from saelab.errors import ConfigError, NonFiniteError
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 from saelab.train import TrainConfig, Trainer
 from saelab.train.trainer import geometric_median, lr_factor, sparsity_factor
 from tests.conftest import TRAINED, small_config
@@ -26,14 +26,14 @@ FAST = {
 
 
 def toy_source(seed=0):
-    return ToySource(ToyWorld(WORLD), batch_size=64, seed=seed)
+    return ToySource(World(WORLD), batch_size=64, seed=seed)
 
 
 class KilledSource(ToySource):
     """A source that dies after `kill_at` batches, as a process killed mid-run would."""
 
     def __init__(self, kill_at: int, **kw):
-        super().__init__(ToyWorld(WORLD), batch_size=64, **kw)
+        super().__init__(World(WORLD), batch_size=64, **kw)
         self.kill_at = kill_at
 
     def __next__(self):
@@ -71,7 +71,7 @@ def test_nan_activations_stop_training_with_step_named_and_checkpoint_kept(tmp_p
             return b
 
     sae = saelab.create(small_config("topk", d_in=16, d_sae=48))
-    trainer = Trainer(sae, Poisoned(ToyWorld(WORLD), 64), {**FAST, "checkpoint_every": 10}, tmp_path)
+    trainer = Trainer(sae, Poisoned(World(WORLD), 64), {**FAST, "checkpoint_every": 10}, tmp_path)
     with pytest.raises(NonFiniteError, match=r"step 24: batch 25 contains NaN"):
         trainer.fit()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000000020"

@@ -215,6 +215,7 @@ class DictionaryLearningBaseline(FittedSAE):
     architecture = "dictionary_learning"
     Config = DictionaryLearningConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: DictionaryLearningConfig):
         super().__init__(cfg)

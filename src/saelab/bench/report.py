@@ -9,6 +9,7 @@ from typing import Any
 
 from saelab.io.atomic import save_figure, write_json, write_text
 from saelab.report import _fmt, markdown_table
+from saelab.sae.registry import get_class
 
 LEADERBOARD = [
     "architecture",
@@ -83,31 +84,12 @@ def _html_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def plot_world(records: list[dict], world: str, path: Path) -> None:
-    """FVU vs L0 and recovery vs L0 for every architecture on one world (true L0 marked)."""
-    from saelab.plotting import new_figure
+    """The frontier plot of one world (true L0 marked)."""
+    from saelab.plotting import plot_frontier
 
     rs = [r for r in records if r["world"] == world and "error" not in r]
-    if not rs:
-        return
-    import matplotlib
-
-    fig, axes = new_figure(ncols=2, size=(5.0, 4.0))
-    colours = matplotlib.colormaps["tab20"]
-    for i, arch in enumerate(sorted({r["architecture"] for r in rs})):
-        pts = sorted((r for r in rs if r["architecture"] == arch), key=lambda r: r["l0"])
-        style = {"color": colours(i % 20), "marker": "osD^v<>"[i % 7], "label": arch}
-        axes[0][0].plot([r["l0"] for r in pts], [max(r["fvu"], 1e-6) for r in pts], "-", **style)
-        axes[0][1].plot([r["l0"] for r in pts], [r["recovered_fraction"] for r in pts], "-", **style)
-    for ax in axes[0]:
-        ax.axvline(rs[0]["true_l0"], ls="--", c="grey", lw=1, label="true L0")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set(xlabel="L0", ylabel="FVU", yscale="log", title=f"{world}: sparsity / fidelity")
-    axes[0][1].set(
-        xlabel="L0", ylabel="true features recovered (cos >= 0.9)", ylim=(0, 1.02), title=f"{world}: recovery"
-    )
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    if rs:
+        plot_frontier(rs, path, f"{world}: sparsity / fidelity", true_l0=rs[0]["true_l0"])
 
 
 def plot_pathologies(rows: list[dict], path: Path) -> None:
@@ -187,11 +169,11 @@ def write_report(result, cfg, out: Path) -> None:
             _columns(rows, PATHOLOGY),
         )
     )
-    l0_rows = [r for r in records if "error" not in r and isinstance(r.get("setting"), int)]
+    l0_rows = [r for r in records if "error" not in r and get_class(r["architecture"]).sweep_kind == "count"]
     sections.append(
         (
             "Choosing L0",
-            "k-like architectures across the sweep: the nth decoder projection "
+            "Architectures whose sweep sets the active-latent count (k), across the sweep: the nth decoder projection "
             "(n = d_sae / 8) should fall towards the true L0 and flatten after it.",
             l0_rows,
             _columns(l0_rows, L0_CHOICE),

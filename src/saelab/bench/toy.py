@@ -3,10 +3,9 @@
 Because the true features are known, each run reports not only L0 and FVU but recovery (Hungarian
 match, MCC), shrinkage, absorption and hedging (hierarchy), splitting, merging, the nth-decoder-
 projection L0 signal, and for the elephant world whether entities or attributes were learned.
-Architectures come from the registry and are swept along their own `sweep_parameter`; a k-like
-knob (an integer count) is set relative to the world's true L0, a coefficient is divided by the
-multiplier, so multiplier > 1 always means "more latents active". Runs are independent processes
-with one torch thread each.
+Architectures come from the registry and are swept along their own `sweep_parameter` by
+`saelab.sae.registry.sweep_setting`, so multiplier > 1 always means "more latents active". Runs
+are independent processes with one torch thread each.
 """
 
 from __future__ import annotations
@@ -105,8 +104,6 @@ WORLDS: dict[str, tuple[dict, dict]] = {
     ),
 }
 
-K_LIKE = {"k", "top_k", "target_l0", "l0_target"}
-
 
 class BenchConfig(BaseModel):
     """What `saelab bench toy` runs. Defaults are the full benchmark; `quick()` is the CI size."""
@@ -166,25 +163,8 @@ def world_spec(name: str, quick: bool, seed: int) -> dict:
     return {**WORLDS[name][1 if quick else 0], "seed": seed}
 
 
-def knob_value(cls, multiplier: float, true_l0: float) -> tuple[str | None, Any]:
-    """The sweep setting for one architecture: k-like knobs relative to the true L0."""
-    knob = cls.sweep_parameter
-    if knob is None:
-        return None, None
-    info = cls.Config.model_fields.get(knob)
-    integer = knob in K_LIKE or (
-        info is not None and info.annotation in (int,) or "Int" in str(getattr(info, "annotation", ""))
-    )
-    if integer:
-        return knob, max(1, round(true_l0 * multiplier))
-    default = info.default if info is not None else None
-    if not isinstance(default, (int, float)) or default is None:
-        return None, None
-    return knob, float(default) / multiplier
-
-
 def plan(cfg: BenchConfig) -> list[dict]:
-    from saelab.sae.registry import get_class, list_architectures
+    from saelab.sae.registry import get_class, list_architectures, sweep_setting
     from saelab.toys.worlds import World
 
     archs = cfg.architectures or list_architectures()
@@ -196,12 +176,15 @@ def plan(cfg: BenchConfig) -> list[dict]:
             spec = world_spec(wname, cfg.quick, seed)
             world = World(spec)
             for arch in archs:
-                cls = get_class(arch)
-                for m in cfg.multipliers if cls.sweep_parameter else [1.0]:
-                    knob, value = knob_value(cls, m, world.expected_l0)
-                    sae = {"architecture": arch, "d_in": world.d_in, "d_sae": world.n_features, "seed": seed}
-                    if knob is not None:
-                        sae[knob] = value
+                knob = get_class(arch).sweep_parameter
+                for m in cfg.multipliers if knob else [1.0]:
+                    sae = {
+                        "architecture": arch,
+                        "d_in": world.d_in,
+                        "d_sae": world.n_features,
+                        "seed": seed,
+                        **sweep_setting(arch, m, world.expected_l0),
+                    }
                     jobs.append(
                         {
                             "world": wname,
@@ -226,48 +209,10 @@ def plan(cfg: BenchConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- one run
-def pathology_record(sae, world, held_out: list) -> dict[str, Any]:
-    """Every ground-truth metric that applies to `world`, as a flat dict."""
-    from saelab.evals import pathology as P
-    from saelab.evals.core import ground_truth_recovery
-
-    c = P.collect(sae, held_out)
-    rec = P.matched_recovery(sae, world.directions, c)
-    shr = P.shrinkage(sae, c, world.directions)
-    out: dict[str, Any] = {
-        "recovered_fraction": rec.recovered_fraction,
-        "mean_matched_cosine": rec.mean_matched_cosine,
-        "mcc": rec.mcc,
-        "mmcs_decoder": ground_truth_recovery(sae, world.directions).mmcs_decoder,
-        "shrinkage": shr.gamma,
-        "feature_magnitude_ratio": shr.feature_magnitude_ratio,
-        "splitting": P.splitting(sae, world.directions, c).split_fraction,
-        "merging": P.merging(sae, c, world.directions).merged_feature_fraction,
-        "nth_decoder_projection": P.nth_decoder_projection(sae, held_out).value,
-    }
-    pairs = world.parent_child_pairs() if hasattr(world, "parent_child_pairs") else []
-    if pairs:
-        ab = P.absorption(sae, c, world.directions, pairs)
-        out.update(
-            absorption=ab.absorption_rate,
-            absorption_baseline=ab.parent_alone_miss_rate,
-            child_decoder_parent_cos=ab.child_decoder_parent_cos,
-            hedging=P.hedging(sae, world.directions, pairs).hedging,
-        )
-    if getattr(world, "bundles", None) is not None:
-        b = P.bundle_decomposition(sae, world)
-        out.update(
-            entity_recovered=b.entity_recovered,
-            attribute_recovered=b.attribute_recovered,
-            label_recovered=b.label_recovered,
-        )
-    return out
-
-
 def run_one(job: dict) -> dict:
     """Train and measure one (world, architecture, setting); errors become a record, not a crash."""
     torch.set_num_threads(1)
-    from saelab.evals.core import latent_density, reconstruction_metrics
+    from saelab.evals.summary import evaluate
     from saelab.sae.registry import create
     from saelab.toys.features import ToySource
     from saelab.toys.worlds import World
@@ -290,16 +235,7 @@ def run_one(job: dict) -> dict:
         seconds = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(1_000_033 + job["seed"])
         held_out = [world.sample(1024, gen) for _ in range(max(1, job["eval_tokens"] // 1024))]
-        rec = reconstruction_metrics(sae, held_out)
-        dens = latent_density(sae, held_out)
-        return {
-            **base,
-            "l0": rec.l0,
-            "fvu": rec.fvu,
-            "dead_fraction": dens.dead_fraction,
-            **pathology_record(sae, world, held_out),
-            "train_seconds": seconds,
-        }
+        return {**base, **evaluate(sae, held_out, world).as_dict(), "train_seconds": seconds}
     except Exception as exc:  # a variant that cannot train on toy data must not stop the benchmark
         return {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
 

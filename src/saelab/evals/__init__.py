@@ -1,4 +1,5 @@
-"""Metrics: plain functions of (SAE, batches[, ground truth]) returning dataclasses."""
+"""Metrics: plain functions of (SAE, batches[, ground truth]) returning dataclasses; `evaluate`
+runs them all in one pass."""
 
 from saelab.evals.core import (
     DensityMetrics,
@@ -8,11 +9,14 @@ from saelab.evals.core import (
     latent_density,
     reconstruction_metrics,
 )
+from saelab.evals.summary import EvalRecord, evaluate
 
 __all__ = [
     "DensityMetrics",
+    "EvalRecord",
     "ReconstructionMetrics",
     "RecoveryMetrics",
+    "evaluate",
     "ground_truth_recovery",
     "latent_density",
     "reconstruction_metrics",

@@ -1,12 +1,15 @@
 """Metrics as plain functions returning dataclasses; reports and the CLI only format them.
 
 Every function takes an SAE and an iterable of batches (or `Batch`es) and runs the SAE in eval
-mode without gradients, accumulating sums so any number of batches can be used.
+mode without gradients (`eval_mode`, `encoded`), accumulating sums so any number of batches can
+be used. Metrics against known directions share one `Matching` of latents to true features.
+`saelab.evals.summary.evaluate` runs all of them in one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,6 +24,29 @@ from saelab.sae.base import SAE
 def _batches(batches: Iterable) -> Iterable[Batch]:
     for b in batches:
         yield b if isinstance(b, Batch) else Batch(x=torch.as_tensor(b))
+
+
+@contextmanager
+def eval_mode(sae: SAE) -> Iterator[SAE]:
+    """The SAE in eval mode and without gradients for the block; its training flag comes back after."""
+    was_training = sae.training
+    sae.eval()
+    try:
+        with torch.no_grad():
+            yield sae
+    finally:
+        sae.train(was_training)
+
+
+def encoded(sae: SAE, batches: Iterable) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(batch, x, latents, reconstruction) for each batch, x as float32 on the SAE's device.
+
+    The one encoding loop of every metric; run it inside `eval_mode`.
+    """
+    for batch in _batches(batches):
+        x = batch.x.to(sae.W_enc.device, torch.float32)
+        f = sae.encode(x)
+        yield batch, x, f, sae.decode(f, tokens=batch.tokens)
 
 
 @dataclass
@@ -38,55 +64,63 @@ class ReconstructionMetrics:
         return asdict(self)
 
 
+class ReconstructionSums:
+    """Running sums behind `ReconstructionMetrics` and per-latent firing counts, batch by batch,
+    so any number of batches streams through without being kept."""
+
+    def __init__(self, d_sae: int):
+        self.n = 0
+        self.sums = dict(sq_err=0.0, cos=0.0, cos_n=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
+        self.x_sum: torch.Tensor | None = None
+        self.x_sq_sum: torch.Tensor | None = None
+        self.fired = torch.zeros(d_sae, dtype=torch.float64)  # tokens each latent fired on
+
+    def add(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
+        sums = self.sums
+        self.n += x.shape[0]
+        self.fired += (f != 0).sum(0).double().cpu()
+        sums["sq_err"] += float((x - x_hat).pow(2).sum())
+        nonzero = x.norm(dim=-1) > 0
+        sums["cos"] += float(torch.nn.functional.cosine_similarity(x[nonzero], x_hat[nonzero], dim=-1).sum())
+        sums["cos_n"] += float(nonzero.sum())
+        sums["xhat_sq"] += float(x_hat.pow(2).sum())
+        sums["xhat_dot_x"] += float((x_hat * x).sum())
+        sums["xhat_norm"] += float(x_hat.norm(dim=-1).sum())
+        sums["x_norm"] += float(x.norm(dim=-1).sum())
+        xs = x.double()
+        self.x_sum = xs.sum(0) if self.x_sum is None else self.x_sum + xs.sum(0)
+        self.x_sq_sum = xs.pow(2).sum(0) if self.x_sq_sum is None else self.x_sq_sum + xs.pow(2).sum(0)
+
+    def metrics(self) -> ReconstructionMetrics:
+        n, sums = self.n, self.sums
+        if n == 0:
+            raise ConfigError("no batches to evaluate on; give at least one batch")
+        total_var = float((self.x_sq_sum - self.x_sum.pow(2) / n).sum())
+        fvu = sums["sq_err"] / max(total_var, 1e-30)
+        return ReconstructionMetrics(
+            l0=float(self.fired.sum()) / n,
+            mse=sums["sq_err"] / n,
+            fvu=fvu,
+            explained_variance=1.0 - fvu,
+            cosine_similarity=sums["cos"] / max(sums["cos_n"], 1.0),
+            shrinkage=sums["xhat_sq"] / sums["xhat_dot_x"] if sums["xhat_dot_x"] != 0 else float("nan"),
+            norm_ratio=sums["xhat_norm"] / max(sums["x_norm"], 1e-30),
+            tokens=n,
+        )
+
+
 def reconstruction_metrics(sae: SAE, batches: Iterable) -> ReconstructionMetrics:
     return reconstruction_and_firing(sae, batches)[0]
 
 
-@torch.no_grad()
 def reconstruction_and_firing(sae: SAE, batches: Iterable) -> tuple[ReconstructionMetrics, torch.Tensor]:
     """Reconstruction metrics and, from the same encoding pass, how many tokens each latent
     fired on ([d_sae], for `density_from_counts`)."""
-    was_training = sae.training
-    sae.eval()
-    n = 0
-    sums = dict(sq_err=0.0, cos=0.0, cos_n=0.0, xhat_sq=0.0, xhat_dot_x=0.0, xhat_norm=0.0, x_norm=0.0)
-    x_sum = x_sq_sum = None
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    try:
-        for batch in _batches(batches):
-            x = batch.x.to(sae.W_enc.device, torch.float32)
-            f = sae.encode(x)
-            x_hat = sae.decode(f, tokens=batch.tokens)
-            n += x.shape[0]
-            fired += (f != 0).sum(0).double().cpu()
-            sums["sq_err"] += float((x - x_hat).pow(2).sum())
-            nonzero = x.norm(dim=-1) > 0
-            sums["cos"] += float(torch.nn.functional.cosine_similarity(x[nonzero], x_hat[nonzero], dim=-1).sum())
-            sums["cos_n"] += float(nonzero.sum())
-            sums["xhat_sq"] += float(x_hat.pow(2).sum())
-            sums["xhat_dot_x"] += float((x_hat * x).sum())
-            sums["xhat_norm"] += float(x_hat.norm(dim=-1).sum())
-            sums["x_norm"] += float(x.norm(dim=-1).sum())
-            xs = x.double()
-            x_sum = xs.sum(0) if x_sum is None else x_sum + xs.sum(0)
-            x_sq_sum = xs.pow(2).sum(0) if x_sq_sum is None else x_sq_sum + xs.pow(2).sum(0)
-    finally:
-        sae.train(was_training)
-    if n == 0:
-        raise ConfigError("no batches to evaluate on; give at least one batch")
-    total_var = float((x_sq_sum - x_sum.pow(2) / n).sum())
-    fvu = sums["sq_err"] / max(total_var, 1e-30)
-    metrics = ReconstructionMetrics(
-        l0=float(fired.sum()) / n,
-        mse=sums["sq_err"] / n,
-        fvu=fvu,
-        explained_variance=1.0 - fvu,
-        cosine_similarity=sums["cos"] / max(sums["cos_n"], 1.0),
-        shrinkage=sums["xhat_sq"] / sums["xhat_dot_x"] if sums["xhat_dot_x"] != 0 else float("nan"),
-        norm_ratio=sums["xhat_norm"] / max(sums["x_norm"], 1e-30),
-        tokens=n,
-    )
-    return metrics, fired
+    sums = ReconstructionSums(sae.cfg.d_sae)
+    with eval_mode(sae):
+        for _, x, f, x_hat in encoded(sae, batches):
+            sums.add(x, f, x_hat)
+    return sums.metrics(), sums.fired
 
 
 @dataclass
@@ -102,20 +136,9 @@ class DensityMetrics:
         return asdict(self)
 
 
-@torch.no_grad()
 def latent_density(sae: SAE, batches: Iterable, dense_threshold: float = 0.1, bins: int = 20) -> DensityMetrics:
-    was_training = sae.training
-    sae.eval()
-    counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    n = 0
-    try:
-        for batch in _batches(batches):
-            f = sae.encode(batch.x.to(sae.W_enc.device, torch.float32))
-            counts += (f != 0).sum(0).double().cpu()
-            n += f.shape[0]
-    finally:
-        sae.train(was_training)
-    return density_from_counts(counts, n, dense_threshold, bins)
+    metrics, fired = reconstruction_and_firing(sae, batches)
+    return density_from_counts(fired, metrics.tokens, dense_threshold, bins)
 
 
 def density_from_counts(counts: torch.Tensor, n: int, dense_threshold: float = 0.1, bins: int = 20) -> DensityMetrics:
@@ -137,25 +160,13 @@ def density_from_counts(counts: torch.Tensor, n: int, dense_threshold: float = 0
     )
 
 
-@dataclass
-class RecoveryMetrics:
-    mmcs_decoder: float  # mean over true features of the max cosine with any decoder row
-    mmcs_encoder: float  # the same with encoder directions (columns of W_enc)
-    recovered_fraction: float  # true features matched one-to-one to a latent with decoder cosine >= threshold
-    threshold: float
-    matched_cosines: list[float] = field(repr=False, default_factory=list)  # per true feature, its match's cosine
-    matched_latents: list[int] = field(repr=False, default_factory=list)  # per true feature, its latent (-1: none)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
+# ---------------------------------------------------------------------------- ground truth
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
     return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def match_latents(cos: torch.Tensor) -> torch.Tensor:
-    """One-to-one assignment (Hungarian, maximising cosine): the latent of each feature, -1 if none left.
+    """One-to-one assignment (Hungarian, maximising `cos`): the latent of each row, -1 if none left.
 
     One-to-one, so one latent cannot claim two features and duplicated latents do not inflate recovery.
     """
@@ -165,26 +176,61 @@ def match_latents(cos: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def ground_truth_recovery(sae: SAE, true_directions: torch.Tensor, threshold: float = 0.9) -> RecoveryMetrics:
-    """Compare the SAE's dictionary with known feature directions `[n_features, d_in]`."""
-    if true_directions.shape[1] != sae.cfg.d_in:
+@dataclass
+class Matching:
+    """True features matched one-to-one to latents by decoder cosine: computed once per SAE and
+    passed (in place of the directions) to every metric that needs it."""
+
+    directions: torch.Tensor  # [n_features, d_in] unit true directions
+    cosines: torch.Tensor  # [n_features, d_sae] cos(true direction, decoder row)
+    latents: torch.Tensor  # [n_features] the matched latent of each feature (-1: none)
+
+
+def match_features(sae: SAE, directions: torch.Tensor | Matching) -> Matching:
+    """Match the SAE's decoder rows to known directions `[n_features, d_in]` (a `Matching` passes through)."""
+    if isinstance(directions, Matching):
+        return directions
+    if directions.dim() != 2 or directions.shape[1] != sae.cfg.d_in:
         raise ConfigError(
-            f"true directions have dimension {true_directions.shape[1]} but the SAE has d_in={sae.cfg.d_in}"
+            f"true directions must be [n_features, d_in={sae.cfg.d_in}] (got {tuple(directions.shape)}); "
+            "pass world.directions of the world the SAE was trained on"
         )
-    truth = unit_rows(true_directions.float().cpu())
-    cos_dec = truth @ unit_rows(sae.W_dec.detach().float().cpu()).t()  # [n_features, d_sae]
-    cos_enc = truth @ unit_rows(sae.W_enc.detach().float().cpu().t()).t()
-    latents = match_latents(cos_dec)
-    have = latents >= 0
-    matched = torch.full((truth.shape[0],), float("nan"))
-    matched[have] = cos_dec[have, latents[have]]
-    recovered = (matched.nan_to_num(-1.0) >= threshold).float().mean()
+    u = unit_rows(directions.detach().float().cpu())
+    cos = u @ unit_rows(sae.W_dec.detach().float().cpu()).t()
+    return Matching(u, cos, match_latents(cos))
+
+
+@dataclass
+class RecoveryMetrics:
+    mmcs_decoder: float  # mean over true features of the max cosine with any decoder row
+    mmcs_encoder: float  # the same with encoder directions (columns of W_enc)
+    recovered_fraction: float  # true features matched one-to-one to a latent with decoder cosine >= threshold
+    mean_matched_cosine: float  # mean over true features of their match's cosine (-1 where none)
+    threshold: float
+    matched_cosines: list[float] = field(repr=False, default_factory=list)  # per true feature, its match's cosine
+    matched_latents: list[int] = field(repr=False, default_factory=list)  # per true feature, its latent (-1: none)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def ground_truth_recovery(
+    sae: SAE, true_directions: torch.Tensor | Matching, threshold: float = 0.9
+) -> RecoveryMetrics:
+    """Compare the SAE's dictionary with known feature directions `[n_features, d_in]` (or their `Matching`)."""
+    m = match_features(sae, true_directions)
+    cos_enc = m.directions @ unit_rows(sae.W_enc.detach().float().cpu().t()).t()
+    have = m.latents >= 0
+    matched = torch.full((m.directions.shape[0],), float("nan"))
+    matched[have] = m.cosines[have, m.latents[have]]
+    scored = matched.nan_to_num(-1.0)
     return RecoveryMetrics(
-        mmcs_decoder=float(cos_dec.max(1).values.mean()),
+        mmcs_decoder=float(m.cosines.max(1).values.mean()),
         mmcs_encoder=float(cos_enc.max(1).values.mean()),
-        recovered_fraction=float(recovered),
+        recovered_fraction=float((scored >= threshold).float().mean()),
+        mean_matched_cosine=float(scored.mean()),
         threshold=threshold,
         matched_cosines=matched.tolist(),
-        matched_latents=latents.tolist(),
+        matched_latents=m.latents.tolist(),
     )

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from saelab.errors import ConfigError
-from saelab.evals.core import _batches
+from saelab.evals.core import _batches, eval_mode
 from saelab.sae.base import SAE
 from saelab.sae.mdl import binary_entropy_bits
 
@@ -48,14 +48,11 @@ def quantise(f: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(active, q, torch.zeros_like(f))
 
 
-@torch.no_grad()
 def description_length(sae: SAE, batches: Iterable, max_fvu: float = 0.1, max_bits: int = 16) -> DescriptionLength:
     if not 0 < max_fvu < 1:
         raise ConfigError(f"max_fvu must be in (0, 1) (got {max_fvu}); it is the distortion bound as an FVU")
-    was = sae.training
-    sae.eval()
     xs, fs, toks = [], [], []
-    try:
+    with eval_mode(sae):
         for b in _batches(batches):
             x = b.x.to(sae.b_dec.device, torch.float32)
             xs.append(x)
@@ -81,8 +78,6 @@ def description_length(sae: SAE, batches: Iterable, max_fvu: float = 0.1, max_bi
                 if fvu_q <= max_fvu:
                     bits = b
                     break
-    finally:
-        sae.train(was)
     ok = bits is not None
     value = l0 * bits if ok else math.inf
     return DescriptionLength(position + value if ok else math.inf, position, value, bits, l0, fvu, fvu_q, max_fvu, ok)

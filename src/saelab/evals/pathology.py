@@ -1,8 +1,9 @@
 """SAE pathologies measured against a toy world's ground truth.
 
 Each metric is a plain function returning a dataclass. Latents are matched to true features
-one-to-one by the Hungarian algorithm on decoder cosines, so one latent cannot stand for two
-features. Where a metric asks whether a latent "carries" a feature on a token, it compares what
+one-to-one by the Hungarian algorithm on decoder cosines (`saelab.evals.core.match_features`), so
+one latent cannot stand for two features; pass that `Matching` in place of the directions to
+share it between metrics, and a `Collected` in place of batches to share one encoding pass. Where a metric asks whether a latent "carries" a feature on a token, it compares what
 the latent writes along the true direction, f * (d_latent . u), with the feature's true
 magnitude, so tiny leaky activations of L1 SAEs do not count as firing.
 """
@@ -17,25 +18,11 @@ import torch
 
 from saelab.activations.base import Batch
 from saelab.errors import ConfigError
-from saelab.evals.core import match_latents, unit_rows
+from saelab.evals.core import Matching, _batches, encoded, eval_mode, match_features, match_latents, unit_rows
 from saelab.sae.base import SAE
 
 
 # ---------------------------------------------------------------------------- shared pieces
-def _check_dirs(sae: SAE, directions: torch.Tensor) -> torch.Tensor:
-    if directions.dim() != 2 or directions.shape[1] != sae.cfg.d_in:
-        raise ConfigError(
-            f"true directions must be [n_features, d_in={sae.cfg.d_in}] (got {tuple(directions.shape)}); "
-            "pass world.directions of the world the SAE was trained on"
-        )
-    return unit_rows(directions.detach().float().cpu())
-
-
-def decoder_cosines(sae: SAE, directions: torch.Tensor) -> torch.Tensor:
-    """[n_features, d_sae] cosines between true directions and decoder rows."""
-    return _check_dirs(sae, directions) @ unit_rows(sae.W_dec.detach().float().cpu()).t()
-
-
 @dataclass
 class Collected:
     """Latent and true activations of a set of tokens, gathered once and shared by metrics."""
@@ -45,30 +32,31 @@ class Collected:
     features: torch.Tensor  # [T, n_features]
     x_hat: torch.Tensor  # [T, d_in]
 
+    @classmethod
+    def gather(cls, steps: Iterable[tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]]) -> Collected:
+        """From the (batch, x, latents, reconstruction) steps of `saelab.evals.core.encoded`."""
+        xs, fs, feats, xh = [], [], [], []
+        for b, x, f, x_hat in steps:
+            if b.features is None:
+                raise ConfigError("pathology metrics need Batches with true `features`; sample them from a toy world")
+            xs.append(x.cpu())
+            fs.append(f.cpu())
+            feats.append(b.features.float().cpu())
+            xh.append(x_hat.cpu())
+        if not xs:
+            raise ConfigError("no batches to evaluate on; give at least one batch")
+        return cls(torch.cat(xs), torch.cat(fs), torch.cat(feats), torch.cat(xh))
 
-@torch.no_grad()
+    @property
+    def alive(self) -> torch.Tensor:
+        """[d_sae] latents that fired on at least one of the tokens."""
+        return (self.latents != 0).any(0)
+
+
 def collect(sae: SAE, batches: Iterable) -> Collected:
     """Run the SAE (eval mode) over batches that carry true feature activations."""
-    was = sae.training
-    sae.eval()
-    xs, fs, feats, xh = [], [], [], []
-    try:
-        for b in batches:
-            if not isinstance(b, Batch) or b.features is None:
-                raise ConfigError("pathology metrics need Batches with true `features`; sample them from a toy world")
-            x = b.x.float().to(sae.W_enc.device)
-            f = sae.encode(x)
-            (
-                xs.append(x.cpu()),
-                fs.append(f.cpu()),
-                feats.append(b.features.float().cpu()),
-                xh.append(sae.decode(f, tokens=b.tokens).cpu()),
-            )
-    finally:
-        sae.train(was)
-    if not xs:
-        raise ConfigError("no batches to evaluate on; give at least one batch")
-    return Collected(torch.cat(xs), torch.cat(fs), torch.cat(feats), torch.cat(xh))
+    with eval_mode(sae):
+        return Collected.gather(encoded(sae, batches))
 
 
 def _data(sae: SAE, data: Collected | Iterable) -> Collected:
@@ -81,49 +69,33 @@ def _contribution(sae: SAE, latents: torch.Tensor, idx: torch.Tensor, directions
     return latents[:, idx] * (dec * directions).sum(-1)
 
 
-# ---------------------------------------------------------------------------- shrinkage
+# ---------------------------------------------------------------------------- shrinkage and MCC
 @dataclass
-class ShrinkageMetrics:
-    gamma: float  # relative reconstruction bias E||x_hat||^2 / E[x_hat . x]; < 1 means shrinkage
-    norm_ratio: float  # E||x_hat|| / E||x||
-    feature_magnitude_ratio: (
-        float  # median over matched features of sum(latent's write along u_i) / sum(a_i), where a_i > 0
-    )
+class FeatureShrinkage:
+    """Shrinkage per true feature; the reconstruction-level gamma* is `ReconstructionMetrics.shrinkage`."""
+
+    feature_magnitude_ratio: float  # median over matched features of sum(latent's write along u_i) / sum(a_i), a_i > 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def shrinkage(sae: SAE, data: Collected | Iterable, directions: torch.Tensor | None = None) -> ShrinkageMetrics:
-    """Shrinkage as gamma* (Wright & Sharkey) and, with ground truth, per matched feature."""
+def feature_shrinkage(sae: SAE, data: Collected | Iterable, directions: torch.Tensor | Matching) -> FeatureShrinkage:
+    """How much of each true feature's magnitude its matched latent writes back along its direction."""
     c = _data(sae, data)
-    x, xh = c.x, c.x_hat
-    gamma = float(xh.pow(2).sum() / (xh * x).sum()) if float((xh * x).sum()) != 0 else float("nan")
-    ratio = float("nan")
-    if directions is not None:
-        u = _check_dirs(sae, directions)
-        match = match_latents(decoder_cosines(sae, directions))
-        ok = match >= 0
-        contrib = _contribution(sae, c.latents, match[ok], u[ok])
-        a = c.features[:, ok]
-        on = a > 0
-        num, den = (contrib * on).sum(0), (a * on).sum(0)
-        valid = den > 0
-        ratio = float((num[valid] / den[valid]).median()) if valid.any() else float("nan")
-    return ShrinkageMetrics(
-        gamma=gamma,
-        norm_ratio=float(xh.norm(dim=1).mean() / x.norm(dim=1).mean().clamp_min(1e-30)),
-        feature_magnitude_ratio=ratio,
-    )
+    m = match_features(sae, directions)
+    ok = m.latents >= 0
+    contrib = _contribution(sae, c.latents, m.latents[ok], m.directions[ok])
+    a = c.features[:, ok]
+    on = a > 0
+    num, den = (contrib * on).sum(0), (a * on).sum(0)
+    valid = den > 0
+    return FeatureShrinkage(float((num[valid] / den[valid]).median()) if valid.any() else float("nan"))
 
 
-# ---------------------------------------------------------------------------- recovery and MCC
 @dataclass
-class MatchedRecovery:
-    recovered_fraction: float  # features matched one-to-one to a latent with decoder cosine >= threshold
-    mean_matched_cosine: float
-    mcc: float  # mean correlation of activations after a one-to-one match on |Pearson r| (nan without features)
-    threshold: float
+class CorrelationMetrics:
+    mcc: float  # mean correlation of activations after a one-to-one match on |Pearson r|
     matched_latents: list[int] = field(repr=False, default_factory=list)
 
     def as_dict(self) -> dict:
@@ -139,27 +111,14 @@ def activation_correlations(latents: torch.Tensor, features: torch.Tensor) -> to
     return torch.where(norm > 0, cov / norm.clamp_min(1e-300), torch.zeros_like(cov)).float()
 
 
-def matched_recovery(
-    sae: SAE, directions: torch.Tensor, data: Collected | Iterable | None = None, threshold: float = 0.9
-) -> MatchedRecovery:
-    """Hungarian matching on decoder cosines, plus the mean correlation coefficient (MCC) of the
-    ICA literature: Hungarian matching on |corr(true activation, latent activation)|."""
-    cos = decoder_cosines(sae, directions)
-    match = match_latents(cos)
-    matched = torch.tensor([float(cos[i, j]) if j >= 0 else -1.0 for i, j in enumerate(match.tolist())])
-    mcc = float("nan")
-    if data is not None:
-        c = _data(sae, data)
-        corr = activation_correlations(c.latents, c.features).abs()
-        m2 = match_latents(corr)
-        mcc = float(torch.tensor([float(corr[i, j]) if j >= 0 else 0.0 for i, j in enumerate(m2.tolist())]).mean())
-    return MatchedRecovery(
-        float((matched >= threshold).float().mean()),
-        float(matched.clamp_min(-1).mean()),
-        mcc,
-        threshold,
-        match.tolist(),
-    )
+def mean_correlation(sae: SAE, data: Collected | Iterable) -> CorrelationMetrics:
+    """The mean correlation coefficient (MCC) of the ICA literature: Hungarian matching on
+    |corr(true activation, latent activation)|, a matching of activations rather than directions."""
+    c = _data(sae, data)
+    corr = activation_correlations(c.latents, c.features).abs()
+    match = match_latents(corr)
+    mcc = float(torch.tensor([float(corr[i, j]) if j >= 0 else 0.0 for i, j in enumerate(match.tolist())]).mean())
+    return CorrelationMetrics(mcc, match.tolist())
 
 
 # ---------------------------------------------------------------------------- absorption and hedging
@@ -182,7 +141,7 @@ class AbsorptionMetrics:
 def absorption(
     sae: SAE,
     data: Collected | Iterable,
-    directions: torch.Tensor,
+    directions: torch.Tensor | Matching,
     pairs: Sequence[tuple[int, int]],
     fire_fraction: float = 0.1,
     min_tokens: int = 5,
@@ -192,8 +151,8 @@ def absorption(
     if not pairs:
         raise ConfigError("absorption needs (parent, child) pairs; this world has no hierarchy")
     c = _data(sae, data)
-    u = _check_dirs(sae, directions)
-    match = match_latents(decoder_cosines(sae, directions))
+    m = match_features(sae, directions)
+    u, match = m.directions, m.latents
     enc = unit_rows(sae.W_enc.detach().float().cpu().t())
     dec = unit_rows(sae.W_dec.detach().float().cpu())
     rates, alone, dcos, ecos, frac = [], [], [], [], []
@@ -230,14 +189,13 @@ class HedgingMetrics:
         return asdict(self)
 
 
-def hedging(sae: SAE, directions: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> HedgingMetrics:
+def hedging(sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]]) -> HedgingMetrics:
     """How much of a child direction leaks into its parent's latent (Chanin et al. 2025), beyond the
     overlap the true directions already have. MSE-driven, so strongest in narrow dictionaries."""
     if not pairs:
         raise ConfigError("hedging needs (parent, child) pairs; this world has no hierarchy")
-    u = _check_dirs(sae, directions)
-    cos = decoder_cosines(sae, directions)
-    match = match_latents(cos)
+    m = match_features(sae, directions)
+    u, cos, match = m.directions, m.cosines, m.latents
     vals = []
     for p, ch in pairs:
         if match[p] >= 0:
@@ -259,14 +217,13 @@ class SplittingMetrics:
 
 
 def splitting(
-    sae: SAE, directions: torch.Tensor, data: Collected | Iterable | None = None, threshold: float = 0.7
+    sae: SAE, directions: torch.Tensor | Matching, data: Collected | Iterable | None = None, threshold: float = 0.7
 ) -> SplittingMetrics:
     """One true feature spread over several latents that all point along it (dead latents,
     known from `data`, are ignored)."""
-    cos = decoder_cosines(sae, directions)
+    cos = match_features(sae, directions).cosines
     if data is not None:
-        alive = (_data(sae, data).latents != 0).any(0)
-        cos = cos[:, alive]
+        cos = cos[:, _data(sae, data).alive]
     counts = (cos >= threshold).sum(1).float()
     has = counts > 0
     return SplittingMetrics(
@@ -285,22 +242,20 @@ class MergingMetrics:
 
 
 def merging(
-    sae: SAE, data: Collected | Iterable | None, directions: torch.Tensor, threshold: float = 0.3
+    sae: SAE, data: Collected | Iterable | None, directions: torch.Tensor | Matching, threshold: float = 0.3
 ) -> MergingMetrics:
     """Several true features captured by one latent ("sparse but wrong"). Each latent belongs to
     its best-matching feature m; it has merged feature i if cos(d_latent, u_i) exceeds the
     overlap the truth already has, |cos(u_m, u_i)|, by at least `threshold`, so superposition
     in the world itself does not count as a merge. Dead latents (known from `data`) are ignored."""
-    u = _check_dirs(sae, directions)
-    cos = decoder_cosines(sae, directions)  # [N, M]
+    m = match_features(sae, directions)
+    u, cos = m.directions, m.cosines  # cos: [N, M]
     main = cos.argmax(0)  # [M]
     truth = (u @ u.t()).abs()  # [N, N]
     excess = cos.t() - truth[main]  # [M, N]
     excess[torch.arange(len(main)), main] = float("-inf")
     merged = excess >= threshold  # [M, N]
-    alive = torch.ones(len(main), dtype=torch.bool)
-    if data is not None:
-        alive = (_data(sae, data).latents != 0).any(0)
+    alive = torch.ones(len(main), dtype=torch.bool) if data is None else _data(sae, data).alive
     merged &= alive[:, None]
     merged_latents = merged.any(1)
     features = merged.any(0)
@@ -320,7 +275,6 @@ class NthDecoderProjection:
         return asdict(self)
 
 
-@torch.no_grad()
 def nth_decoder_projection(sae: SAE, batches: Iterable, n: int | None = None) -> NthDecoderProjection:
     """Chanin & Garriga-Alonso's proxy for the right L0 ("Sparse but Wrong", arXiv 2508.16560):
     sort every (x - b_dec) . d_j (unit decoder rows) in a batch and take the value at index
@@ -328,20 +282,32 @@ def nth_decoder_projection(sae: SAE, batches: Iterable, n: int | None = None) ->
     which raises it; too high an L0 raises it again, so it is lowest near the true L0. Default
     n = d_sae // 8: on the bench's correlated world (true L0 5, d_sae 64) d_sae // 2 sat among the
     negative projections and showed nothing, and d_sae // 4 gave a weaker low-L0 side."""
+    n = nth_projection_index(sae, n)
+    return mean_projection([decoder_projection_at(sae, b.x.float(), n) for b in _batches(batches)], n)
+
+
+def nth_projection_index(sae: SAE, n: int | None = None) -> int:
+    """`n` of `nth_decoder_projection`, checked (default d_sae // 8)."""
     n = max(1, sae.cfg.d_sae // 8) if n is None else n
     if not 1 <= n <= sae.cfg.d_sae:
         raise ConfigError(f"n={n} must lie in [1, d_sae={sae.cfg.d_sae}]")
-    dec = unit_rows(sae.W_dec.detach().float())
-    vals = []
-    for b in batches:
-        x = (b.x if isinstance(b, Batch) else torch.as_tensor(b)).float().to(dec.device)
-        centred = x - sae.b_dec.detach() if sae.cfg.apply_b_dec_to_input else x  # as encode() sees it
-        proj = (centred @ dec.t()).flatten()
-        idx = n * x.shape[0]
-        vals.append(float(proj.topk(idx).values[-1]))
-    if not vals:
+    return n
+
+
+def mean_projection(per_batch: list[float], n: int) -> NthDecoderProjection:
+    """The metric from each batch's `decoder_projection_at` value."""
+    if not per_batch:
         raise ConfigError("no batches to evaluate on; give at least one batch")
-    return NthDecoderProjection(float(np.mean(vals)), n)
+    return NthDecoderProjection(float(np.mean(per_batch)), n)
+
+
+@torch.no_grad()
+def decoder_projection_at(sae: SAE, x: torch.Tensor, n: int) -> float:
+    """One batch's (n * batch_size)-th largest (x - b_dec) . d_j, as `encode` sees x."""
+    dec = unit_rows(sae.W_dec.detach().float())
+    x = x.to(dec.device)
+    centred = x - sae.b_dec.detach() if sae.cfg.apply_b_dec_to_input else x
+    return float((centred @ dec.t()).flatten().topk(n * x.shape[0]).values[-1])
 
 
 # ---------------------------------------------------------------------------- the elephant world

@@ -1,43 +1,150 @@
-"""One call that gathers the core metrics of an SAE into a flat record for tables and JSON."""
+"""The one evaluation behind `saelab demo`, `saelab bench toy` and `saelab eval`.
+
+`evaluate` encodes the held-out batches once, and with a ground-truth world matches latents to
+true features once, then hands that pass and that matching to every metric; `EvalRecord.as_dict`
+is the flat record the reports print and write.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from saelab.activations.base import Batch
-from saelab.evals.core import density_from_counts, ground_truth_recovery, reconstruction_and_firing
+from saelab.evals import pathology as P
+from saelab.evals.core import (
+    DensityMetrics,
+    ReconstructionMetrics,
+    ReconstructionSums,
+    RecoveryMetrics,
+    density_from_counts,
+    encoded,
+    eval_mode,
+    ground_truth_recovery,
+    match_features,
+)
 from saelab.sae.base import SAE
+from saelab.toys.features import LinearWorld
+
+
+@dataclass
+class GroundTruthMetrics:
+    """What a world's known features add: recovery, MCC, per-feature shrinkage, splitting and
+    merging; absorption and hedging for a hierarchy; entities versus attributes for a bundle world."""
+
+    recovery: RecoveryMetrics
+    correlation: P.CorrelationMetrics
+    feature_shrinkage: P.FeatureShrinkage
+    splitting: P.SplittingMetrics
+    merging: P.MergingMetrics
+    absorption: P.AbsorptionMetrics | None = None
+    hedging: P.HedgingMetrics | None = None
+    bundle: P.BundleMetrics | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        rec = self.recovery
+        out: dict[str, Any] = {
+            "mmcs_decoder": rec.mmcs_decoder,
+            "mmcs_encoder": rec.mmcs_encoder,
+            "recovered_fraction": rec.recovered_fraction,
+            "recovery_threshold": rec.threshold,
+            "mean_matched_cosine": rec.mean_matched_cosine,
+            "mcc": self.correlation.mcc,
+            "feature_magnitude_ratio": self.feature_shrinkage.feature_magnitude_ratio,
+            "splitting": self.splitting.split_fraction,
+            "merging": self.merging.merged_feature_fraction,
+        }
+        if self.absorption is not None and self.hedging is not None:
+            out.update(
+                absorption=self.absorption.absorption_rate,
+                absorption_baseline=self.absorption.parent_alone_miss_rate,
+                child_decoder_parent_cos=self.absorption.child_decoder_parent_cos,
+                hedging=self.hedging.hedging,
+            )
+        if self.bundle is not None:
+            out.update(
+                entity_recovered=self.bundle.entity_recovered,
+                attribute_recovered=self.bundle.attribute_recovered,
+                label_recovered=self.bundle.label_recovered,
+            )
+        return out
+
+
+@dataclass
+class EvalRecord:
+    reconstruction: ReconstructionMetrics
+    density: DensityMetrics
+    nth_decoder_projection: P.NthDecoderProjection
+    ground_truth: GroundTruthMetrics | None = None  # None without a world (real activations)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat record: scalars by name, plus the density histogram."""
+        rec, dens = self.reconstruction, self.density
+        out: dict[str, Any] = {
+            "l0": rec.l0,
+            "fvu": rec.fvu,
+            "explained_variance": rec.explained_variance,
+            "mse": rec.mse,
+            "cosine_similarity": rec.cosine_similarity,
+            "shrinkage": rec.shrinkage,
+            "norm_ratio": rec.norm_ratio,
+            "dead_fraction": dens.dead_fraction,
+            "dense_fraction": dens.dense_fraction,
+            "nth_decoder_projection": self.nth_decoder_projection.value,
+            "eval_tokens": rec.tokens,
+            "density_histogram": {"log10_edges": dens.histogram_edges, "counts": dens.histogram_counts},
+        }
+        if self.ground_truth is not None:
+            out.update(self.ground_truth.as_dict())
+        return out
 
 
 def evaluate(
     sae: SAE,
-    batches: list[Batch],
-    true_directions: torch.Tensor | None = None,
+    batches: list,
+    world: LinearWorld | None = None,
     recovery_threshold: float = 0.9,
     dense_threshold: float = 0.1,
-) -> dict[str, Any]:
-    rec, fired = reconstruction_and_firing(sae, batches)  # one encoding pass for both
-    dens = density_from_counts(fired, rec.tokens, dense_threshold=dense_threshold)
-    record: dict[str, Any] = {
-        "l0": rec.l0,
-        "fvu": rec.fvu,
-        "explained_variance": rec.explained_variance,
-        "mse": rec.mse,
-        "cosine_similarity": rec.cosine_similarity,
-        "shrinkage": rec.shrinkage,
-        "dead_fraction": dens.dead_fraction,
-        "dense_fraction": dens.dense_fraction,
-        "eval_tokens": rec.tokens,
-        "density_histogram": {"log10_edges": dens.histogram_edges, "counts": dens.histogram_counts},
-    }
-    if true_directions is not None:
-        gt = ground_truth_recovery(sae, true_directions, recovery_threshold)
-        record.update(
-            mmcs_decoder=gt.mmcs_decoder,
-            mmcs_encoder=gt.mmcs_encoder,
-            recovered_fraction=gt.recovered_fraction,
-            recovery_threshold=recovery_threshold,
-        )
+) -> EvalRecord:
+    """Every metric of `sae` on held-out `batches` from one encoding pass.
+
+    `world` (e.g. a `saelab.toys.World`) adds the ground-truth metrics; its batches
+    must then carry their true `features`. Latents are matched to its features once, and that
+    matching serves recovery, shrinkage, absorption and hedging alike.
+    """
+    sums = ReconstructionSums(sae.cfg.d_sae)
+    n = P.nth_projection_index(sae)
+    projections, kept = [], []
+    with eval_mode(sae):
+        for step in encoded(sae, batches):
+            _, x, f, x_hat = step
+            sums.add(x, f, x_hat)
+            projections.append(P.decoder_projection_at(sae, x, n))
+            if world is not None:
+                kept.append(step)
+    rec = sums.metrics()
+    record = EvalRecord(
+        reconstruction=rec,
+        density=density_from_counts(sums.fired, rec.tokens, dense_threshold=dense_threshold),
+        nth_decoder_projection=P.mean_projection(projections, n),
+    )
+    if world is not None:
+        record.ground_truth = _ground_truth(sae, P.Collected.gather(kept), world, recovery_threshold)
     return record
+
+
+def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: float) -> GroundTruthMetrics:
+    match = match_features(sae, world.directions)
+    gt = GroundTruthMetrics(
+        recovery=ground_truth_recovery(sae, match, threshold),
+        correlation=P.mean_correlation(sae, data),
+        feature_shrinkage=P.feature_shrinkage(sae, data, match),
+        splitting=P.splitting(sae, match, data),
+        merging=P.merging(sae, data, match),
+    )
+    pairs = world.parent_child_pairs()
+    if pairs:
+        gt.absorption = P.absorption(sae, data, match, pairs)
+        gt.hedging = P.hedging(sae, match, pairs)
+    if getattr(world, "bundles", None) is not None:
+        gt.bundle = P.bundle_decomposition(sae, world)
+    return gt

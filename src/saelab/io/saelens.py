@@ -7,7 +7,12 @@ atomically. Loading validates the key set and every shape before building the SA
 unpickles anything.
 
 Name mapping: saelab `relu` <-> SAELens `standard`; `batchtopk` is written as `jumprelu` with a
-shared threshold (its inference form) and therefore loads back as a JumpReLU.
+shared threshold (its inference form) and therefore loads back as a JumpReLU. SAELens' training
+checkpoints of `batchtopk` and `matryoshka_batchtopk` (a scalar `topk_threshold`) load as saelab's
+BatchTopK and Matryoshka with that threshold, which is what SAELens' own inference export computes.
+
+Provenance: `sae.provenance` (source format, hookpoints, scalings folded in at load time) is written
+under `metadata.saelab_provenance`, and its hookpoint as SAELens' `metadata.hook_name`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 
 _TO_SAELENS = {"relu": "standard"}
-_FROM_SAELENS = {v: k for k, v in _TO_SAELENS.items()}
+_FROM_SAELENS = {"standard": "relu", "matryoshka_batchtopk": "matryoshka"}
 # SAELens cfg keys that change what encode computes; anything else is informational.
 _SUPPORTED_NORMALIZATION = {"none", "expected_average_only_in"}
 
@@ -44,6 +49,12 @@ def save(
         raise FileFormatError(f"{path} exists and is not a folder; choose a folder path for the SAE")
     architecture = sae.saved_architecture()
     tensors = {k: v.float() for k, v in sae.saved_state().items()}
+    provenance = getattr(sae, "provenance", None)
+    recorded: dict[str, Any] = {}
+    if provenance:
+        recorded["saelab_provenance"] = provenance
+        if provenance.get("hook_name"):
+            recorded["hook_name"] = provenance["hook_name"]
     cfg: dict[str, Any] = {
         "architecture": _TO_SAELENS.get(architecture, architecture),
         "d_in": sae.cfg.d_in,
@@ -57,6 +68,7 @@ def save(
             "sae_lens_version": "6.0.0",
             "saelab_version": saelab.__version__,
             "saelab_config": sae.cfg.model_dump(),
+            **recorded,
             **(metadata or {}),
         },
     }
@@ -171,8 +183,14 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"{weights_path} cannot be read ({exc}); the file may be truncated") from None
     tensors = {k: v.float() for k, v in tensors.items()}
+    folded: dict[str, Any] = {}
+    if "topk_threshold" in tensors:  # a SAELens BatchTopK-family training checkpoint
+        tensors["threshold"] = tensors.pop("topk_threshold").reshape(()).expand(values["d_sae"]).clone()
     if cfg.get("rescale_acts_by_decoder_norm"):
         tensors = _fold_decoder_norm(tensors)
+        folded["decoder_norm"] = "W_enc and b_enc multiplied by |W_dec| rows, W_dec rows set to unit norm"
+    if values["architecture"] == "matching_pursuit" and not _saelab_written(cfg):
+        tensors = _sae_lens_matching_pursuit(tensors, values, weights_path)
     expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -194,7 +212,43 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
                 "training from an earlier checkpoint)"
             )
     sae.load_saved_state(tensors)
+    sae.provenance = _provenance(cfg, path, folded)
     return sae.to(device).eval()
+
+
+def _saelab_written(cfg: dict[str, Any]) -> bool:
+    return isinstance((cfg.get("metadata") or {}).get("saelab_config"), dict)
+
+
+def _provenance(cfg: dict[str, Any], path: Path, folded: dict[str, Any]) -> dict[str, Any]:
+    """Where the SAE came from: this folder, plus the original source of a file saelab converted."""
+    metadata = cfg.get("metadata") or {}
+    earlier = metadata.get("saelab_provenance")
+    out: dict[str, Any] = {"source_format": "saelens", "source_path": str(path)}
+    if isinstance(earlier, dict):
+        out.update({k: v for k, v in earlier.items() if k not in ("source_format", "source_path")})
+        if earlier.get("source_format") != "saelens":
+            out["converted_from"] = {"format": earlier.get("source_format"), "path": earlier.get("source_path")}
+    hook = metadata.get("hook_name") or cfg.get("hook_name")
+    if hook and "hook_name" not in out:
+        out["hook_name"] = hook
+    if folded:
+        out["folded_scaling"] = {**out.get("folded_scaling", {}), **folded}
+    return out
+
+
+def _sae_lens_matching_pursuit(tensors: dict[str, torch.Tensor], values: dict[str, Any], path: Path):
+    """SAELens' pursuit scores atoms by raw inner products and adds b_dec back only when it was
+    subtracted; saelab's normalises by atom norms, which is the same pursuit for unit-norm atoms."""
+    norms = tensors["W_dec"].norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        raise FileFormatError(
+            f"{path}: a SAELens matching-pursuit SAE needs unit-norm decoder rows for saelab to compute the "
+            f"same codes (row norms range {norms.min():.4g}..{norms.max():.4g})"
+        )
+    if not values["apply_b_dec_to_input"]:
+        tensors = {**tensors, "b_dec": torch.zeros_like(tensors["b_dec"])}  # SAELens ignores it then
+    return tensors
 
 
 def _fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

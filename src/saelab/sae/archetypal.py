@@ -83,6 +83,7 @@ class ArchetypalSAE(TopKSAE):
     architecture = "archetypal"
     Config = ArchetypalConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: ArchetypalConfig):
         super().__init__(cfg)

@@ -18,6 +18,8 @@ from saelab.config import StrictModel, describe_validation_error  # noqa: F401 (
 from saelab.errors import ConfigError
 from saelab.sae.sparse import Selection, SparseActs, dense_preacts, selected_preacts, sparse_decode
 
+SweepKind = Literal["count", "coefficient"]
+
 
 class SAEConfig(StrictModel):
     """Settings shared by every architecture. Unknown keys are rejected, never ignored."""
@@ -125,9 +127,16 @@ class SAE(torch.nn.Module):
     # The config field that trades sparsity for fidelity (a sparsity coefficient, or k);
     # sweeps and frontier plots vary it without knowing the architecture.
     sweep_parameter: ClassVar[str | None] = None
+    # How it varies: "count" (active latents per token, set relative to the true L0) or
+    # "coefficient" (a sparsity penalty: fewer active latents as it grows). `sweep_setting` in
+    # saelab.sae.registry turns a sweep multiplier into a value for either.
+    sweep_kind: ClassVar[SweepKind | None] = None
     # True for baselines fitted in closed form (PCA, ICA, NMF, ...): `saelab.train` calls their
     # `fit(sample)` on the first batches instead of running the gradient loop.
     fitted: ClassVar[bool] = False
+    # True when decode needs each row's token id (Tokenized): views for tools that decode without
+    # ids (saelab.io.saebench) refuse such an SAE instead of decoding it wrongly.
+    uses_tokens: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

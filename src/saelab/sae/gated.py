@@ -31,6 +31,7 @@ class GatedSAE(SAE):
     architecture = "gated"
     Config = GatedConfig
     sweep_parameter = "l1_coefficient"
+    sweep_kind = "coefficient"
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)

@@ -87,6 +87,7 @@ class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     Config = JumpReLUConfig
     sweep_parameter = "l0_coefficient"
+    sweep_kind = "coefficient"
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

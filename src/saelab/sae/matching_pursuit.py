@@ -12,7 +12,7 @@ to the decoder, so `W_enc` is W_dec^T (a view, not a parameter).
 from __future__ import annotations
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from saelab.sae.base import SAE, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
@@ -24,6 +24,12 @@ class MatchingPursuitConfig(TopKConfig):
 
     architecture: str = "matching_pursuit"
     k: PositiveInt = Field(8, description="Pursuit steps per token (at most k active latents).")
+    residual_threshold: NonNegativeFloat = Field(
+        0.0, description="Stop a token's pursuit once its residual norm is below this (0: never)."
+    )
+    stop_on_duplicate_support: bool = Field(
+        False, description="Stop a token's pursuit once a step adds no new atom (SAELens' default rule)."
+    )
 
 
 @register
@@ -31,6 +37,7 @@ class MatchingPursuitSAE(SAE):
     architecture = "matching_pursuit"
     Config = MatchingPursuitConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: MatchingPursuitConfig):
         super().__init__(cfg)
@@ -55,12 +62,25 @@ class MatchingPursuitSAE(SAE):
         norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
         f = r.new_zeros(r.shape[0], self.cfg.d_sae)
         rows = torch.arange(r.shape[0], device=r.device)
+        stops = self.cfg.stop_on_duplicate_support or self.cfg.residual_threshold > 0
+        running = torch.ones(r.shape[0], dtype=torch.bool, device=r.device)
+        support = torch.zeros_like(f, dtype=torch.bool) if self.cfg.stop_on_duplicate_support else None
         for _ in range(self.cfg.k):
             scores = (r @ self.W_dec.t()) / norms  # projection length onto each unit atom
             best, j = scores.max(dim=-1)
             coef = torch.relu(best) / norms[j]  # <r, d_j> / ||d_j||^2; stop (0) when nothing correlates positively
+            if stops:
+                coef = coef * running
             f = f.index_put((rows, j), coef, accumulate=True)
             r = r - coef[:, None] * self.W_dec[j]
+            if support is not None:  # the step that re-picks an atom still counts, then the token stops
+                new_support = f != 0
+                running = running & (new_support != support).any(dim=1)
+                support = new_support
+            if self.cfg.residual_threshold > 0:
+                running = running & (r.norm(dim=-1) >= self.cfg.residual_threshold)
+            if stops and not running.any():
+                break
         return f
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
@@ -77,3 +97,22 @@ class MatchingPursuitSAE(SAE):
         # Coefficients are normalised by atom norms, so scaling atoms by 1/s scales codes of x/s back.
         self.W_dec /= scale
         self.b_dec /= scale
+        self.cfg.residual_threshold /= scale  # compared with residual norms, in input units
+
+    def saved_config_extras(self) -> dict:
+        """SAELens' matching-pursuit keys: the same pursuit for unit-norm atoms."""
+        return {
+            "residual_threshold": self.cfg.residual_threshold,
+            "max_iterations": self.cfg.k,
+            "stop_on_duplicate_support": self.cfg.stop_on_duplicate_support,
+        }
+
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict, values: dict) -> dict:
+        if "max_iterations" not in saved_cfg:  # a saelab file from before these keys: keep its own config
+            return {}
+        return {
+            "k": int(saved_cfg["max_iterations"] or values["d_in"]),  # SAELens' default bound is d_in
+            "residual_threshold": float(saved_cfg.get("residual_threshold", 0.0)),
+            "stop_on_duplicate_support": bool(saved_cfg.get("stop_on_duplicate_support", False)),
+        }

@@ -74,6 +74,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka"
     Config = MatryoshkaConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def sample_prefixes(self) -> list[int]:
         """Nabeshima's random prefixes: n-1 distinct lengths in [1, d_sae) from a power law, plus d_sae.
@@ -84,6 +85,16 @@ class MatryoshkaSAE(BatchTopKSAE):
         n = min(cfg.n_random_prefixes - 1, cfg.d_sae - 1)
         picks = torch.multinomial(probs, n, replacement=False) + 1 if n > 0 else torch.empty(0, dtype=torch.long)
         return sorted(int(v) for v in picks) + [cfg.d_sae]
+
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict, values: dict) -> dict:
+        """k and the prefixes of a SAELens `matryoshka_batchtopk` training checkpoint."""
+        out = super().config_from_saved(saved_cfg, values)
+        widths = saved_cfg.get("matryoshka_widths")
+        if widths:
+            out["prefixes"] = [int(w) for w in widths]
+            out["level_weights"] = None  # SAELens sums the level losses with equal weight
+        return out
 
     def level_weights(self, n: int) -> list[float]:
         w = self.cfg.level_weights

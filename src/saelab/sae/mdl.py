@@ -52,6 +52,7 @@ class MDLSAE(JumpReLUSAE):
     architecture = "mdl"
     Config = MDLConfig
     sweep_parameter = "dl_coefficient"
+    sweep_kind = "coefficient"
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
         pre = self.pre_acts(x)

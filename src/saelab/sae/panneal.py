@@ -80,6 +80,7 @@ class PAnnealReLUSAE(LpAnnealing, ReLUSAE):
     architecture = "relu_panneal"
     Config = PAnnealConfig
     sweep_parameter = "l1_coefficient"
+    sweep_kind = "coefficient"
 
     def __init__(self, cfg: PAnnealConfig):
         super().__init__(cfg)

@@ -27,6 +27,7 @@ class ReLUSAE(SAE):
     architecture = "relu"
     Config = ReLUConfig
     sweep_parameter = "l1_coefficient"
+    sweep_kind = "coefficient"
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)

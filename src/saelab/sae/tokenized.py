@@ -32,6 +32,7 @@ class TokenizedSAE(SAE):
     architecture = "tokenized"
     Config = TokenizedConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
     uses_tokens = True
 
     def __init__(self, cfg: TokenizedConfig):

@@ -90,6 +90,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     Config = TopKConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return scatter_topk(pre, self.cfg.k)
@@ -118,6 +119,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     Config = BatchTopKConfig
     sweep_parameter = "k"
+    sweep_kind = "count"
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -158,6 +160,11 @@ class BatchTopKSAE(SAE):
 
     def saved_architecture(self) -> str:
         return "jumprelu"
+
+    @classmethod
+    def config_from_saved(cls, saved_cfg: dict, values: dict) -> dict:
+        """k from a SAELens BatchTopK-family training checkpoint (saelab's own files keep theirs)."""
+        return {"k": int(saved_cfg.get("k", values.get("k", 100)))}
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         state = super().saved_state()

@@ -1,63 +1,21 @@
-"""Ground-truth toy worlds: sparse true features embedded in superposition.
+"""What every ground-truth world shares: feature directions, the linear embedding and the stream.
 
-A world has N true features, each with a firing probability and a magnitude distribution, and a
-unit direction in d dimensions. An activation is x = sum_i a_i * direction_i (+ noise), and every
-batch carries the true feature activations a, so metrics can compare an SAE with the truth.
+A world has N true features, each with a firing probability and a direction in d dimensions. An
+activation is x = sum_i a_i * direction_i (+ noise), and every batch carries the true feature
+activations a, so metrics can compare an SAE with the truth. The kinds of world live in
+`saelab.toys.worlds` (and the toy models of superposition in `saelab.toys.tms`).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Literal
+from typing import Any
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from saelab.activations.base import Batch
-from saelab.config import StrictModel
 from saelab.errors import ConfigError
-
-
-class ToyWorldConfig(StrictModel):
-    """Independent sparse features with controlled interference."""
-
-    n_features: PositiveInt = Field(256, description="Number of true features N.")
-    d: PositiveInt = Field(64, description="Embedding dimension (the SAE's d_in).")
-    firing: Literal["uniform", "zipf"] = Field("uniform", description="How firing probabilities vary across features.")
-    firing_prob: float = Field(0.02, gt=0, le=1, description="Mean firing probability (expected L0 = N * firing_prob).")
-    zipf_exponent: NonNegativeFloat = Field(1.0, description="p_i proportional to 1/(i+1)^exponent when firing='zipf'.")
-    magnitude_mean: float = Field(1.0, description="Mean magnitude of an active feature.")
-    magnitude_std: NonNegativeFloat = Field(0.0, description="Std of an active feature's magnitude (clipped at 0).")
-    target_cos_sim: float = Field(
-        0.0, ge=0, lt=1, description="Target cosine similarity between feature directions (interference)."
-    )
-    noise_std: NonNegativeFloat = Field(0.0, description="Std of isotropic Gaussian noise added to x.")
-    seed: int = Field(0, description="Seed for directions and firing probabilities (not for sampling).")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.magnitude_mean <= 0:
-            raise ValueError(f"magnitude_mean must be > 0 (got {self.magnitude_mean}); features are non-negative")
-        return self
-
-
-def firing_probabilities(cfg: ToyWorldConfig) -> torch.Tensor:
-    if cfg.firing == "uniform":
-        return torch.full((cfg.n_features,), cfg.firing_prob)
-    ranks = torch.arange(1, cfg.n_features + 1, dtype=torch.float64)
-    p = ranks.pow(-cfg.zipf_exponent)
-    p = p * (cfg.firing_prob * cfg.n_features / p.sum())
-    if p.max() > 1:  # clip and spread the excess over the unclipped features, keeping the mean
-        for _ in range(50):
-            over = p > 1
-            excess = (p[over] - 1).sum()
-            p[over] = 1
-            free = ~over & (p < 1)
-            if excess <= 1e-12 or not free.any():
-                break
-            p[free] += excess * p[free] / p[free].sum()
-    return p.float().clamp(max=1.0)
 
 
 def embed_directions(n: int, d: int, target_cos_sim: float, seed: int, steps: int = 400) -> torch.Tensor:
@@ -98,13 +56,24 @@ def interference(directions: torch.Tensor) -> dict[str, float]:
 class LinearWorld:
     """What every ground-truth world shares: activations are `features @ directions` plus noise.
 
-    A subclass sets `cfg` (with `d` and `noise_std`), `directions` [N, d] and `probs` [N], and
-    says how features are drawn (`sample_features`); `ToySource` streams any such world.
+    A subclass sets `cfg` (with the `seed` its stream derives from), `directions` [N, d], `probs`
+    [N], `parents` and `noise_std`, and says how features are drawn (`sample_features`); `ToySource` streams
+    any such world.
     """
+
+    cfg: Any
+    directions: torch.Tensor
+    probs: torch.Tensor
+    parents: list[int | None]  # each feature's parent in a hierarchy (None: a root)
+    noise_std: float = 0.0
 
     @property
     def d_in(self) -> int:
-        return self.cfg.d
+        return self.directions.shape[1]
+
+    @property
+    def n_features(self) -> int:
+        return self.directions.shape[0]
 
     @property
     def expected_l0(self) -> float:
@@ -113,29 +82,19 @@ class LinearWorld:
     def interference(self) -> dict[str, float]:
         return interference(self.directions)
 
+    def parent_child_pairs(self) -> list[tuple[int, int]]:
+        """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
+        return [(p, c) for c, p in enumerate(self.parents) if p is not None]
+
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
     def sample(self, n: int, gen: torch.Generator) -> Batch:
         features = self.sample_features(n, gen)
         x = features @ self.directions
-        if self.cfg.noise_std > 0:
-            x = x + self.cfg.noise_std * torch.randn(x.shape, generator=gen)
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn(x.shape, generator=gen)
         return Batch(x=x, features=features)
-
-
-class ToyWorld(LinearWorld):
-    """A fixed world (directions and probabilities); sampling takes an explicit generator."""
-
-    def __init__(self, cfg: ToyWorldConfig | dict | None = None):
-        self.cfg = cfg if isinstance(cfg, ToyWorldConfig) else ToyWorldConfig.parse(cfg or {})
-        self.directions = embed_directions(self.cfg.n_features, self.cfg.d, self.cfg.target_cos_sim, self.cfg.seed)
-        self.probs = firing_probabilities(self.cfg)
-
-    def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        active = torch.rand(n, self.cfg.n_features, generator=gen) < self.probs
-        mags = self.cfg.magnitude_mean + self.cfg.magnitude_std * torch.randn(n, self.cfg.n_features, generator=gen)
-        return active * mags.clamp_min(0)
 
 
 class ToySource:

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
-from saelab.activations.base import Batch
 from saelab.config import StrictModel
+from saelab.toys.features import LinearWorld
 
 
 class TMSConfig(StrictModel):
@@ -246,7 +246,7 @@ class TMSWorldConfig(StrictModel):
     seed: int = Field(0, description="Seed of the toy model.")
 
 
-class TMSWorld:
+class TMSWorld(LinearWorld):
     """The hidden layer of one trained toy model as a ground-truth world: h = W x, the true
     features are x and their directions are W's columns (unnormalised, as the model wrote them)."""
 
@@ -264,14 +264,5 @@ class TMSWorld:
         self.parents = [None] * cfg.n_features
         self.geometry = tms_geometry(self.W, cfg.feature_prob, float(loss[0]))
 
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_hidden
-
-    @property
-    def expected_l0(self) -> float:
-        return float(self.probs.sum())
-
-    def sample(self, n: int, gen: torch.Generator) -> Batch:
-        x = sample_tms_features(n, self.probs[:1], self.cfg.n_features, gen)[0]
-        return Batch(x=x @ self.directions, features=x)
+    def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return sample_tms_features(n, self.probs[:1], self.cfg.n_features, gen)[0]

@@ -239,24 +239,29 @@ def _magnitudes(spec: _WorldBase, active: torch.Tensor, gen: torch.Generator) ->
     return active * mags.clamp_min(0)
 
 
-def _firing_probs(spec: IndependentSpec) -> torch.Tensor:
-    from saelab.toys.features import ToyWorldConfig, firing_probabilities
-
-    return firing_probabilities(
-        ToyWorldConfig(
-            n_features=spec.n_features,
-            d=spec.d,
-            firing=spec.firing,
-            firing_prob=spec.firing_prob,
-            zipf_exponent=spec.zipf_exponent,
-        )
-    )
+def firing_probabilities(cfg: IndependentSpec) -> torch.Tensor:
+    """Per-feature firing probabilities with mean `firing_prob`: equal, or Zipf-like and clipped at 1."""
+    if cfg.firing == "uniform":
+        return torch.full((cfg.n_features,), cfg.firing_prob)
+    ranks = torch.arange(1, cfg.n_features + 1, dtype=torch.float64)
+    p = ranks.pow(-cfg.zipf_exponent)
+    p = p * (cfg.firing_prob * cfg.n_features / p.sum())
+    if p.max() > 1:  # clip and spread the excess over the unclipped features, keeping the mean
+        for _ in range(50):
+            over = p > 1
+            excess = (p[over] - 1).sum()
+            p[over] = 1
+            free = ~over & (p < 1)
+            if excess <= 1e-12 or not free.any():
+                break
+            p[free] += excess * p[free] / p[free].sum()
+    return p.float().clamp(max=1.0)
 
 
 class IndependentSampler:
     def __init__(self, spec: IndependentSpec):
         self.spec = spec
-        self.probs = _firing_probs(spec)
+        self.probs = firing_probabilities(spec)
 
     def active(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.rand(n, len(self.probs), generator=gen) < self.probs
@@ -346,8 +351,7 @@ class BundleSampler:
 class World(LinearWorld):
     """A fixed world (directions, probabilities, structure); sampling takes an explicit generator.
 
-    A `LinearWorld` like `ToyWorld`, so `ToySource` streams it and `saelab train` can name it
-    as a source.
+    A `LinearWorld`, so `ToySource` streams it and `saelab train` can name it as a source.
     """
 
     def __init__(self, spec: dict[str, Any] | BaseModel | None = None):
@@ -372,18 +376,11 @@ class World(LinearWorld):
             self.directions = embed_directions(n, cfg.d, cfg.target_cos_sim, cfg.seed)
             self.parents = list(getattr(self.sampler, "parents", [None] * n))
         self.probs = self.sampler.probs
+        self.noise_std = cfg.noise_std
 
     @property
     def kind(self) -> str:
         return self.cfg.kind
-
-    @property
-    def n_features(self) -> int:
-        return self.directions.shape[0]
-
-    def parent_child_pairs(self) -> list[tuple[int, int]]:
-        """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
-        return [(p, c) for c, p in enumerate(self.parents) if p is not None]
 
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return _magnitudes(self.cfg, self.sampler.active(n, gen), gen)

@@ -282,7 +282,7 @@ class Member:
         out = self.train_step(x, batch, target)
         self.step += 1
         self.tokens += x.shape[0] * self.dist.world_size  # every rank's share is the same size
-        if not ((self.step) % self.cfg.log_every == 0 or self.step == self.cfg.steps):
+        if not (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps):
             return None
         now = time.perf_counter()
         record = self._record(out, target, (self.tokens - self._window[1]) / max(now - self._window[0], 1e-9))
@@ -615,8 +615,6 @@ class Trainer:
         lead = next(iter(self.members.values()))
         self.step = lead.step
         self.input_scale = lead.input_scale
-        if len(self.members) == 1:  # the member's RNG stream is the process's: nothing to swap
-            ckpt.set_rng_state(*lead.rng)
 
     def step_all(self, batch: Batch | None = None) -> dict[str, dict[str, Any] | None]:
         """One step of every member on `batch` (by default the source's next one); the metrics
@@ -633,6 +631,7 @@ class Trainer:
 
     @contextlib.contextmanager
     def _own_rng(self, member: Member) -> Iterator[None]:
+        """Swap the member's RNG stream in; alone, its stream is the process's (nothing to swap)."""
         if len(self.members) == 1:
             yield
             return
