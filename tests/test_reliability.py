@@ -22,7 +22,7 @@ from saelab.errors import (
     TrainingInterrupted,
     WriteError,
 )
-from saelab.toys import ToySource, ToyWorld
+from saelab.toys import ToySource, World
 from saelab.train import Trainer, train_many
 from saelab.train import checkpoint as ckpt
 from tests.conftest import small_config
@@ -145,7 +145,7 @@ class SignalledSource(ToySource):
     """Sends this process `signum` when training asks for batch `at` (once)."""
 
     def __init__(self, at, signum):
-        super().__init__(ToyWorld(WORLD), batch_size=64)
+        super().__init__(World(WORLD), batch_size=64)
         self.at, self.signum, self.sent = at, signum, False
 
     def __next__(self):
