@@ -406,3 +406,17 @@ def test_output_files_follow_the_umask(tmp_path):
     ]:
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert ckpt.step_path(tmp_path, 20).stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "SAE", "--latents", "3,abc", "--out", "OUT"], r"--latents: 'abc' is not a latent id"),
+        (["steer", "SAE", "--latent", "0", "--scale", "1", "--prompt", ""], r"--prompt is empty"),
+        (["steer", "SAE", "--latent", "0", "--scale", "1", "--max-new-tokens", "-1"], r"--max-new-tokens must be"),
+    ],
+)
+def test_bad_model_command_arguments_are_one_line_before_any_model_loads(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path / a) if a in ("SAE", "OUT") else a for a in argv]
+    assert main(argv) == 2
+    assert __import__("re").search(message, one_line_error(capsys, argv[0]))
