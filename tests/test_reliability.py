@@ -420,3 +420,24 @@ def test_bad_model_command_arguments_are_one_line_before_any_model_loads(argv, m
     argv = [str(tmp_path / a) if a in ("SAE", "OUT") else a for a in argv]
     assert main(argv) == 2
     assert __import__("re").search(message, one_line_error(capsys, argv[0]))
+
+
+@pytest.mark.parametrize(
+    "every, note", [(0, "no checkpoint was written yet"), (10, "the newest checkpoint is step 20 in")]
+)
+def test_a_nan_stop_says_truthfully_what_checkpoint_is_left(every, note, tmp_path):
+    class Poisoned(ToySource):
+        def __next__(self):
+            b = super().__next__()
+            if self.position == 25:
+                b.x[0, 0] = float("nan")
+            return b
+
+    trainer = Trainer(
+        saelab.create(small_config("relu", d_in=16)),
+        Poisoned(World(WORLD), 64),
+        {**FAST, "checkpoint_every": every},
+        tmp_path,
+    )
+    with pytest.raises(saelab.errors.NonFiniteError, match=note):
+        trainer.fit()

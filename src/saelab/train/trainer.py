@@ -521,7 +521,10 @@ class Trainer:
             leave=False,
         )
         while self.step < self.cfg.steps:
-            record = next(iter(self.step_all().values()))
+            try:
+                record = next(iter(self.step_all().values()))
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc}; {self._checkpoint_note()}") from None
             if record is not None:
                 bar.set_postfix(
                     {
@@ -540,6 +543,14 @@ class Trainer:
             self.save_checkpoint()
         results = {name: member.result() for name, member in self.members.items()}
         return next(iter(results.values())) if self.single else results
+
+    def _checkpoint_note(self) -> str:
+        """What is on disk to go back to, for a message about a stopped run."""
+        if self.out_dir is None:
+            return "nothing was saved (no out folder)"
+        if self._saved_step is None:
+            return "no checkpoint was written yet (set train.checkpoint_every to keep some)"
+        return f"the newest checkpoint is step {self._saved_step} in {self.out_dir}"
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
