@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "saelab.models.cli",  # harvest, fidelity, inspect, steer (real models)
     "saelab.bench.cli",  # bench toy
     "saelab.io.cli",  # convert (other libraries' SAE files -> SAELens v6)
+    "saelab.reading.cli",  # dashboard (reading latents)
 ]
 
 

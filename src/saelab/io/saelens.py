@@ -259,3 +259,14 @@ def _fold_decoder_norm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     tensors["b_enc"] = tensors["b_enc"] * norms
     tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
     return tensors
+
+
+def load_sparsity(path: str | Path) -> torch.Tensor | None:
+    """Per-latent firing frequency from `sparsity.safetensors`, or None when absent."""
+    p = Path(path) / SPARSITY_FILE
+    if not p.exists():
+        return None
+    try:
+        return torch.pow(10.0, load_file(str(p))["sparsity"].double()).float()
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise FileFormatError(f"{p} cannot be read ({exc})") from None

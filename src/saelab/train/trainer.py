@@ -59,6 +59,7 @@ from saelab.io.lock import holds_lock, run_lock
 from saelab.sae.base import SAE, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
+from saelab.train.sinks import MetricSinks
 from saelab.train.stats import LatentStats
 
 
@@ -84,6 +85,10 @@ class TrainConfig(StrictModel):
     )
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent is dense above this firing frequency.")
     log_every: PositiveInt = Field(50, description="Steps between metrics-log records.")
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Also log each record to TensorBoard (OUT/tensorboard) and/or W&B offline (OUT/wandb).",
+    )
     checkpoint_every: NonNegativeInt = Field(0, description="Steps between checkpoints (0: only at the end).")
     keep_checkpoints: PositiveInt = Field(2, description="How many recent checkpoints to keep.")
     seed: int = Field(0, description="Seed for torch's global RNG during training.")
@@ -272,6 +277,8 @@ class Member:
         if log_path is not None:
             self.history = _read_log(log_path, up_to_step=self.step) if checkpoint is not None else []
             _write_log(log_path, self.history)
+        config = {"sae": self.sae.cfg.model_dump(mode="json"), "train": self.cfg.model_dump(mode="json")}
+        self.sinks = MetricSinks(self.cfg.log_to if self.dist.is_main else [], self.out_dir, self.name, config)
         self._start_time = time.perf_counter()
         self._window = (self._start_time, self.tokens)
         self.sae.train()
@@ -290,6 +297,7 @@ class Member:
         self.history.append(record)
         if self.out_dir and self.dist.is_main:
             append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
+        self.sinks.write(record)
         return record
 
     def train_step(self, x: torch.Tensor, batch: Batch | None = None, target: torch.Tensor | None = None):
@@ -343,6 +351,7 @@ class Member:
 
     def result(self) -> TrainResult:
         """The trained dictionary with the input scale folded in (it takes raw activations)."""
+        self.sinks.close()
         self.sae.eval()
         self.sae.release_training_buffers()  # a trained SAE kept for analysis should not hold them
         self.sae.fold_input_scale(self.input_scale)
@@ -814,7 +823,7 @@ def fit_dictionary(sae: SAE, data: Any, train_config: TrainConfig | dict | None 
 
 
 # Training settings that change how a run is logged or stored, not what it computes.
-_BOOKKEEPING = {"progress", "device", "log_every", "checkpoint_every", "keep_checkpoints"}
+_BOOKKEEPING = {"progress", "device", "log_every", "log_to", "checkpoint_every", "keep_checkpoints"}
 
 
 def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: set[str] = frozenset()) -> None:
