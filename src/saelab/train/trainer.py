@@ -597,6 +597,9 @@ class Trainer:
             return
         if bar is not None:
             bar.close()
+        for member in self.members.values():  # flush TensorBoard / W&B before the process ends
+            if hasattr(member, "sinks"):
+                member.sinks.close()
         name = signal.Signals(stop).name
         if self.out_dir is None:
             raise TrainingInterrupted(
