@@ -113,9 +113,8 @@ class TwoSites(IteratorSource):
     """A source with two named sites per batch: `a` (the world's x) and `b` = 2 a + 1."""
 
     def __init__(self):
-        world_source = build_source({"type": "world", "world": WORLD, "batch_size": 32})
-
-        def batches():
+        def batches():  # a new stream on each call, so the trainer's rewind replays the same batches
+            world_source = build_source({"type": "world", "world": WORLD, "batch_size": 32})
             while True:
                 a = next(world_source).x
                 yield Batch(x=a, sites={"a": a, "b": 2 * a + 1})
@@ -126,7 +125,7 @@ class TwoSites(IteratorSource):
 def test_an_sae_trains_on_one_site_of_a_two_site_source():
     on_b = saelab.train({**SAE, "site": "b"}, TwoSites(), TRAIN)
     on_b_direct = saelab.train(
-        SAE, (2 * b.x + 1 for b in iter(build_source({"type": "world", "world": WORLD, "batch_size": 32}))), TRAIN
+        SAE, lambda: (2 * b.x + 1 for b in build_source({"type": "world", "world": WORLD, "batch_size": 32})), TRAIN
     )
     for (name, p), q in zip(on_b.sae.state_dict().items(), on_b_direct.sae.state_dict().values()):
         torch.testing.assert_close(p, q, msg=f"{name}: training on site b differs from training on b itself")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, SaelabWarning, TrainingInterrupted
 from saelab.io.atomic import write_json, write_text
 from saelab.report import markdown_table, text_table
 from saelab.train.distributed import DEFAULT_TIMEOUT_S
@@ -71,13 +74,52 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file; give a YAML or JSON config") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if kind == "JSON" else yaml.load(text, _yaml_loader())
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: the key {exc.args[0]!r} appears twice in one mapping; keep one") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        message = " ".join(str(exc).split())  # one line
+        raise ConfigError(f"{path} is not valid {kind}: {message}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping with `sae`, `train` and `source` sections")
     return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """safe_load, except that a key given twice in one mapping is an error, not the last one silently."""
+
+        def construct_mapping(self, node, deep=False):
+            keys = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in keys
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if duplicate:
+                    raise _DuplicateKey(key)
+                keys.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 # ---------------------------------------------------------------------------- demo
@@ -183,6 +225,7 @@ def run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train / eval
 def run_train(args: argparse.Namespace) -> int:
     """Under `torchrun --nproc_per_node N` the ranks train each SAE data-parallel; rank 0 writes."""
+    from saelab.io.lock import run_lock
     from saelab.run import RunConfig, run
     from saelab.train import distributed
 
@@ -194,16 +237,40 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "a sweep (`saes`) trains in one process; run it without torchrun, or launch one `sae` per run"
             )
-        records = run(cfg, out)
         main = distributed.is_main()
+        with one_line_warnings("train"), run_lock(out) if main else contextlib.nullcontext():
+            records = run(cfg, out)
+            if main:
+                write_json(out / "results.json", records)
+    except TrainingInterrupted as exc:
+        if distributed.is_main():
+            print(f"saelab train: {exc}", file=sys.stderr)
+        return 128 + exc.signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     finally:
         if started:
             distributed.shutdown()
     if not main:
         return 0
-    write_json(out / "results.json", records)
     print(text_table(records, [c for c in ["name"] + LEADERBOARD_COLUMNS if c in records[0]]))
     return 0
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """saelab's own warnings (a damaged checkpoint skipped, ...) as `saelab CMD: warning: ...` lines."""
+    show = warnings.showwarning
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SaelabWarning):
+            print(f"saelab {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = shown
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def run_eval(args: argparse.Namespace) -> int:

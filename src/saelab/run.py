@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator
 
 from saelab.activations.factory import SourceConfig, held_out, parse_source
-from saelab.config import StrictModel
+from saelab.config import StrictModel, describe_validation_error
 from saelab.errors import ConfigError
 from saelab.train.trainer import TrainConfig, TrainResult
 
@@ -72,9 +72,16 @@ class RunConfig(StrictModel):
         values["source"] = parse_source(values.get("source"))
         if values.get("eval_source") is not None:
             values["eval_source"] = parse_source(values["eval_source"], "eval_source")
+        if "saes" in values:
+            for i, entry in enumerate(values["saes"]):
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`, got {entry!r:.40}")
         if values.get("out") is not None and not isinstance(values["out"], str):
             raise ConfigError(f"`out` must be a folder path, got {values['out']!r}")
-        return cls.model_validate(values, strict=False)
+        try:
+            return cls.model_validate(values, strict=False)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, cls)) from None
 
     @field_validator("source", "eval_source", mode="before")
     @classmethod
@@ -84,22 +91,49 @@ class RunConfig(StrictModel):
 
 def run(config: RunConfig | dict, out: str | Path | None = None) -> list[dict[str, Any]]:
     """Train every dictionary of `config`, evaluate each on the same held-out batches, and save it
-    (to OUT/sae for one, OUT/<name>/sae for several). Returns one flat record per dictionary."""
+    (to OUT/sae for one, OUT/<name>/sae for several). Returns one flat record per dictionary.
+
+    The run holds OUT's lock from start to end (a second run on the same folder is refused), its
+    checkpoints record the source and held-out source (resuming on other data is refused), and
+    SIGINT/SIGTERM stop it with a checkpoint written (`TrainingInterrupted`)."""
+    from saelab.io.lock import run_lock
     from saelab.train import distributed
-    from saelab.train.trainer import train, train_many
 
     cfg = RunConfig.parse(config)
     out = Path(out or cfg.out or "runs/train")
-    source = cfg.source.build()
-    t0 = time.perf_counter()
-    if cfg.sae is not None:
-        results = {None: train(cfg.sae, source, cfg.train, out)}
-    else:
-        results = train_many(cfg.saes, source, cfg.train, out)
-    seconds = time.perf_counter() - t0
-    if not distributed.is_main():  # data-parallel: rank 0 evaluates and saves
+    if not distributed.is_main():  # data-parallel: rank 0 holds the lock, evaluates and saves
+        _train(cfg, out)
         return []
-    batches, world = held_out_batches(cfg)
+    with run_lock(out):
+        return _run(cfg, out)
+
+
+def _train(cfg: RunConfig, out: Path) -> dict[str | None, TrainResult]:
+    from saelab.train.trainer import train, train_many
+
+    spec = {"source": cfg.source.spec(), "eval_source": held_out(cfg.source, cfg.eval_source).spec()}
+    source = cfg.source.build()
+    if cfg.sae is not None:
+        return {None: train(cfg.sae, source, cfg.train, out, source_config=spec)}
+    return train_many(cfg.saes, source, cfg.train, out, source_config=spec)
+
+
+def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
+    early = None
+    if cfg.eval_source is not None:  # separate data: check its width before hours of training
+        early = held_out_batches(cfg)
+        saes = [cfg.sae] if cfg.sae is not None else cfg.saes
+        d_ins = {d["d_in"] for d in saes if isinstance(d, dict) and isinstance(d.get("d_in"), int)}
+        width = early[0][0].x.shape[1] if early[0] else None
+        if width is not None and d_ins and d_ins != {width}:
+            raise ConfigError(
+                f"the eval_source yields d_in={width} but the SAE config has d_in={sorted(d_ins, key=str)[0]}; "
+                "give an eval_source with the training data's width"
+            )
+    t0 = time.perf_counter()
+    results = _train(cfg, out)
+    seconds = time.perf_counter() - t0
+    batches, world = early or held_out_batches(cfg)
     records = []
     for name, result in results.items():
         folder = out if name is None else out / name
@@ -112,7 +146,16 @@ def held_out_batches(cfg: RunConfig) -> tuple[list, Any]:
     """`cfg.eval.batches` fresh batches from the held-out source, and its ground-truth world
     (None for real data)."""
     source = held_out(cfg.source, cfg.eval_source).build()
-    return [next(source) for _ in range(cfg.eval.batches)], getattr(source, "world", None)
+    batches = []
+    for i in range(cfg.eval.batches):
+        try:
+            batches.append(next(source))
+        except StopIteration:
+            raise ConfigError(
+                f"the held-out source ran out after {i} batches; eval.batches is {cfg.eval.batches}: "
+                "lower it or give more held-out data"
+            ) from None
+    return batches, getattr(source, "world", None)
 
 
 def evaluate_and_save(

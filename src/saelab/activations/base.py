@@ -82,9 +82,19 @@ class IteratorSource:
     Its position is the number of batches drawn. Resuming re-creates the iterator through
     `factory` and skips that many batches, which restores the exact position whenever the
     iterable is deterministic (a DataLoader with a seeded generator, a list, a file reader).
+    The trainer rewinds its source once before step 0 (it reads the first batches to estimate
+    the input scale, then trains on them), so `factory` must be re-iterable (a list, a
+    DataLoader) or a function returning a new iterator; a one-shot iterator (a generator,
+    `iter(list)`) is refused, since it would silently lose those batches.
     """
 
     def __init__(self, factory: Iterable | Any, d_in: int | None = None):
+        if isinstance(factory, Iterator):
+            raise ConfigError(
+                f"a one-shot iterator ({type(factory).__name__}) cannot be rewound, and training reads the first "
+                "batches twice (input-scale estimate, then training) and resumes by replaying; pass a list, or a "
+                "function returning a new iterator (e.g. `lambda: my_batches()`)"
+            )
         self._factory = factory
         self._iterator = iter(factory() if callable(factory) else factory)
         self.position = 0
@@ -111,7 +121,15 @@ class IteratorSource:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         target = int(state["position"])
-        self._iterator = iter(self._factory() if callable(self._factory) else self._factory)
+        if target < 0:
+            raise ConfigError(f"cannot resume: the saved source position {target} is negative")
+        iterator = iter(self._factory() if callable(self._factory) else self._factory)
+        if iterator is self._iterator and self.position > 0:
+            raise ConfigError(
+                "cannot rewind the data: the function passed as data returned the same iterator again; "
+                "make it create a new one on each call (e.g. `lambda: my_batches()`)"
+            )
+        self._iterator = iterator
         self.position = 0
         for _ in range(target):
             try:

@@ -164,7 +164,7 @@ def parse_source(values: Any, where: str = "source") -> _Source:
             f"`{where}` must be a mapping with a `type` ({', '.join(sorted(_BY_TYPE))}), got {type(values).__name__}"
         )
     kind = values.get("type", "world")
-    if kind not in _BY_TYPE:
+    if not isinstance(kind, str) or kind not in _BY_TYPE:
         raise ConfigError(f"unknown {where} type {kind!r}; valid types: {', '.join(sorted(_BY_TYPE))}")
     try:
         return _ADAPTER.validate_python({**values, "type": kind})

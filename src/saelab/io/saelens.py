@@ -98,13 +98,42 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+# The SAELens keys saelab reads, with the JSON type each must have when present.
+_KEY_TYPES: dict[str, tuple[type, str]] = {
+    "architecture": (str, "a string"),
+    "d_in": (int, "a positive integer"),
+    "d_sae": (int, "a positive integer"),
+    "k": (int, "a positive integer"),
+    "apply_b_dec_to_input": (bool, "true or false"),
+    "rescale_acts_by_decoder_norm": (bool, "true or false"),
+    "normalize_activations": (str, "a string"),
+    "metadata": (dict, "an object"),
+}
+
+
 def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    for key in ("d_in", "d_sae"):
-        if not isinstance(cfg.get(key), int):
-            raise FileFormatError(f"cfg.json needs an integer '{key}' (got {cfg.get(key)!r})")
-    disk_arch = cfg.get("architecture", "standard")
+    for key, (kind, what) in _KEY_TYPES.items():
+        value = cfg.get(key)
+        if key in ("d_in", "d_sae") and value is None:
+            raise FileFormatError(f"cfg.json needs an integer '{key}' (got nothing)")
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value <= 0)):
+            raise FileFormatError(f"cfg.json: '{key}' must be {what} (got {value!r:.60})")
+    metadata = cfg.get("metadata") or {}
+    own = metadata.get("saelab_config")
+    if "architecture" not in cfg:
+        trained = f" (saelab's metadata says it was trained as {own['architecture']!r})" if _named(own) else ""
+        raise FileFormatError(
+            f"cfg.json has no 'architecture'{trained}; saelab does not guess one: add the architecture the "
+            f"weights were saved as (SAELens names such as 'standard', 'topk', 'jumprelu', 'gated')"
+        )
+    disk_arch = cfg["architecture"]
     architecture = _FROM_SAELENS.get(disk_arch, disk_arch)
-    get_class(architecture)  # unknown architectures fail here with the valid list
+    try:
+        get_class(architecture)  # unknown architectures fail here with the valid list
+    except ConfigError as exc:
+        raise FileFormatError(f"cfg.json: {exc}") from None
     norm = cfg.get("normalize_activations", "none")
     if norm not in _SUPPORTED_NORMALIZATION:
         raise FileFormatError(
@@ -112,17 +141,23 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
             f"supported: {sorted(_SUPPORTED_NORMALIZATION)} (fold the normalisation into the weights first)"
         )
     values: dict[str, Any] = {}
-    own = (cfg.get("metadata") or {}).get("saelab_config")
-    if isinstance(own, dict) and own.get("architecture") == architecture:
+    if _named(own) and own.get("architecture") == architecture:
         values.update(own)  # keeps training settings (coefficients, seeds) of saelab-written files
     values.update(
         architecture=architecture,
         d_in=cfg["d_in"],
         d_sae=cfg["d_sae"],
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
     )
-    values.update(get_class(architecture).config_from_saved(cfg, values))
+    try:
+        values.update(get_class(architecture).config_from_saved(cfg, values))
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(f"cfg.json holds a value '{architecture}' cannot read ({exc})") from None
     return values
+
+
+def _named(own: Any) -> bool:
+    return isinstance(own, dict) and isinstance(own.get("architecture"), str)
 
 
 def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
@@ -135,7 +170,10 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
             f"{path} holds an SAE with d_in={values['d_in']} but d_in={d_in} was expected; "
             "load the SAE trained on this hookpoint"
         )
-    sae_cfg = make_config(values)
+    try:
+        sae_cfg = make_config(values)
+    except ConfigError as exc:
+        raise FileFormatError(f"{path / CFG_FILE} holds an invalid config: {exc}") from None
     sae = get_class(sae_cfg.architecture)(sae_cfg)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.exists():
@@ -166,6 +204,12 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
             raise FileFormatError(
                 f"{weights_path}: '{key}' has shape {tuple(tensors[key].shape)} but cfg.json "
                 f"(d_in={values['d_in']}, d_sae={values['d_sae']}) implies {shape}"
+            )
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise FileFormatError(
+                f"{weights_path}: '{key}' contains NaN or Inf; the SAE is broken (retrain it, or resume its "
+                "training from an earlier checkpoint)"
             )
     sae.load_saved_state(tensors)
     sae.provenance = _provenance(cfg, path, folded)

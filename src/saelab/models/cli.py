@@ -235,9 +235,13 @@ def run_fidelity(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from saelab.models.inspection import html_report, inspect_latents, text_report
 
+    latents = _latent_ids(args.latents) if args.latents else None  # checked before any model loads
     sae, spec = _sae_and_spec(args)
+    if latents is not None and max(latents) >= sae.cfg.d_sae:
+        raise ConfigError(
+            f"--latents: latent {max(latents)} does not exist; the SAE has {sae.cfg.d_sae} (0..{sae.cfg.d_sae - 1})"
+        )
     model, tokenizer, hookpoint, specials, batches = _eval_rows(spec, args.rows, args.skip_docs)
-    latents = [int(x) for x in args.latents.split(",")] if args.latents else None
     res = inspect_latents(
         sae, model, tokenizer, hookpoint, batches, latents, args.n_latents, args.top_k, specials=specials
     )
@@ -252,10 +256,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_ids(text: str) -> list[int]:
+    """`--latents 3,17,42` as ints; anything else is one line naming the bad entry."""
+    ids = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise ConfigError(f"--latents: {part!r} is not a latent id; give comma-separated integers such as 3,17,42")
+        ids.append(int(part))
+    return ids
+
+
 def run_steer(args: argparse.Namespace) -> int:
     from saelab.models.source import _load
     from saelab.models.steering import generate
 
+    if not args.prompt:
+        raise ConfigError("--prompt is empty; give the text to continue (e.g. --prompt 'The')")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     sae, spec = _sae_and_spec(args)
     model, tokenizer = _load(spec)
     hookpoint = spec["hookpoint"][0] if isinstance(spec["hookpoint"], list) else spec["hookpoint"]

@@ -15,7 +15,15 @@ Layout: a single SAE trains in OUT itself (OUT/metrics.jsonl, OUT/checkpoints/);
 train in OUT/<name>/ each, and OUT/members.json names them. Every member checkpoint holds the
 source position, and a run resumes from the newest step at which every member has a complete
 checkpoint (old checkpoints are pruned only after every member has saved), so a run killed
-between two members' saves resumes from the previous common step.
+between two members' saves resumes from the previous common step. A damaged checkpoint (a
+truncated or altered file, found by its checksum) is set aside with a warning and the run
+resumes from the newest intact one. Resuming also compares the SAE, training and (when the
+caller describes it: `source_config`) data-source configs with the checkpoint's, naming any
+field that changed.
+
+While `fit` runs with an out folder it holds the folder's run lock (one writer per folder), and
+SIGINT (Ctrl-C) or SIGTERM stops it after the current step with a checkpoint written, raising
+`TrainingInterrupted`; running again resumes from there.
 
 Fitted baselines (PCA, ICA, NMF, dictionary learning: `SAE.fitted`) have nothing to train by
 gradient: `train`/`train_many` fit them on the first batches (`fit_dictionary`), beside this loop.
@@ -29,20 +37,25 @@ import contextlib
 import json
 import math
 import re
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 from tqdm.auto import tqdm
 
 from saelab.activations.base import ActivationSource, Batch, as_source
 from saelab.config import StrictModel
-from saelab.errors import ConfigError, FileFormatError, NonFiniteError
-from saelab.io.atomic import read_json, write_json
+from saelab.errors import ConfigError, FileFormatError, NonFiniteError, SaelabWarning, TrainingInterrupted
+from saelab.io.atomic import append_line, read_json, remove_stale_temp, write_json
+from saelab.io.lock import holds_lock, run_lock
 from saelab.sae.base import SAE, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
@@ -81,6 +94,31 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, description="Seed for torch's global RNG during training.")
     progress: bool = Field(True, description="Show a progress bar.")
     device: str = Field("cpu", description="torch device ('cpu', 'cuda', ...).")
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, v: str) -> str:
+        problem = device_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot use `device` on this machine, or None (checked before anything runs)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"{device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1', 'mps', ..."
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"{device!r} was asked for but this machine has no usable CUDA; use 'cpu'"
+        if parsed.index is not None and parsed.index >= count:
+            return f"{device!r} does not exist: this machine has {count} CUDA device(s)"
+    if parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        return f"{device!r} was asked for but MPS is not available here; use 'cpu'"
+    return None
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -164,11 +202,12 @@ def data_init(
     """The input scale, b_dec and scaled sample from the first batches (every rank's, combined),
     after which the source is rewound so training still sees those batches."""
     start = source.state_dict()
+    # drawn with autograd on, as training draws them: a source that builds itself lazily may need it
+    batches = [
+        next_checked_batch(source, d_in, cfg.device, f"norm-estimation batch {i}", site)
+        for i in range(cfg.norm_estimation_batches)
+    ]
     with torch.no_grad():
-        batches = [
-            next_checked_batch(source, d_in, cfg.device, f"norm-estimation batch {i}", site)
-            for i in range(cfg.norm_estimation_batches)
-        ]
         sample = torch.cat([dist.all_rows(b.x) for b in batches])
         if cfg.normalize_activations == "expected_norm":
             mean_norm = float(sample.norm(dim=1).mean())
@@ -197,8 +236,17 @@ class Member:
     metrics log, checkpoints and its own RNG stream. The `Trainer` drives it; `train_step` is the
     public single step (benchmarks time it on a fixed batch)."""
 
-    def __init__(self, name: str, sae: SAE, cfg: TrainConfig, out_dir: Path | None, dist: DataParallel):
+    def __init__(
+        self,
+        name: str,
+        sae: SAE,
+        cfg: TrainConfig,
+        out_dir: Path | None,
+        dist: DataParallel,
+        source_config: dict[str, Any] | None = None,
+    ):
         self.name = name
+        self.source_config = source_config
         self.cfg = cfg
         self.sae = sae.to(cfg.device)
         self.dist = dist
@@ -248,7 +296,7 @@ class Member:
         self._window = (now, self.tokens)
         self.history.append(record)
         if self.out_dir and self.dist.is_main:
-            _append_log(self.out_dir / "metrics.jsonl", record)
+            append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
         self.sinks.write(record)
         return record
 
@@ -332,6 +380,7 @@ class Member:
             "input_scale": self.input_scale,
             "sae_config": self.sae.cfg.model_dump(),
             "train_config": self.cfg.model_dump(),
+            "source_config": self.source_config,
         }
         path = ckpt.save(self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, ranks=ranks)
         self.dist.barrier()
@@ -347,6 +396,8 @@ class Member:
             )
         _check_same_config("SAE", saved["sae_config"], self.sae.cfg.model_dump(), path)
         _check_same_config("training", saved["train_config"], self.cfg.model_dump(), path, ignore=_BOOKKEEPING)
+        if saved.get("source_config") is not None or self.source_config is not None:
+            _check_same_config("data source", saved.get("source_config") or {}, self.source_config or {}, path)
         state = ckpt.load(path, self.sae, self.optimizer, self.stats, source, rank=self.dist.rank)
         self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
 
@@ -386,6 +437,11 @@ class Trainer:
     `out_dir/<name>`. A member config may carry `name` (list form) and `train`, overrides of
     `train_config` for that member (any key but those in `SHARED`). `fit` returns a `TrainResult`
     for one SAE, else a dict of them by name; every SAE comes back ready (input scale folded in).
+
+    `source_config`: a JSON-able description of the data (`saelab.run` passes the source and
+    held-out source specs). It goes into every checkpoint, and resuming with a different one is
+    refused with the changed fields named. Without it (raw iterables from Python) the data
+    cannot be checked: resuming on other data is then the caller's responsibility.
     """
 
     def __init__(
@@ -394,22 +450,35 @@ class Trainer:
         data: Any,
         train_config: TrainConfig | dict | None = None,
         out_dir: str | Path | None = None,
+        source_config: dict[str, Any] | None = None,
     ):
         cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
         single = isinstance(saes, SAE) or (isinstance(saes, Mapping) and "architecture" in saes)
-        self._setup(_members([saes] if single else saes, cfg), data, cfg, out_dir, single)
+        self._setup(_members([saes] if single else saes, cfg), data, cfg, out_dir, single, source_config)
 
     @classmethod
     def of_members(
-        cls, members: list[tuple[str, SAE, TrainConfig]], data: Any, cfg: TrainConfig, out_dir: str | Path | None
+        cls,
+        members: list[tuple[str, SAE, TrainConfig]],
+        data: Any,
+        cfg: TrainConfig,
+        out_dir: str | Path | None,
+        source_config: dict[str, Any] | None = None,
     ) -> Trainer:
         """A run of members already named and configured (see `_members`)."""
         trainer = cls.__new__(cls)
-        trainer._setup(members, data, cfg, out_dir, single=False)
+        trainer._setup(members, data, cfg, out_dir, False, source_config)
         return trainer
 
-    def _setup(self, members, data, cfg: TrainConfig, out_dir, single: bool) -> None:
+    def _setup(self, members, data, cfg: TrainConfig, out_dir, single: bool, source_config=None) -> None:
         self.cfg, self.single = cfg, single
+        if source_config is not None:
+            try:
+                source_config = json.loads(json.dumps(source_config))
+            except (TypeError, ValueError):
+                raise ConfigError("source_config must be a JSON-able mapping describing the data") from None
+            if not isinstance(source_config, dict):
+                raise ConfigError("source_config must be a JSON-able mapping describing the data")
         d_ins = {sae.cfg.d_in for _, sae, _ in members}
         if len(d_ins) > 1:
             widths = ", ".join(f"{name}: {sae.cfg.d_in}" for name, sae, _ in members)
@@ -436,12 +505,21 @@ class Trainer:
         self.members: dict[str, Member] = {}
         for name, sae, member_cfg in members:
             folder = self.out_dir if self.single or self.out_dir is None else self.out_dir / name
-            self.members[name] = Member(name, sae, member_cfg, folder, self.dist)
+            self.members[name] = Member(name, sae, member_cfg, folder, self.dist, source_config)
         self.step = 0
+        self._saved_step: int | None = None  # the step of the newest checkpoint on disk, once known
+        self._stop: int | None = None  # the signal that asked the loop to stop
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = True) -> TrainResult | dict[str, TrainResult]:
+        """Train to `steps` (resuming from `out_dir` unless `resume=False`); see the class docstring."""
+        locked = run_lock(self.out_dir) if self.out_dir is not None and self.dist.is_main else contextlib.nullcontext()
+        with locked, self._stop_on_signals():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult | dict[str, TrainResult]:
         self.start(resume)
+        self._check_stop()
         bar = tqdm(
             total=self.cfg.steps,
             initial=self.step,
@@ -452,7 +530,10 @@ class Trainer:
             leave=False,
         )
         while self.step < self.cfg.steps:
-            record = next(iter(self.step_all().values()))
+            try:
+                record = next(iter(self.step_all().values()))
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc}; {self._checkpoint_note()}") from None
             if record is not None:
                 bar.set_postfix(
                     {
@@ -465,17 +546,88 @@ class Trainer:
             bar.update(1)
             if self.out_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            self._check_stop(bar)
         bar.close()
-        if self.out_dir is not None and self.dist.from_main(self._resumable_step()) != self.step:
+        if self.out_dir is not None and self._saved_step != self.step:
             self.save_checkpoint()
         results = {name: member.result() for name, member in self.members.items()}
         return next(iter(results.values())) if self.single else results
+
+    def _checkpoint_note(self) -> str:
+        """What is on disk to go back to, for a message about a stopped run."""
+        if self.out_dir is None:
+            return "nothing was saved (no out folder)"
+        if self._saved_step is None:
+            return "no checkpoint was written yet (set train.checkpoint_every to keep some)"
+        return f"the newest checkpoint is step {self._saved_step} in {self.out_dir}"
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGINT and SIGTERM ask the loop to stop after the current step (a second
+        one stops at once); only the main thread can receive signals, elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask_to_stop(signum, frame):
+            if self._stop is not None:
+                raise KeyboardInterrupt
+            self._stop = signum
+            if self.dist.is_main:
+                sys.stderr.write(
+                    f"\nsaelab: {signal.Signals(signum).name} received: stopping after this step "
+                    "(send it again to stop at once)\n"
+                )
+
+        self._stop = None
+        previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _check_stop(self, bar=None) -> None:
+        """If a signal asked to stop (on any rank), checkpoint (with an out folder) and raise."""
+        stop = self._stop
+        if self.dist.active:  # every rank stops at the same step, or the checkpoint's collectives hang
+            asked = int(self.dist.sum(torch.tensor([int(stop is not None)], device=self.cfg.device)))
+            stop = stop or (signal.SIGTERM if asked else None)
+        if not stop:
+            return
+        if bar is not None:
+            bar.close()
+        for member in self.members.values():  # flush TensorBoard / W&B before the process ends
+            if hasattr(member, "sinks"):
+                member.sinks.close()
+        name = signal.Signals(stop).name
+        if self.out_dir is None:
+            raise TrainingInterrupted(
+                f"stopped by {name} at step {self.step} of {self.cfg.steps}; nothing was saved (no out folder)",
+                stop,
+            )
+        if self._saved_step != self.step and self.step > 0:
+            self.save_checkpoint()
+        resumable = f"checkpoint at step {self.step} in {self.out_dir}" if self.step > 0 else "nothing to resume yet"
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {self.step} of {self.cfg.steps} ({resumable}); "
+            "run the same command again to resume",
+            stop,
+        )
 
     def start(self, resume: bool = True) -> None:
         """Resume every member from the newest step all of them saved (rank 0 decides, so all
         ranks agree while files change), or initialise them from the same first batches."""
         self._check_members_file()
-        step = self.dist.from_main(self._resumable_step()) if resume and self.out_dir is not None else None
+        if self.out_dir is not None and self.dist.is_main:
+            if holds_lock(self.out_dir):
+                self._clean_stale_files()
+            if not self.single:
+                write_json(self.out_dir / MEMBERS_FILE, {"members": list(self.members)})
+        step = None
+        if resume and self.out_dir is not None:  # rank 0 checks the files, every rank takes its answer
+            step = self.dist.from_main(self._resumable_step() if self.dist.is_main else None)
+        self._saved_step = step
         init = data_init(self.source, self.d_in, self.cfg, self.dist, self.site) if step is None else None
         process_rng = ckpt.rng_state()  # what each member would find if it ran alone now
         for member in self.members.values():
@@ -516,26 +668,62 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Every member's checkpoint at this step (each with the source position), then pruning:
         until every member has saved, each keeps its previous checkpoints."""
-        if self.dist.is_main and not self.single:
-            write_json(self.out_dir / MEMBERS_FILE, {"members": list(self.members)})
         for member in self.members.values():
             with self._own_rng(member):  # each checkpoint records its member's own RNG stream
                 member.save_checkpoint(self.source)
+        self._saved_step = self.step
         if self.dist.is_main:
             for member in self.members.values():
                 ckpt.prune(member.out_dir, self.cfg.keep_checkpoints)
 
     def _resumable_step(self) -> int | None:
-        """The newest step at which every member has a complete checkpoint."""
-        common = None
-        for member in self.members.values():
-            steps = set(ckpt.complete_steps(member.out_dir))
-            common = steps if common is None else common & steps
-        return max(common) if common else None
+        """The newest step at which every member has an intact checkpoint. A damaged one (a file
+        missing, truncated or altered) is set aside with a warning naming it, and the search goes
+        on to older steps."""
+        folders = {name: ckpt.step_folders(member.out_dir) for name, member in self.members.items()}
+        candidates = sorted(set.union(*(set(f) for f in folders.values())), reverse=True)
+        for step in candidates:
+            if not all(step in f for f in folders.values()):
+                continue  # not every member got to save this step (killed between their saves)
+            damaged = {name: ckpt.verify(f[step]) for name, f in folders.items()}
+            damaged = {name: why for name, why in damaged.items() if why}
+            for name, why in damaged.items():
+                moved = ckpt.set_aside(folders[name][step])
+                warnings.warn(
+                    f"checkpoint {folders[name][step]} is damaged ({why}); skipped it (moved to {moved.name}) "
+                    "and resume from an older one",
+                    SaelabWarning,
+                    stacklevel=3,
+                )
+            if not damaged:
+                return step
+        return None
+
+    def _clean_stale_files(self) -> None:
+        """Remove what killed writers left (temp files and checkpoint temp folders); the run lock
+        guarantees no live writer owns them."""
+        for folder in {self.out_dir, *(m.out_dir for m in self.members.values())}:
+            if folder.is_dir():
+                remove_stale_temp(folder)
+                ckpt.remove_stale(folder)
 
     def _check_members_file(self) -> None:
+        """One folder holds one run: a sweep's folder is not reused for a single SAE or another
+        sweep, nor a single SAE's folder for a sweep (their results.json would overwrite each other)."""
         path = self.out_dir / MEMBERS_FILE if self.out_dir is not None else None
-        if path is None or not path.exists():
+        if path is None:
+            return
+        if not path.exists():
+            single_files = [
+                n
+                for n in ("checkpoints", "metrics.jsonl", "sae")
+                if n not in self.members and (self.out_dir / n).exists()
+            ]
+            if not self.single and single_files:
+                raise ConfigError(
+                    f"{self.out_dir} holds a single-SAE run ({', '.join(single_files)}), not a sweep; "
+                    "use a new --out folder for the sweep"
+                )
             return
         saved = read_json(path, f"delete {self.out_dir} to start over")
         members = saved.get("members") if isinstance(saved, dict) else None
@@ -643,8 +831,8 @@ _BOOKKEEPING = {"progress", "device", "log_every", "log_to", "checkpoint_every",
 
 def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: set[str] = frozenset()) -> None:
     """An exact resume needs the settings it was started with; say which ones changed."""
-    saved = json.loads(json.dumps(saved))  # tuples became lists in the JSON file
-    now = json.loads(json.dumps(now))
+    saved = _flat(json.loads(json.dumps(saved)))  # tuples became lists in the JSON file
+    now = _flat(json.loads(json.dumps(now)))
     changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
@@ -652,6 +840,17 @@ def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: se
             f"checkpoint {path} was written with a different {kind} config ({diffs}); "
             "resume with the original settings or use a new --out folder"
         )
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """Nested mappings as dotted keys (`source.world.firing_prob`), so a change is named exactly."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
@@ -666,17 +865,33 @@ def make_adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
 
 
 def _read_log(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """The log's records up to `up_to_step` (the resumed checkpoint), in step order. A damaged
+    line (cut by a kill or a full disk, or edited by hand) is skipped with a warning: the lines
+    after it are still good."""
     if not path.exists():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    by_step: dict[int, dict[str, Any]] = {}
+    bad = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill
-        if rec["step"] <= up_to_step:
-            records.append(rec)
-    return records
+        except ValueError:
+            rec = None
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            if line.strip():
+                bad.append(number)
+            continue
+        if step <= up_to_step:
+            by_step[step] = rec  # the last record of a step wins (a step logged again after a resume)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        warnings.warn(
+            f"{path}: skipped {len(bad)} unreadable line(s) (line {shown}); the other records are kept",
+            SaelabWarning,
+            stacklevel=2,
+        )
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def _write_log(path: Path, records: list[dict[str, Any]]) -> None:
@@ -685,25 +900,22 @@ def _write_log(path: Path, records: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train(
     sae_or_config: SAE | dict,
     data: Any,
     train_config: TrainConfig | dict | None = None,
     out_dir: str | Path | None = None,
+    source_config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train (or, for a fitted baseline, fit) any registered architecture on any source or
-    iterable of [B, d_in] tensors. The returned SAE takes raw activations (input scale folded in)."""
+    iterable of [B, d_in] tensors. The returned SAE takes raw activations (input scale folded in).
+    `source_config` describes the data for the resume check (see `Trainer`)."""
     from saelab.sae.registry import create
 
     sae = sae_or_config if isinstance(sae_or_config, SAE) else create(sae_or_config)
     if sae.fitted:
         return fit_dictionary(sae, data, train_config)
-    return Trainer(sae, data, train_config, out_dir).fit()
+    return Trainer(sae, data, train_config, out_dir, source_config).fit()
 
 
 def train_many(
@@ -711,6 +923,7 @@ def train_many(
     data: Any,
     train_config: TrainConfig | dict | None = None,
     out_dir: str | Path | None = None,
+    source_config: dict[str, Any] | None = None,
 ) -> dict[str, TrainResult]:
     """Train several SAEs from one pass over `data` (see `Trainer` for `saes`); each result is what
     `saelab.train` would return for that SAE alone. Fitted baselines among them are fitted on the
@@ -720,5 +933,5 @@ def train_many(
     results = {name: fit_dictionary(sae, data, mcfg) for name, sae, mcfg in members if sae.fitted}
     trained = [m for m in members if not m[1].fitted]
     if trained:
-        results.update(Trainer.of_members(trained, data, cfg, out_dir).fit())
+        results.update(Trainer.of_members(trained, data, cfg, out_dir, source_config).fit())
     return {name: results[name] for name, _, _ in members}
