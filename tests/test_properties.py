@@ -226,3 +226,62 @@ def test_loading_a_state_with_tensors_of_another_sae_names_it(run_folder, tmp_pa
     with pytest.raises(SaelabError, match="d_sae"):
         trainer.fit()
     assert torch.isfinite(next(iter(trainer.members.values())).sae.W_enc).all()
+
+
+# ---------------------------------------------------------------------------- cache manifests
+@pytest.fixture(scope="module")
+def cache_folder(tmp_path_factory):
+    """A one-shard activation cache, written as `saelab harvest` writes one."""
+    from safetensors.torch import save_file
+
+    from saelab.activations import cache
+
+    folder = tmp_path_factory.mktemp("cache")
+    shard = folder / "shard_00000.safetensors"
+    save_file({"h": torch.randn(32, 4), "tokens": torch.arange(32, dtype=torch.int32)}, str(shard))
+    manifest = {
+        "format": cache.FORMAT,
+        "model": "m",
+        "hookpoints": {"h": 4},
+        "dtype": "float32",
+        "context_size": 8,
+        "packing": True,
+        "exclude_special": False,
+        "data": None,
+        "shards": [
+            {"file": shard.name, "tokens": 32, "bytes": shard.stat().st_size, "sha256": cache.sha256_file(shard)}
+        ],
+        "total_tokens": 32,
+        "complete": True,
+        "rows_state": {},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    next(cache.CachedSource(folder, batch_size=4))  # the untouched manifest reads
+    return folder, manifest
+
+
+MANIFEST_KEYS = ["format", "model", "hookpoints", "shards", "rows_state", "total_tokens", "complete"]
+SHARD_KEYS = ["file", "bytes", "sha256", "tokens"]
+
+
+@SETTINGS
+@given(
+    st.dictionaries(st.sampled_from(MANIFEST_KEYS + [f"shard.{k}" for k in SHARD_KEYS]), values, min_size=1, max_size=2)
+)
+def test_any_edit_of_a_cache_manifest_reads_or_names_the_problem(cache_folder, edits):
+    from saelab.activations.cache import CachedSource
+
+    folder, manifest = cache_folder
+    edited = copy.deepcopy(manifest)
+    for key, value in edits.items():
+        if key.startswith("shard."):
+            edited["shards"][0][key[6:]] = value
+        else:
+            edited[key] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(folder / "shard_00000.safetensors", tmp)
+        (Path(tmp) / "manifest.json").write_text(json.dumps(edited))
+        try:
+            next(CachedSource(tmp, batch_size=4))
+        except SaelabError as exc:
+            assert len(str(exc).splitlines()) == 1

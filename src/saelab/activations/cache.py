@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, StrictStr, ValidationError
 from safetensors import SafetensorError, safe_open
 
 from saelab.activations.base import Batch
@@ -52,12 +53,44 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise FileFormatError(f"{path} has format {found!r}, expected {FORMAT!r}")
     missing = [k for k in ("shards", "rows_state") if k not in manifest]
-    bad_shards = [i for i, sh in enumerate(manifest.get("shards", [])) if not isinstance(sh, dict) or "bytes" not in sh]
+    shards = manifest.get("shards", [])
+    bad_shards = (
+        [i for i, sh in enumerate(shards) if not isinstance(sh, dict) or "bytes" not in sh]
+        if isinstance(shards, list)
+        else ["shards is not a list"]
+    )
     if missing or bad_shards:
         raise FileFormatError(
             f"{path} is incomplete (missing keys {missing}, malformed shard entries {bad_shards}); harvest it again"
         )
+    try:
+        _ManifestTypes.model_validate(manifest)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise FileFormatError(
+            f"{path}: '{where}' {err['msg'].lower()} (got {err.get('input')!r}); the cache is damaged, harvest it again"
+        ) from None
     return manifest
+
+
+class _Shard(BaseModel):
+    file: StrictStr
+    tokens: NonNegativeInt
+    bytes: NonNegativeInt
+    sha256: StrictStr | None = None
+
+
+class _ManifestTypes(BaseModel):
+    """The types every reader of a manifest relies on (extra keys are the harvester's own)."""
+
+    model_config = ConfigDict(strict=True)
+
+    hookpoints: dict[str, PositiveInt]
+    shards: list[_Shard]
+    rows_state: dict
+    total_tokens: NonNegativeInt = 0
+    complete: bool = False
 
 
 def _identity(source, dtype: str, data_desc: Any) -> dict[str, Any]:
