@@ -110,3 +110,5 @@ def test_train_from_a_saved_model_folder(tmp_path, gpt2, tokenizer, texts):
         build_source({**spec, "model": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="unknown key"):
         build_source({**spec, "hookpiont": "x"})
+    with pytest.raises(ConfigError, match=r"context_size=65 exceeds the 64 positions"):
+        build_source({**spec, "context_size": 65})

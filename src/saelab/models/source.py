@@ -291,13 +291,25 @@ def _check_keys(spec: dict[str, Any]) -> None:
 
 
 def _load(spec: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
-    return load_model(
+    model, tokenizer = load_model(
         spec["model"],
         gguf_file=spec.get("gguf_file"),
         dtype=spec.get("dtype", "float32"),
         device=spec.get("device", "cpu"),
         task=spec.get("task", "causal-lm"),
     )
+    check_context_size(model, spec.get("context_size"), spec["model"])
+    return model, tokenizer
+
+
+def check_context_size(model: torch.nn.Module, context_size: int | None, name: str) -> None:
+    """A row longer than the model's position table would index past it (or silently degrade)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context_size is not None and isinstance(limit, int) and context_size > limit:
+        raise ConfigError(
+            f"context_size={context_size} exceeds the {limit} positions of model '{name}'; use context_size <= {limit}"
+        )
 
 
 def harvester_from_spec(spec: dict[str, Any]) -> Harvester:
