@@ -360,6 +360,7 @@ def cached_model_source(spec: dict[str, Any]) -> CachedSource:
             max_tokens,
             shard_tokens,
             data_desc=data if isinstance(data, (str, dict)) else "in-memory",
+            progress=True,  # minutes of model forwards before training starts: show them
         )
         hookpoint = harvester.hookpoints[0].name
         target = harvester.hookpoints[-1].name if spec.get("target_hookpoint") else None
