@@ -1,0 +1,1 @@
+"""Reading latents: contexts, autointerp explanations and scores, and Patchscope self-descriptions."""
