@@ -2,15 +2,17 @@
 
 For each chosen latent: its firing density, its top-activating contexts (a window of tokens
 around the maximum, with the latent's activation on every token), and a logit lens of its
-decoder direction, W_U d_i: the tokens it promotes and suppresses when added to the residual
-stream (read through the unembedding only; the final norm's gain is left out, as is usual).
-Results are plain dicts (saved as JSON) and render as a text or HTML report.
+decoder direction through the final norm and the unembedding (`logit_lens`): the tokens it
+promotes and suppresses when added to the residual stream. Results are plain dicts (saved as
+JSON) and render as a text or HTML report.
 """
 
 from __future__ import annotations
 
 import html
+import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,7 +78,7 @@ def inspect_latents(
     for i in latents:
         if not 0 <= i < d_sae:
             raise ConfigError(f"latent {i} is out of range; this SAE has d_sae={d_sae}")
-    unembed = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else None
+    lens = logit_lens(model, sae.W_dec[latents], n_logit_tokens) if _unembedding(model) is not None else None
     out_latents = []
     for i in latents:
         contexts = []
@@ -104,12 +106,11 @@ def inspect_latents(
             "max_activation": max((c["activation"] for c in contexts), default=0.0),
             "top_contexts": contexts,
         }
-        if unembed is not None:
-            logits = unembed.detach().float() @ sae.W_dec[i].detach().float().to(unembed.device)
-            top, bottom = logits.topk(n_logit_tokens), (-logits).topk(n_logit_tokens)
+        if lens is not None:
+            j = len(out_latents)
             entry["logit_lens"] = {
-                "promoted": [[tokenizer.decode([int(t)]), float(v)] for v, t in zip(top.values, top.indices)],
-                "suppressed": [[tokenizer.decode([int(t)]), float(-v)] for v, t in zip(bottom.values, bottom.indices)],
+                "promoted": [[tokenizer.decode([t]), v] for t, v in zip(lens.top_ids[j], lens.top_values[j])],
+                "suppressed": [[tokenizer.decode([t]), v] for t, v in zip(lens.bottom_ids[j], lens.bottom_values[j])],
             }
         out_latents.append(entry)
     return {
@@ -121,6 +122,106 @@ def inspect_latents(
         "mean_l0": float(fires.sum() / n_tokens),
         "latents": out_latents,
     }
+
+
+# ---------------------------------------------------------------------------- logit lens
+@dataclass
+class LogitLens:
+    """Per direction: the `k` most promoted and most suppressed token ids with their logits."""
+
+    top_ids: list[list[int]]
+    top_values: list[list[float]]
+    bottom_ids: list[list[int]]
+    bottom_values: list[list[float]]
+    final_norm: str | None  # module path of the final norm the directions went through
+
+
+_FINAL_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unembedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+@torch.no_grad()
+def final_norm(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """(path, module) of the norm whose output the unembedding reads; None when there is none.
+
+    Found by running the model once on three tokens and comparing the unembedding's input with
+    the output of every norm-like module (a module whose class name contains "Norm" and that has
+    a `[d_model]` weight), so no table of architectures is needed; the last match wins.
+    """
+    if model in _FINAL_NORMS:
+        return _FINAL_NORMS[model]
+    unembed = _unembedding(model)
+    if unembed is None:
+        raise ConfigError(f"{type(model).__name__} has no output embedding (get_output_embeddings); no logit lens")
+    named = list(model.named_modules())
+    head = next(name for name, m in named if m is unembed)
+    width = unembed.weight.shape[1]
+    norms = [
+        name
+        for name, m in named
+        if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.shape == (width,)
+    ]
+    points = [hooks.Hookpoint(n) for n in norms] + [hooks.Hookpoint(head, "input")]
+    device = unembed.weight.device
+    ids = torch.tensor([[1, 2, 3]], device=device) % unembed.weight.shape[0]
+    with hooks.capture(model, points, stop_early=False) as store:
+        model(input_ids=ids)
+    read = store[points[-1].name]
+    found = None
+    for n in norms:
+        out = store.get(n)
+        if out is not None and out.shape[-1] == width and out.shape[-2] >= read.shape[-2]:
+            if torch.equal(out[..., out.shape[-2] - read.shape[-2] :, :], read):
+                found = (n, dict(named)[n])
+    _FINAL_NORMS[model] = found
+    return found
+
+
+@torch.no_grad()
+def lens_logits(model: torch.nn.Module, directions: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """Logits `[n, vocab]` that each residual direction (a row of `directions`) writes, read
+    through the final norm and the unembedding; and the final norm's module path.
+
+    A direction d added to the residual stream x reaches the unembedding as norm(x + d). For an
+    RMSNorm, g * (x + d) / rms(x + d); for a LayerNorm, g * (x + d - mean) / std + b. The part
+    that depends on d is g * d (RMSNorm) or g * (d - mean(d)) (LayerNorm) times a positive scale
+    (1/rms, 1/std), which does not change the ranking of tokens. That part is computed without
+    knowing which norm the model uses as norm(d) - norm(0): the norm applied to the direction
+    alone minus its bias, which equals g * d / rms(d) or g * (d - mean d) / std(d) (Gemma's
+    (1 + w) gain included). Each such vector is rescaled to unit length, like the unit decoder
+    direction it came from, so logits are comparable across latents. Leaving the norm out (the
+    usual d @ W_U^T) ranks tokens wrongly wherever the gain is far from uniform.
+    """
+    unembed = _unembedding(model)
+    W = unembed.weight.detach()
+    d = directions.detach().to(W.device, torch.float32)
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    found = final_norm(model)
+    if found is not None:
+        norm = found[1]
+        dtype = norm.weight.dtype
+        u = (norm(d.to(dtype)) - norm(torch.zeros_like(d[:1], dtype=dtype))).float()
+        d = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return d @ W.float().t(), found[0] if found is not None else None
+
+
+@torch.no_grad()
+def logit_lens(model: torch.nn.Module, directions: torch.Tensor, k: int = 10, chunk: int = 256) -> LogitLens:
+    """The `k` most promoted and suppressed tokens of each direction (see `lens_logits`), in
+    chunks of `chunk` directions so `[chunk, vocab]` is the largest tensor made."""
+    out = LogitLens([], [], [], [], None)
+    for i in range(0, directions.shape[0], chunk):
+        logits, out.final_norm = lens_logits(model, directions[i : i + chunk])
+        top, bottom = logits.topk(k), logits.topk(k, largest=False)
+        out.top_ids += top.indices.tolist()
+        out.top_values += top.values.tolist()
+        out.bottom_ids += bottom.indices.tolist()
+        out.bottom_values += bottom.values.tolist()
+    return out
 
 
 def _show(tok: str) -> str:
