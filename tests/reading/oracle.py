@@ -15,7 +15,7 @@ import re
 from types import SimpleNamespace
 
 from saelab.reading.clients import Reply, Request
-from saelab.reading.contexts import Context, LatentContexts
+from saelab.reading.contexts import Context, Histogram, LatentContexts
 
 N_LATENTS = 8
 SET_SIZE = 3
@@ -81,7 +81,8 @@ def make_world(seed: int = 0, n_docs: int = 300, doc_len: int = 64, p_feature: f
             max_value=max(max(c.values) for c in ctxs),
             top=ctxs[::-1][:20],
             quantiles=bins,
-            value_histogram=None,
+            quantile_edges=[],
+            value_histogram=Histogram([], []),
         )
     random_windows = []
     for _ in range(200):

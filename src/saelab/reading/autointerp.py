@@ -254,6 +254,10 @@ class WindowActivations:
         self.specials = special_ids(tokenizer)
         self.batch_size = batch_size
 
+    def _row(self, window: Sequence[int]) -> list[int]:
+        w = list(window)
+        return w if self.bos is None or (w and w[0] == self.bos) else [self.bos, *w]
+
     @torch.no_grad()
     def __call__(self, windows: Sequence[Sequence[int]], latents: Sequence[int]) -> torch.Tensor:
         from saelab.models import hooks
@@ -263,9 +267,7 @@ class WindowActivations:
         idx = torch.as_tensor(list(latents), dtype=torch.int64)
         out = torch.zeros(len(windows), len(idx))
         for start in range(0, len(windows), self.batch_size):
-            chunk = [
-                ([self.bos] if self.bos is not None else []) + list(w) for w in windows[start : start + self.batch_size]
-            ]
+            chunk = [self._row(w) for w in windows[start : start + self.batch_size]]
             width = max(len(w) for w in chunk)
             ids = torch.full((len(chunk), width), self.pad, dtype=torch.int64)
             mask = torch.zeros_like(ids)
@@ -353,7 +355,7 @@ def run_autointerp(
     if missing:
         raise ConfigError(f"latent(s) {missing[:10]} have no contexts in the collection; collect them first")
     rng = random.Random(cfg.seed)
-    decode = _decoder(tokenizer)
+    decode = _decoder(tokenizer, collection)
     t0 = time.perf_counter()
 
     # activating examples (explain / test split) for every latent
@@ -363,44 +365,23 @@ def run_autointerp(
         explain, test = split_activating(lc, cfg.n_explain, cfg.n_test, random.Random(rng.random()))
         plan[i] = {"explain": explain, "test": test}
 
-    # non-activating candidates, checked exactly in one batched pass
+    # non-activating contexts: candidates checked exactly, lazily, each window once for all latents
     random_windows = [list(w) for w in getattr(collection, "random_windows", [])]
-    hard_candidates: dict[int, list[list[int]]] = {}
-    for i in latents:
-        cands = []
-        for j in (neighbours or {}).get(i, []):
-            if j in collection.latents:
-                cands.extend(list(c.token_ids) for c in collection.latents[j].top)
-        hard_candidates[i] = cands
-    pool: dict[tuple, int] = {}
-    for w in random_windows + [w for c in hard_candidates.values() for w in c]:
-        pool.setdefault(tuple(w), len(pool))
-    windows = [list(k) for k in pool]
-    silent = (window_activations(windows, latents) <= 0) if windows else torch.zeros(0, len(latents), dtype=torch.bool)
-    col = {i: c for c, i in enumerate(latents)}
-
+    # a random window the collector saw the latent fire in (in its document) is never a negative
+    fired_in_context = [set(f) for f in getattr(collection, "random_fired", [])] or [set()] * len(random_windows)
+    order = list(range(len(random_windows)))
+    rng.shuffle(order)  # one shared order, so latents mostly check the same windows
+    silence = _Silence(window_activations, latents)
     for i in latents:
         p = plan[i]
-        act_keys = {_key(c) for c in p["explain"] + p["test"]}
-        r = random.Random(rng.random())
-
-        def usable(ws, i=i, act_keys=act_keys):
-            out, seen = [], set()
-            for w in ws:
-                k = tuple(w)
-                if k in act_keys or k in seen or not silent[pool[k], col[i]]:
-                    continue
-                seen.add(k)
-                out.append(w)
-            return out
-
-        rand = usable(random_windows)
-        r.shuffle(rand)
-        hard = usable(hard_candidates[i])[: cfg.n_hard]
-        hard_keys = {tuple(w) for w in hard}
-        rand = [w for w in rand if tuple(w) not in hard_keys][: cfg.n_random]
+        taken = {_key(c) for c in p["explain"] + p["test"]}
+        hard = silence.first_silent(i, _hard_candidates(collection, (neighbours or {}).get(i, []), taken), cfg.n_hard)
+        taken |= {tuple(w) for w in hard}
+        rand_cands = [random_windows[k] for k in order if i not in fired_in_context[k]]
+        rand = silence.first_silent(i, [w for w in rand_cands if tuple(w) not in taken], cfg.n_random)
         p["negatives"] = [(w, "random") for w in rand] + [(w, "hard") for w in hard]
-        p["rng"] = r
+        p["rng"] = random.Random(rng.random())
+    windows_checked = len(silence.max)
 
     # explanations
     results: dict[int, dict[str, Any]] = {i: {"latent": i} for i in latents}
@@ -481,8 +462,48 @@ def run_autointerp(
         "prompts": prompts_used(),
         "summary": summarize(rows, cfg.scorers),
         "latents": rows,
+        "windows_checked": windows_checked,
         "seconds": {"explain": explain_s, "score": score_s},
     }
+
+
+class _Silence:
+    """Each latent's maximum on candidate windows run alone, computed on demand and kept."""
+
+    def __init__(self, window_activations, latents: Sequence[int]):
+        self.fn, self.latents = window_activations, list(latents)
+        self.col = {i: c for c, i in enumerate(self.latents)}
+        self.max: dict[tuple, torch.Tensor] = {}
+
+    def first_silent(self, latent: int, candidates: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """The first `n` distinct candidates on which `latent` is exactly 0, in order."""
+        out: list[list[int]] = []
+        seen: set = set()
+        pos = 0
+        while len(out) < n and pos < len(candidates):
+            chunk = candidates[pos : pos + max(4, 2 * (n - len(out)))]
+            pos += len(chunk)
+            todo = list({tuple(w): None for w in chunk if tuple(w) not in self.max})
+            if todo:
+                for w, row in zip(todo, self.fn([list(w) for w in todo], self.latents)):
+                    self.max[w] = row
+            for w in chunk:
+                k = tuple(w)
+                if k not in seen and len(out) < n and float(self.max[k][self.col[latent]]) <= 0:
+                    seen.add(k)
+                    out.append(list(w))
+        return out
+
+
+def _hard_candidates(collection, neighbours: Sequence[int], taken: set) -> list[list[int]]:
+    """Top contexts of the neighbours, round-robin from the nearest, without repeats."""
+    lists = [[list(c.token_ids) for c in collection.latents[j].top] for j in neighbours if j in collection.latents]
+    out, seen = [], set(taken)
+    for w in _round_robin(lists, sum(len(x) for x in lists)):
+        if tuple(w) not in seen:
+            seen.add(tuple(w))
+            out.append(w)
+    return out
 
 
 def _complete(client: Client, requests: list[Request], desc: str, progress: bool) -> list[Reply]:
@@ -499,14 +520,18 @@ def _fallback(text: str) -> str:
     return lines[-1][:300] if lines else "(no explanation)"
 
 
-def _decoder(tokenizer) -> Callable[[list[int]], str]:
+def _decoder(tokenizer, collection=None) -> Callable[[list[int]], str]:
+    """Token id -> text: the tokenizer's, else the texts the collection stored."""
     cache: dict[int, str] = {}
+    stored = getattr(collection, "tokens", None) or {}
+    if tokenizer is None and not stored:
+        raise ConfigError("no way to show tokens: pass the tokenizer (the collection stores no token texts)")
 
     def decode(ids: list[int]) -> str:
         if len(ids) == 1:
-            t = ids[0]
+            t = int(ids[0])
             if t not in cache:
-                cache[t] = tokenizer.decode([t])
+                cache[t] = tokenizer.decode([t]) if tokenizer is not None else stored.get(t, f"<{t}>")
             return cache[t]
         return "".join(decode([t]) for t in ids)
 
