@@ -82,3 +82,23 @@ def test_a_refused_key_stops_the_run_with_a_clear_error():
         client = OpenAIClient("oracle", base_url=srv.url, timeout=2, max_retries=0)
         with pytest.raises(ClientError, match="refused model 'oracle'"):
             client.complete(Request([{"role": "user", "content": "hi"}]))
+
+
+def test_local_transformers_client_greedy_prefill_and_logprobs(tmp_path):
+    from saelab.reading.clients import TransformersClient
+    from tests.models import tiny
+
+    tok = tiny.make_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tiny.trained_gpt2().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    client = TransformersClient(str(tmp_path), top_logprobs=3)
+    req = Request([{"role": "user", "content": "the red cat sat on"}], max_tokens=4, logprobs=True, prefill="the")
+    a, b = client.complete(req), client.complete(req)
+    assert a.text == b.text and a.text.startswith("the") and a.error is None  # greedy: the same twice
+    assert len(a.logprobs) == 4 and all(len(alts) >= 3 for alts in a.logprobs)
+    for alts in a.logprobs:  # log-probabilities of a distribution, best first
+        lps = [lp for _, lp in alts[:3]]
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+    long = Request([{"role": "user", "content": "cat " * 70}], max_tokens=4)
+    assert client.complete(long).error.startswith("prompt of")  # bounded by the model's context

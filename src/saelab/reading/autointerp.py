@@ -65,6 +65,8 @@ class AutointerpConfig:
     score_temperature: float = 0.0
     explain_max_tokens: int = 80
     score_max_tokens: int = 40
+    prefill: bool = False
+    """Begin replies for the model ('[EXPLANATION]:' and '['), where the client can (the local one)."""
     scorers: tuple[str, ...] = SCORERS
     baseline: bool = True
     """Also score every latent with another latent's explanation (a seeded derangement)."""
@@ -405,6 +407,7 @@ def run_autointerp(
                     cfg.explain_temperature,
                     False,
                     cfg.seed,
+                    "[EXPLANATION]:" if cfg.prefill else "",
                 )
             )
             order.append(i)
@@ -575,6 +578,7 @@ def _score(client: Client, kind: str, explanation: str, items, cfg: AutointerpCo
             cfg.score_temperature,
             True,
             cfg.seed,
+            "[" if cfg.prefill else "",
         )
         for ch in chunks
     ]

@@ -45,6 +45,13 @@ def register(subparsers) -> None:
     g.add_argument("--per-prompt", type=int, default=5, help="Excerpts per scoring prompt (default: 5).")
     g.add_argument("--scorers", default="detection,fuzzing", help="Comma-separated: detection, fuzzing.")
     g.add_argument("--no-baseline", action="store_true", help="Skip the random-explanation baseline.")
+    g.add_argument(
+        "--prefill",
+        action="store_true",
+        help="Begin the local model's replies ('[EXPLANATION]:', '['): small models follow the format better.",
+    )
+    g.add_argument("--explain-max-tokens", type=int, default=80, help="Tokens an explanation may take.")
+    g.add_argument("--score-max-tokens", type=int, default=40, help="Tokens a scoring reply may take.")
     g.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="Folder for results.json and report.md.")
     p.set_defaults(func=run_autointerp_cmd)
@@ -143,6 +150,9 @@ def run_autointerp_cmd(args: argparse.Namespace) -> int:
         per_prompt=args.per_prompt,
         scorers=tuple(s.strip() for s in args.scorers.split(",") if s.strip()),
         baseline=not args.no_baseline,
+        prefill=args.prefill,
+        explain_max_tokens=args.explain_max_tokens,
+        score_max_tokens=args.score_max_tokens,
         seed=args.seed,
     )
     t_start = time.perf_counter()
