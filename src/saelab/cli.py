@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "saelab.uand.cli",  # uand EXPERIMENT
     "saelab.models.cli",  # harvest, fidelity, inspect, steer (real models)
     "saelab.bench.cli",  # bench toy
+    "saelab.reading.cli",  # dashboard (reading latents)
     "saelab.reading.interp_cli",  # autointerp, patchscope
 ]
 

@@ -80,7 +80,7 @@ def test_logit_lens_without_a_final_norm():
         def get_output_embeddings(self):
             return self.head
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, attention_mask=None):
             return self.head(self.emb(input_ids))
 
     model = Bare()

@@ -185,6 +185,14 @@ def test_json_round_trip_and_damaged_file(setup, tmp_path):
         ContextCollection.load(tmp_path / "bad.json")
 
 
+def test_without_a_tokenizer_the_model_config_names_the_special_tokens(setup):
+    tok, model, sae = setup
+    batches = rows(tok, n_docs=6)
+    col = collect_contexts(sae, model, batches, hookpoint=HP, progress=False)
+    _, keep = exact_latents(model, sae, batches, special_ids(tok))
+    assert col.n_tokens == int(keep.sum()) and col.tokens == {} and col.tokenizer_name is None
+
+
 def test_bad_requests(setup):
     tok, model, sae = setup
     with pytest.raises(ConfigError, match="out of range"):

@@ -146,8 +146,9 @@ def _sae_and_spec(args: argparse.Namespace):
     return sae, _spec_from(args, saved)
 
 
-def _eval_rows(spec: dict[str, Any], n_rows: int, skip_docs: int):
-    """Model, tokenizer, hookpoint name, specials and `n_rows` rows of text for evaluation."""
+def _eval_stream(spec: dict[str, Any], n_rows: int, skip_docs: int, batch_rows: int = 8):
+    """Model, tokenizer, hookpoint name, specials and a generator of up to `n_rows` rows of
+    text (batches of `batch_rows`), `skip_docs` documents into the data."""
     from saelab.models.source import _load
     from saelab.models.text import TokenRows, load_texts, special_ids
 
@@ -161,12 +162,21 @@ def _eval_rows(spec: dict[str, Any], n_rows: int, skip_docs: int):
     rows = TokenRows(
         ds, tokenizer, int(spec.get("context_size", 128)), spec.get("packing", True), spec.get("prepend_bos", True)
     )
-    batches, n = [], 0
-    while n < n_rows and (b := rows.next_rows(min(8, n_rows - n))) is not None:
-        batches.append(b)
-        n += b[0].shape[0]
+
+    def batches():
+        n = 0
+        while n < n_rows and (b := rows.next_rows(min(batch_rows, n_rows - n))) is not None:
+            yield b
+            n += b[0].shape[0]
+
     specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
-    return model, tokenizer, hookpoint, specials, batches
+    return model, tokenizer, hookpoint, specials, batches()
+
+
+def _eval_rows(spec: dict[str, Any], n_rows: int, skip_docs: int):
+    """As `_eval_stream`, with the rows held in a list (metrics that read them twice)."""
+    model, tokenizer, hookpoint, specials, batches = _eval_stream(spec, n_rows, skip_docs)
+    return model, tokenizer, hookpoint, specials, list(batches)
 
 
 # ---------------------------------------------------------------------------- commands

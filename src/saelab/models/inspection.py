@@ -19,7 +19,6 @@ import torch
 
 from saelab.errors import ConfigError
 from saelab.models import hooks
-from saelab.models.text import keep_mask
 
 
 @torch.no_grad()
@@ -37,89 +36,66 @@ def inspect_latents(
     n_logit_tokens: int = 10,
 ) -> dict[str, Any]:
     """Scan `batches` of (input_ids, attention_mask) and describe `latents` (default: the
-    `n_latents` most frequently firing ones)."""
-    from saelab.evals.downstream import check_width
+    `n_latents` most frequently firing ones). Contexts come from the streaming collector
+    (`saelab.reading.contexts`): `window` tokens of context about the peak, fewer after it."""
+    from saelab.reading.contexts import collect_contexts
 
-    hp = hooks.resolve(model, hookpoint)[0]
-    check_width(model, hp, sae.cfg.d_in)
-    device = next(model.parameters()).device
-    d_sae = sae.cfg.d_sae
-    fires = torch.zeros(d_sae, dtype=torch.int64)
-    n_tokens = 0
-    best_val = torch.full((top_k, d_sae), -float("inf"))
-    best_row = torch.full((top_k, d_sae), -1, dtype=torch.int64)
-    rows_ids, rows_mask = [], []
-
-    def encode_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        acts = hooks.run(model, ids.to(device), [hp], mask.to(device))[hp.name]
-        keep = keep_mask(ids, mask, specials)
-        f = torch.zeros(*ids.shape, d_sae)
-        f[keep] = sae.encode(acts[keep.to(acts.device)].float()).cpu()
-        return f, keep
-
-    for ids, mask in batches:
-        f, keep = encode_rows(ids, mask)
-        fires += (f[keep] > 0).sum(0)
-        n_tokens += int(keep.sum())
-        row_max = f.max(1).values  # [B, d_sae]
-        offset = len(rows_ids) and sum(r.shape[0] for r in rows_ids)
-        rows_ids.append(ids)
-        rows_mask.append(mask)
-        vals = torch.cat([best_val, row_max])
-        idx = torch.cat([best_row, torch.arange(offset, offset + ids.shape[0])[:, None].expand(-1, d_sae)])
-        top = vals.topk(top_k, dim=0)
-        best_val, best_row = top.values, idx.gather(0, top.indices)
-    if n_tokens == 0:
-        raise ConfigError("no tokens to inspect: every position was padding or a special token")
-    all_ids, all_mask = torch.cat(rows_ids), torch.cat(rows_mask)
-    density = fires.double() / n_tokens
+    if latents is not None:
+        bad = [i for i in latents if not 0 <= i < sae.cfg.d_sae]
+        if bad:
+            raise ConfigError(f"latent {bad[0]} is out of range; this SAE has d_sae={sae.cfg.d_sae}")
+    col = collect_contexts(
+        sae,
+        model,
+        batches,
+        hookpoint=hookpoint,
+        tokenizer=tokenizer,
+        specials=specials if specials is not None else torch.zeros(0, dtype=torch.int64),
+        latents=latents,
+        top_k=top_k,
+        n_bins=0,
+        window=window + window // 2 + 1,
+        n_random=0,
+        progress=False,
+    )
+    density = torch.tensor(col.density)
     if latents is None:
         latents = density.argsort(descending=True)[:n_latents].tolist()
-    for i in latents:
-        if not 0 <= i < d_sae:
-            raise ConfigError(f"latent {i} is out of range; this SAE has d_sae={d_sae}")
     lens = logit_lens(model, sae.W_dec[latents], n_logit_tokens) if _unembedding(model) is not None else None
     out_latents = []
-    for i in latents:
-        contexts = []
-        for k in range(top_k):
-            r, v = int(best_row[k, i]), float(best_val[k, i])
-            if r < 0 or v <= 0:
-                continue
-            f, _ = encode_rows(all_ids[r : r + 1], all_mask[r : r + 1])
-            acts = f[0, :, i]
-            pos = int(acts.argmax())
-            lo, hi = max(0, pos - window), min(int(all_mask[r].sum()), pos + window // 2 + 1)
-            contexts.append(
-                {
-                    "row": r,
-                    "position": pos,
-                    "activation": v,
-                    "tokens": [tokenizer.decode([t]) for t in all_ids[r, lo:hi].tolist()],
-                    "activations": [round(float(a), 4) for a in acts[lo:hi]],
-                    "max_index": pos - lo,
-                }
-            )
+    for j, i in enumerate(latents):
+        lc = col.latents[i]
+        contexts = [
+            {
+                "row": c.doc,
+                "position": c.position,
+                "activation": c.value,
+                "tokens": col.text(c.token_ids),
+                "activations": [round(a, 4) for a in c.values],
+                "max_index": c.peak,
+            }
+            for c in lc.top
+        ]
         entry: dict[str, Any] = {
             "latent": i,
-            "density": float(density[i]),
-            "max_activation": max((c["activation"] for c in contexts), default=0.0),
+            "density": lc.density,
+            "max_activation": lc.max_value,
             "top_contexts": contexts,
         }
         if lens is not None:
-            j = len(out_latents)
             entry["logit_lens"] = {
                 "promoted": [[tokenizer.decode([t]), v] for t, v in zip(lens.top_ids[j], lens.top_values[j])],
                 "suppressed": [[tokenizer.decode([t]), v] for t, v in zip(lens.bottom_ids[j], lens.bottom_values[j])],
             }
         out_latents.append(entry)
+    fired = density * col.n_tokens
     return {
-        "hookpoint": hp.name,
-        "tokens_scanned": n_tokens,
-        "d_sae": d_sae,
-        "dead_fraction": float((fires == 0).double().mean()),
+        "hookpoint": col.hookpoint,
+        "tokens_scanned": col.n_tokens,
+        "d_sae": col.d_sae,
+        "dead_fraction": float((density == 0).double().mean()),
         "dense_fraction": float((density > 0.1).double().mean()),
-        "mean_l0": float(fires.sum() / n_tokens),
+        "mean_l0": float(fired.sum() / col.n_tokens),
         "latents": out_latents,
     }
 
@@ -168,8 +144,7 @@ def final_norm(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
     points = [hooks.Hookpoint(n) for n in norms] + [hooks.Hookpoint(head, "input")]
     device = unembed.weight.device
     ids = torch.tensor([[1, 2, 3]], device=device) % unembed.weight.shape[0]
-    with hooks.capture(model, points, stop_early=False) as store:
-        model(input_ids=ids)
+    store = hooks.run(model, ids, points, torch.ones_like(ids), stop_early=False)
     read = store[points[-1].name]
     found = None
     for n in norms:

@@ -214,12 +214,14 @@ def collect_contexts(
 
 
 def _config_specials(model: torch.nn.Module) -> torch.Tensor:
+    """BOS, EOS and pad ids from the model's config (an id or a list of ids each)."""
     cfg = getattr(model, "config", None)
-    ids = {getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    flat = set()
-    for v in ids - {None}:
-        flat.update(v if isinstance(v, (list, tuple)) else [v])
-    return torch.tensor(sorted(int(v) for v in flat), dtype=torch.int64)
+    flat: set[int] = set()
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(cfg, k, None)
+        if v is not None:
+            flat.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    return torch.tensor(sorted(flat), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------- streaming state
@@ -348,17 +350,19 @@ class ContextCollector:
         for c, latent in enumerate(self.latents):
             n_fired = int(self.fired_all[latent])
             top = self.top.contexts(c)
-            samples = sorted(self.res.contexts(c), key=lambda x: x.value) if self.res.size else []
             bins: list[list[Context]] = [[] for _ in range(self.n_bins)]
             edges: list[float] = []
-            if samples and self.n_bins:
-                groups = _equal_count_split(samples, self.n_bins)
-                for b, group in enumerate(groups):
-                    pick = torch.randperm(len(group), generator=gen)[: self.per_bin].tolist()
-                    bins[b] = sorted((group[i] for i in pick), key=lambda x: -x.value)
-                edges = [g[0].value for g in groups if g] + [samples[-1].value]
-                if len(edges) != self.n_bins + 1:  # fewer samples than bins: some bins are empty
-                    edges = []
+            slots = torch.isfinite(self.res.key[:, c]).nonzero().flatten() if self.res.size else torch.zeros(0)
+            if len(slots) >= max(self.n_bins, 1):
+                values = self.res.value[slots, c]
+                order = slots[torch.sort(values, stable=True).indices]  # reservoir slots, lowest value first
+                groups = _equal_count_split(order.tolist(), self.n_bins)
+                picks = [[g[i] for i in torch.randperm(len(g), generator=gen)[: self.per_bin].tolist()] for g in groups]
+                made = iter(self.res.contexts(c, sum(picks, [])))  # one call per latent: fewer small ops
+                for b, pick in enumerate(picks):
+                    bins[b] = sorted((next(made) for _ in pick), key=lambda x: -x.value)
+                firsts = torch.tensor([g[0] for g in groups] + [order[-1]])
+                edges = _short(self.res.value[firsts, c])
             out[latent] = LatentContexts(
                 latent=latent,
                 n_tokens=self.n_tokens,
@@ -370,9 +374,8 @@ class ContextCollector:
                 quantile_edges=edges,
                 value_histogram=self._histogram(c),
             )
-        ids_seen = {int(t) for t in self.top.ids.unique().tolist() + self.res.ids.unique().tolist()}
-        ids_seen |= set(self.rand_ids.unique().tolist())
-        ids_seen.discard(-1)
+        ids_seen = {t for lc in out.values() for c in lc.top + sum(lc.quantiles, []) for t in c.token_ids}
+        ids_seen.update(t for row in self.rand_ids.tolist() for t in row if t >= 0)
         tokens = {i: tokenizer.decode([i]) for i in sorted(ids_seen)} if tokenizer is not None else {}
         keep_r = torch.isfinite(self.rand_key)
         return ContextCollection(
@@ -405,6 +408,21 @@ class ContextCollector:
             return Histogram(edges=[], counts=[])
         n = int(counts.nonzero().max()) + 1
         return Histogram(edges=[w * i for i in range(n + 1)], counts=counts[:n].tolist())
+
+
+_POW10 = torch.tensor([10.0**i for i in range(23)], dtype=torch.float64)  # exact doubles
+
+
+def _short(values: torch.Tensor) -> list:
+    """Values (any shape) rounded to 7 significant digits, about float32's precision, so JSON
+    stays small and a value reads the same wherever it is shown. Dividing the rounded integer by
+    an exact power of ten gives the double nearest the decimal, which prints as that decimal."""
+    v = values.double()
+    k = (6 - torch.floor(torch.log10(v.abs().clamp_min(1e-300)))).long()  # decimals to keep
+    up = _POW10[k.clamp(0, 22)]
+    down = _POW10[(-k).clamp(0, 22)]
+    out = torch.where(k >= 0, torch.round(v * up) / up, torch.round(v / down) * down)
+    return torch.where(v == 0, 0.0, out).tolist()
 
 
 def _equal_count_split(items: list, n: int) -> list[list]:
@@ -469,8 +487,10 @@ class _Slots:
         empty = -math.inf if descending else math.inf
         old_key = torch.where(torch.isfinite(self.key), self.key, empty)
         allk = torch.cat([old_key, cand])
-        # stable: on ties the earlier entry (old slots, then earlier rows) wins
-        order = torch.sort(allk, dim=0, descending=descending, stable=True).indices[: self.size]
+        if descending:  # top-k: on ties the earlier entry (old slots, then earlier rows) wins
+            order = torch.sort(allk, dim=0, descending=True, stable=True).indices[: self.size]
+        else:  # reservoir keys are i.i.d. uniform: no ties worth ordering
+            order = allk.topk(self.size, dim=0, largest=False).indices
         new_key = allk.gather(0, order)
         src = order.clamp(max=self.size - 1)
 
@@ -488,18 +508,25 @@ class _Slots:
             ids[s, c], vals[s, c] = windows.one_latent(r, p, c)
         self.key, self.value, self.doc, self.pos, self.ids, self.vals = new_key, val, doc, pos, ids, vals
 
-    def contexts(self, c: int) -> list[Context]:
-        """Latent column c's kept windows, in slot order (best score first)."""
+    def contexts(self, c: int, slots: list[int] | None = None) -> list[Context]:
+        """Latent column c's windows in `slots` (default: every filled slot, best score first)."""
+        if slots is None:
+            slots = torch.isfinite(self.key[:, c]).nonzero().flatten().tolist()
+        if not slots:
+            return []
+        sel = torch.tensor(slots)
+        ids, ok = self.ids[sel, c], self.ids[sel, c] >= 0
+        vals = _short(self.vals[sel, c])
+        lead = ok[:, : self.before].sum(1).tolist()  # invalid entries before the chosen token are dropped
         out = []
-        for s in torch.isfinite(self.key[:, c]).nonzero().flatten().tolist():
-            ok = self.ids[s, c] >= 0
+        for j, (row, keep, v) in enumerate(zip(ids.tolist(), ok.tolist(), vals)):
             out.append(
                 Context(
-                    token_ids=self.ids[s, c][ok].tolist(),
-                    values=self.vals[s, c][ok].tolist(),
-                    doc=int(self.doc[s, c]),
-                    position=int(self.pos[s, c]),
-                    offset=int(ok[: self.before].sum()),  # invalid entries before it were dropped
+                    token_ids=[t for t, k in zip(row, keep) if k],
+                    values=[x for x, k in zip(v, keep) if k],
+                    doc=int(self.doc[slots[j], c]),
+                    position=int(self.pos[slots[j], c]),
+                    offset=lead[j],
                 )
             )
         return out
