@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "saelab.bench.cli",  # bench toy
     "saelab.io.cli",  # convert (other libraries' SAE files -> SAELens v6)
     "saelab.reading.cli",  # dashboard (reading latents)
+    "saelab.reading.interp_cli",  # autointerp, patchscope
 ]
 
 
