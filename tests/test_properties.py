@@ -274,8 +274,10 @@ def test_any_edit_of_a_cache_manifest_reads_or_names_the_problem(cache_folder, e
     folder, manifest = cache_folder
     edited = copy.deepcopy(manifest)
     for key, value in edits.items():
-        if key.startswith("shard."):
-            edited["shards"][0][key[6:]] = value
+        if key.startswith("shard."):  # an edit inside the first shard entry, while there is one
+            shards = edited["shards"]
+            if isinstance(shards, list) and shards and isinstance(shards[0], dict):
+                shards[0][key[6:]] = value
         else:
             edited[key] = value
     with tempfile.TemporaryDirectory() as tmp:

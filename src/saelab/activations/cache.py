@@ -19,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, StrictStr, StringConstraints, ValidationError
 from safetensors import SafetensorError, safe_open
 
 from saelab.activations.base import Batch
@@ -69,7 +69,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise FileFormatError(
-            f"{path}: '{where}' {err['msg'].lower()} (got {err.get('input')!r}); the cache is damaged, harvest it again"
+            f"{path}: {where!r} {err['msg'].lower()} (got {err.get('input')!r}); the cache is damaged, harvest it again"
         ) from None
     return manifest
 
@@ -86,7 +86,7 @@ class _ManifestTypes(BaseModel):
 
     model_config = ConfigDict(strict=True)
 
-    hookpoints: dict[str, PositiveInt]
+    hookpoints: dict[Annotated[str, StringConstraints(pattern=r"^\S+$")], PositiveInt]  # module paths
     shards: list[_Shard]
     rows_state: dict
     total_tokens: NonNegativeInt = 0
