@@ -93,7 +93,7 @@ def downstream_fidelity(
         raise ConfigError("no text to evaluate on: the dataset gave no rows")
     # mean activation over the spliced positions: the mean-ablation baseline
     total, count = None, 0
-    for ids, mask in batches:
+    for ids, mask in _bar(batches, "fidelity: mean activation (ablation baseline)"):
         keep = keep_mask(ids, mask, specials)
         a = hooks.run(model, ids, [hp], mask)[hp.name][keep].double()
         total = a.sum(0) if total is None else total + a.sum(0)
@@ -116,7 +116,7 @@ def downstream_fidelity(
     kl = {k: [] for k in names}
     max_diff = 0.0
     spliced = 0
-    for ids, mask in batches:
+    for ids, mask in _bar(batches, f"fidelity: clean + {len(names)} spliced forwards"):
         keep = keep_mask(ids, mask, specials)
         score = mask[:, :-1].bool() & mask[:, 1:].bool()
         spliced += int(keep.sum())
@@ -153,3 +153,11 @@ def downstream_fidelity(
         kl_mean_ablation=k["mean_ablation"],
         max_abs_logit_diff_with_error=max_diff,
     )
+
+
+def _bar(batches: list, desc: str):
+    """A progress bar with rate and ETA on a terminal (silent elsewhere): fidelity runs several
+    model forwards per batch and takes minutes on a real model."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, unit="batch", disable=None, leave=False, dynamic_ncols=True)
