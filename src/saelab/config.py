@@ -15,11 +15,13 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel], drop
     for err in exc.errors():
         loc = err["loc"][1:] if err["loc"] and str(err["loc"][0]) in drop else err["loc"]
         where = ".".join(str(p) for p in loc) or "config"
+        where = f"'{where}'" if where.isprintable() else repr(where)  # a key with a newline stays on one line
+        msg = " ".join(str(err["msg"]).split())
         if err["type"] == "extra_forbidden":
             valid = ", ".join(sorted(model.model_fields))
-            lines.append(f"unknown key '{where}' for {model.__name__}; valid keys: {valid}")
+            lines.append(f"unknown key {where} for {model.__name__}; valid keys: {valid}")
         else:
-            lines.append(f"'{where}': {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {msg} (got {err.get('input')!r})")
     return "; ".join(lines)
 
 

@@ -205,13 +205,14 @@ def parse_world_spec(values: dict[str, Any] | BaseModel) -> BaseModel:
         for err in exc.errors():
             loc = [str(p) for p in err["loc"] if str(p) != kind]
             where = ".".join(loc) or "world"
+            quoted = f"'{where}'" if where.isprintable() else repr(where)  # one line whatever the key
             if err["type"] == "extra_forbidden":
                 lines.append(
-                    f"unknown key '{where}' for a {kind} world; valid keys: {', '.join(sorted(model.model_fields))}"
+                    f"unknown key {quoted} for a {kind} world; valid keys: {', '.join(sorted(model.model_fields))}"
                 )
             else:
-                msg = err["msg"].removeprefix("Value error, ")
-                lines.append(f"{kind} world: {msg}" if where == "world" else f"{kind} world '{where}': {msg}")
+                msg = " ".join(err["msg"].removeprefix("Value error, ").split())
+                lines.append(f"{kind} world: {msg}" if where == "world" else f"{kind} world {quoted}: {msg}")
         raise ConfigError("; ".join(lines)) from None
 
 
