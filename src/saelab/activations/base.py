@@ -7,8 +7,9 @@ A batch says what a dictionary reads and what it must reproduce: `x` is the enco
 that pairs two places (an MLP's input and output, for transcoders) gives a distinct `target`.
 Losses, FVU, MSE and explained variance are measured against the target. A source may also yield
 several named `sites` per batch (several hookpoints, or one hookpoint in several models, keyed by
-module path or `model:path`); `Batch.view(read, write)` is the batch a dictionary that reads one
-site and writes another sees, and `view(site)` the batch of an SAE on that site.
+module path or `alias/path`); `Batch.view(read, write)` is the batch a dictionary that reads one
+site and writes another sees, `view(site)` the batch of an SAE on that site, and `view([a, b])`
+the concatenation a crosscoder reads and writes.
 `state_dict()` returns tensors only (it goes into a safetensors checkpoint) and
 `load_state_dict()` puts the source back exactly where it was, so training resumes exactly.
 Optionally `shard(rank, world_size)` returns one data-parallel rank's share of every batch
@@ -38,12 +39,20 @@ class Batch:
         if self.target is None:
             self.target = self.x
 
-    def view(self, read: str | None = None, write: str | None = None) -> Batch:
+    def view(self, read: str | list[str] | None = None, write: str | list[str] | None = None) -> Batch:
         """The batch of a dictionary that reads site `read` and writes site `write` (default: the
-        site it reads, as an SAE does); `None` for `read` means this batch's own `x`."""
-        x = self.x if read is None else self._site(read)
-        target = x if write is None or write == read else self._site(write)
+        site it reads, as an SAE does); `None` for `read` means this batch's own `x`. A list of
+        sites is their concatenation along the last dimension, in that order."""
+        x = self.x if read is None else self._sites(read)
+        target = x if write is None or write == read else self._sites(write)
         return Batch(x=x, features=self.features, tokens=self.tokens, target=target, sites=self.sites)
+
+    def _sites(self, names: str | list[str]) -> torch.Tensor:
+        if isinstance(names, str):
+            return self._site(names)
+        if len(names) == 1:
+            return self._site(names[0])
+        return torch.cat([self._site(n) for n in names], dim=-1)
 
     def rows(self, index: slice | torch.Tensor) -> Batch:
         """The same batch restricted to some rows (a data-parallel rank's share); `target is x` stays so."""

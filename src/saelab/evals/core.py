@@ -39,14 +39,28 @@ def eval_mode(sae: SAE) -> Iterator[SAE]:
 
 
 def encoded(sae: SAE, batches: Iterable) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(batch, x, latents, reconstruction) for each batch, x as float32 on the SAE's device.
+    """(batch, x, latents, output) for each batch as the dictionary sees it (`Batch.view` of the
+    sites it reads and writes), x and `batch.target` (what the output is measured against) as
+    float32 on the SAE's device; a skip transcoder's output includes its skip.
 
     The one encoding loop of every metric; run it inside `eval_mode`.
     """
+    cfg, device = sae.cfg, sae.W_enc.device
     for batch in _batches(batches):
-        x = batch.x.to(sae.W_enc.device, torch.float32)
+        if cfg.read_sites is not None:
+            batch = batch.view(cfg.read_sites, cfg.write_sites if cfg.is_transcoder else None)
+        same = batch.target is batch.x
+        x = batch.x.to(device, torch.float32)
+        batch = Batch(
+            x=x,
+            features=batch.features,
+            tokens=batch.tokens,
+            target=x if same else batch.target.to(device, torch.float32),
+            sites=batch.sites,
+        )
         f = sae.encode(x)
-        yield batch, x, f, sae.decode(f, tokens=batch.tokens)
+        out = sae.decode(f, tokens=batch.tokens)
+        yield batch, x, f, (out + sae.skip_out(x) if cfg.skip else out)
 
 
 @dataclass
@@ -76,6 +90,7 @@ class ReconstructionSums:
         self.fired = torch.zeros(d_sae, dtype=torch.float64)  # tokens each latent fired on
 
     def add(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """One batch: `x` is what `x_hat` should reproduce (a transcoder's target), `f` the latents."""
         sums = self.sums
         self.n += x.shape[0]
         self.fired += (f != 0).sum(0).double().cpu()
@@ -118,8 +133,8 @@ def reconstruction_and_firing(sae: SAE, batches: Iterable) -> tuple[Reconstructi
     fired on ([d_sae], for `density_from_counts`)."""
     sums = ReconstructionSums(sae.cfg.d_sae)
     with eval_mode(sae):
-        for _, x, f, x_hat in encoded(sae, batches):
-            sums.add(x, f, x_hat)
+        for batch, _, f, x_hat in encoded(sae, batches):
+            sums.add(batch.target, f, x_hat)
     return sums.metrics(), sums.fired
 
 

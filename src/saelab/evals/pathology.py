@@ -303,10 +303,11 @@ def mean_projection(per_batch: list[float], n: int) -> NthDecoderProjection:
 
 @torch.no_grad()
 def decoder_projection_at(sae: SAE, x: torch.Tensor, n: int) -> float:
-    """One batch's (n * batch_size)-th largest (x - b_dec) . d_j, as `encode` sees x."""
+    """One batch's (n * batch_size)-th largest (x - b_dec) . d_j, as `encode` sees x (for a
+    transcoder, pass its target: the space its decoder writes)."""
     dec = unit_rows(sae.W_dec.detach().float())
     x = x.to(dec.device)
-    centred = x - sae.b_dec.detach() if sae.cfg.apply_b_dec_to_input else x
+    centred = x - sae.b_dec.detach() if sae.cfg.apply_b_dec_to_input or sae.cfg.is_transcoder else x
     return float((centred @ dec.t()).flatten().topk(n * x.shape[0]).values[-1])
 
 

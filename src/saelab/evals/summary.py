@@ -69,12 +69,53 @@ class GroundTruthMetrics:
         return out
 
 
+class SiteSums:
+    """Per-site reconstruction of a dictionary that writes several sites (a crosscoder), and a
+    skip transcoder's parts: the affine skip alone (x W_skip^T + b_dec) and the dictionary alone."""
+
+    def __init__(self, sae: SAE):
+        self.sae = sae
+        names = sae.cfg.write_sites if sae.cfg.n_sites > 1 else []
+        self.sites = {name: ReconstructionSums(sae.cfg.d_sae) for name in names}
+        self.parts = (
+            {"skip_only": ReconstructionSums(sae.cfg.d_sae), "dictionary_only": ReconstructionSums(sae.cfg.d_sae)}
+            if sae.cfg.skip
+            else {}
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.sites or self.parts)
+
+    def add(self, target, x, f, x_hat) -> None:
+        if self.sites:
+            for sums, y, y_hat in zip(
+                self.sites.values(), target.chunk(len(self.sites), -1), x_hat.chunk(len(self.sites), -1)
+            ):
+                sums.add(y, f, y_hat)
+        if self.parts:
+            skip = self.sae.skip_out(x)
+            self.parts["skip_only"].add(target, f, skip + self.sae.b_dec)
+            self.parts["dictionary_only"].add(target, f, x_hat - skip)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.sites:
+            out["per_site"] = {
+                name: {"fvu": m.fvu, "explained_variance": m.explained_variance, "mse": m.mse}
+                for name, m in ((n, s.metrics()) for n, s in self.sites.items())
+            }
+        for name, sums in self.parts.items():
+            out[f"fvu_{name}"] = sums.metrics().fvu
+        return out
+
+
 @dataclass
 class EvalRecord:
     reconstruction: ReconstructionMetrics
     density: DensityMetrics
     nth_decoder_projection: P.NthDecoderProjection
     ground_truth: GroundTruthMetrics | None = None  # None without a world (real activations)
+    sites: dict[str, Any] | None = None  # per-site FVU (crosscoders), skip-alone FVU (skip transcoders)
 
     def as_dict(self) -> dict[str, Any]:
         """The flat record: scalars by name, plus the density histogram."""
@@ -93,6 +134,8 @@ class EvalRecord:
             "eval_tokens": rec.tokens,
             "density_histogram": {"log10_edges": dens.histogram_edges, "counts": dens.histogram_counts},
         }
+        if self.sites:
+            out.update(self.sites)
         if self.ground_truth is not None:
             out.update(self.ground_truth.as_dict())
         return out
@@ -112,13 +155,16 @@ def evaluate(
     matching serves recovery, shrinkage, absorption and hedging alike.
     """
     sums = ReconstructionSums(sae.cfg.d_sae)
+    per_site = SiteSums(sae)
     n = P.nth_projection_index(sae)
     projections, kept = [], []
     with eval_mode(sae):
         for step in encoded(sae, batches):
-            _, x, f, x_hat = step
-            sums.add(x, f, x_hat)
-            projections.append(P.decoder_projection_at(sae, x, n))
+            batch, x, f, x_hat = step
+            sums.add(batch.target, f, x_hat)
+            if per_site:
+                per_site.add(batch.target, x, f, x_hat)
+            projections.append(P.decoder_projection_at(sae, batch.target, n))
             if world is not None:
                 kept.append(step)
     rec = sums.metrics()
@@ -126,6 +172,7 @@ def evaluate(
         reconstruction=rec,
         density=density_from_counts(sums.fired, rec.tokens, dense_threshold=dense_threshold),
         nth_decoder_projection=P.mean_projection(projections, n),
+        sites=per_site.as_dict() if per_site else None,
     )
     if world is not None:
         record.ground_truth = _ground_truth(sae, P.Collected.gather(kept), world, recovery_threshold)

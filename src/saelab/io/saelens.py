@@ -143,6 +143,8 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if _named(own) and own.get("architecture") == architecture:
         values.update(own)  # keeps training settings (coefficients, seeds) of saelab-written files
+    elif _named(own):  # saved as another architecture (BatchTopK as JumpReLU): keep where it reads and writes
+        values.update({k: own[k] for k in _SITE_KEYS if k in own})
     values.update(
         architecture=architecture,
         d_in=cfg["d_in"],
@@ -154,6 +156,10 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise FileFormatError(f"cfg.json holds a value '{architecture}' cannot read ({exc})") from None
     return values
+
+
+# The keys of every saelab config that say which sites a dictionary reads and writes, and its widths.
+_SITE_KEYS = ("site", "write_site", "d_out", "skip", "decoder_norm")
 
 
 def _named(own: Any) -> bool:

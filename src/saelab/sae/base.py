@@ -1,9 +1,18 @@
 """The SAE base class: orientation, encode/decode/forward, named loss terms and trainer hooks.
 
-Orientation follows SAELens so files interoperate: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`,
-`b_enc [d_sae]`, `b_dec [d_in]`. An architecture subclasses `SAE`, declares its `Config`, and
-overrides `activation` (pre-activations to latents) and `loss_terms`. The trainer only calls the
-hooks defined here and never branches on the architecture's name.
+Orientation follows SAELens so files interoperate: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`,
+`b_enc [d_sae]`, `b_dec [d_out]` (d_out = d_in for an SAE). An architecture subclasses `SAE`,
+declares its `Config`, and overrides `activation` (pre-activations to latents) and `loss_terms`.
+The trainer only calls the hooks defined here and never branches on the architecture's name.
+
+One class is every kind of dictionary, told apart by the sites its config reads and writes:
+- an **SAE** reads one site and reproduces it (`site`, or the batch's own activations);
+- a **transcoder** reads `site` and writes another, `write_site` (an MLP's input and output). Its
+  input bias `b_in [d_in]` is its own (b_dec lives in the output space), and with `skip` a linear
+  `W_skip [d_out, d_in]`, zero at init, adds `x @ W_skip.T` to the output;
+- a **crosscoder** reads and writes several sites (`site: [a, b, ...]`, equal widths): it sees
+  their concatenation, so one latent vector comes from the sum of per-site encoders, and its
+  decoder norm is the sum of per-site row norms (the sparsity weight of Lindsey et al.).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field, PositiveInt
+from pydantic import ConfigDict, Field, PositiveInt, model_validator
 
 from saelab.config import StrictModel, describe_validation_error  # noqa: F401 (re-exported)
 from saelab.errors import ConfigError
@@ -27,8 +36,11 @@ class SAEConfig(StrictModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
     architecture: str = Field(description="Registered architecture name (see saelab.list_architectures()).")
-    d_in: PositiveInt = Field(description="Width of the activations the SAE reads.")
+    d_in: PositiveInt = Field(description="Width of what the dictionary reads (all its read sites together).")
     d_sae: PositiveInt = Field(description="Number of latents (dictionary size).")
+    d_out: PositiveInt | None = Field(
+        None, description="Width of what it writes, all write sites together (None: d_in; transcoders only)."
+    )
     apply_b_dec_to_input: bool = Field(True, description="Subtract b_dec from x before encoding.")
     decoder_norm: Literal["unit", "penalty"] = Field(
         "unit",
@@ -36,11 +48,80 @@ class SAEConfig(StrictModel):
         "gradient removed); 'penalty': rows free, the sparsity penalty is weighted by their norms.",
     )
     seed: int = Field(0, description="Seed for weight initialisation.")
-    site: str | None = Field(
+    site: str | list[str] | None = Field(
         None,
-        description="The named site this SAE reads and writes, for sources that yield several per batch "
-        "(None: the batch's own activations).",
+        description="The named site the dictionary reads (and writes, unless write_site says otherwise), "
+        "for sources that yield several per batch; a list of sites is a crosscoder, which reads and writes "
+        "their concatenation (None: the batch's own activations).",
     )
+    write_site: str | None = Field(
+        None, description="The site a transcoder writes (e.g. an MLP's output when `site` is its input)."
+    )
+    skip: bool = Field(False, description="Add a linear skip connection W_skip from input to output (transcoders).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _free_decoder_across_sites(cls, values: Any) -> Any:
+        """Transcoders and crosscoders leave decoder rows free unless told otherwise: a crosscoder's
+        penalty weighs each site's row norm, and a transcoder's rows map into another space."""
+        if isinstance(values, dict) and "decoder_norm" not in values:
+            if values.get("write_site") is not None or isinstance(values.get("site"), list):
+                values = {**values, "decoder_norm": "penalty"}
+        return values
+
+    @model_validator(mode="after")
+    def _check_sites(self):
+        sites = self.site if isinstance(self.site, list) else None
+        if sites is not None:
+            if len(sites) < 2:
+                raise ValueError(
+                    f"site lists {sites}: a crosscoder reads at least two sites; for one site write site: "
+                    f"{sites[0] if sites else 'NAME'!r} (an SAE)"
+                )
+            if len(set(sites)) != len(sites):
+                raise ValueError(f"site lists a site twice ({sites}); name each site once")
+            if self.d_in % len(sites):
+                raise ValueError(
+                    f"d_in={self.d_in} is not divisible by the {len(sites)} sites; a crosscoder's sites have equal "
+                    "widths and d_in is their sum"
+                )
+            if self.write_site is not None:
+                raise ValueError("a crosscoder writes the sites it reads; drop write_site")
+        if self.write_site is not None:
+            if self.site is None:
+                raise ValueError(f"write_site={self.write_site!r} needs `site`, the site the transcoder reads")
+            if self.write_site == self.site:
+                raise ValueError(
+                    f"site and write_site are both {self.site!r}: a dictionary that writes what it reads is an "
+                    "SAE; drop write_site"
+                )
+        elif self.d_out is not None and self.d_out != self.d_in:
+            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in} but no write_site names the output")
+        if self.skip and self.write_site is None:
+            raise ValueError("skip (a linear input-to-output map) needs a transcoder: set write_site")
+        return self
+
+    @property
+    def read_sites(self) -> list[str] | None:
+        """The sites read, in the order they are concatenated (None: the batch's own activations)."""
+        return None if self.site is None else (list(self.site) if isinstance(self.site, list) else [self.site])
+
+    @property
+    def write_sites(self) -> list[str] | None:
+        return [self.write_site] if self.write_site is not None else self.read_sites
+
+    @property
+    def output_width(self) -> int:
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.write_site is not None
+
+    @property
+    def n_sites(self) -> int:
+        """How many sites the decoder writes (per-site decoder norms split its rows that many ways)."""
+        return len(self.write_sites or [None])
 
 
 @dataclass
@@ -137,22 +218,53 @@ class SAE(torch.nn.Module):
     # True when decode needs each row's token id (Tokenized): views for tools that decode without
     # ids (saelab.io.saebench) refuse such an SAE instead of decoding it wrongly.
     uses_tokens: ClassVar[bool] = False
+    # Whether the architecture can read one site and write another (a transcoder), or read and
+    # write several (a crosscoder); the others are refused at construction with the capable list.
+    transcodes: ClassVar[bool] = False
+    crosscodes: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+        self._check_capable(cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
-        # Kaiming-uniform decoder rows, rescaled to unit norm; encoder tied to decoder^T at init.
-        w_dec = torch.empty(cfg.d_sae, cfg.d_in).uniform_(-1, 1, generator=gen)
+        d_out = cfg.output_width
+        # Kaiming-uniform decoder rows, rescaled to unit norm; encoder tied to decoder^T at init
+        # when it reads the space it writes, else drawn the same way in its own space.
+        w_dec = torch.empty(cfg.d_sae, d_out).uniform_(-1, 1, generator=gen)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        if cfg.is_transcoder:
+            w_enc = torch.empty(cfg.d_in, cfg.d_sae).uniform_(-1, 1, generator=gen)
+            w_enc = w_enc / w_enc.norm(dim=0, keepdim=True)
+        else:
+            w_enc = w_dec.t().contiguous()
         self.W_dec = torch.nn.Parameter(w_dec)
-        self.W_enc = torch.nn.Parameter(w_dec.t().contiguous())
+        self.W_enc = torch.nn.Parameter(w_enc)
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = torch.nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_out))
+        if cfg.is_transcoder:
+            self.b_in = torch.nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.skip:
+            self.W_skip = torch.nn.Parameter(torch.zeros(d_out, cfg.d_in))
+
+    @classmethod
+    def _check_capable(cls, cfg: SAEConfig) -> None:
+        from saelab.sae.registry import capable_architectures
+
+        for kind, able in (
+            ("transcoder", cfg.is_transcoder and not cls.transcodes),
+            ("crosscoder", isinstance(cfg.site, list) and not cls.crosscodes),
+        ):
+            if able:
+                raise ConfigError(
+                    f"architecture '{cls.architecture}' cannot be a {kind}; architectures that can: "
+                    f"{', '.join(capable_architectures(kind))}"
+                )
 
     def extra_repr(self) -> str:
         knob = f", {self.sweep_parameter}={getattr(self.cfg, self.sweep_parameter)}" if self.sweep_parameter else ""
-        return f"d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}{knob}"
+        out = f", d_out={self.cfg.output_width}" if self.cfg.is_transcoder else ""
+        return f"d_in={self.cfg.d_in}{out}, d_sae={self.cfg.d_sae}{knob}"
 
     # ------------------------------------------------------------------ inference
     def encoder_bias(self) -> torch.Tensor:
@@ -161,7 +273,10 @@ class SAE(torch.nn.Module):
 
     @property
     def input_b_dec(self) -> torch.Tensor | None:
-        """What the encoder subtracts from x: b_dec, or nothing (`apply_b_dec_to_input=False`)."""
+        """What the encoder subtracts from x: a transcoder's own input bias `b_in`; else b_dec, or
+        nothing (`apply_b_dec_to_input=False`)."""
+        if self.cfg.is_transcoder:
+            return self.b_in
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +326,23 @@ class SAE(torch.nn.Module):
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decode(self.encode(x), tokens)
+        out = self.decode(self.encode(x), tokens)
+        return out if not self.cfg.skip else out + self.skip_out(x)
+
+    def skip_out(self, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's linear part, x @ W_skip.T (its FVU alone is reported beside the rest)."""
+        return x @ self.W_skip.t()
+
+    def train_forward(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
+        """What the trainer calls: `loss_terms`, with a skip connection's output taken off the target
+        (so every architecture's reconstruction losses train W_skip too) and put back on `x_hat`."""
+        if not self.cfg.skip:
+            return self.loss_terms(x, ctx)
+        skip = self.skip_out(x)
+        ctx.target = ctx.target_for(x) - skip
+        out = self.loss_terms(x, ctx)
+        out.x_hat = out.x_hat + skip
+        return out
 
     def decode_selected(self, sel: Selection, values: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """`decode` of latents that are `values` at `sel` and zero elsewhere, without densifying."""
@@ -219,8 +350,9 @@ class SAE(torch.nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
+            where = f" (sites {self.cfg.read_sites}, concatenated)" if isinstance(self.cfg.site, list) else ""
             raise ConfigError(
-                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}; "
+                f"input has last dimension {x.shape[-1]} but this SAE has d_in={self.cfg.d_in}{where}; "
                 "pass activations from the hookpoint the SAE was trained on"
             )
 
@@ -233,7 +365,15 @@ class SAE(torch.nn.Module):
         """
 
     def decoder_norms(self) -> torch.Tensor:
-        return self.W_dec.norm(dim=1)
+        """[d_sae] norm of each decoder row; with several write sites, the sum of per-site norms."""
+        n = self.cfg.n_sites
+        if n == 1:
+            return self.W_dec.norm(dim=1)
+        return self.site_decoder_norms().sum(1)
+
+    def site_decoder_norms(self) -> torch.Tensor:
+        """[d_sae, n_sites] norm of each latent's decoder row within each write site."""
+        return self.W_dec.reshape(self.cfg.d_sae, self.cfg.n_sites, -1).norm(dim=-1)
 
     def sparsity_weights(self) -> torch.Tensor | float:
         """Per-latent weight on the sparsity penalty: decoder norms in 'penalty' mode, else 1."""
@@ -263,6 +403,29 @@ class SAE(torch.nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------------ saving
+    @torch.no_grad()
+    def fold_scales(self, input_scale: float | torch.Tensor, target_scale: float | torch.Tensor) -> None:
+        """Make the dictionary take raw activations when it was trained on `x * input_scale` to
+        reproduce `target * target_scale` (each a number, or a vector with one entry per column,
+        for per-site scales). One equal number for both is `fold_input_scale`.
+
+        encode: (x s - b) W_enc = (x - b/s)(diag(s) W_enc); decode: y = (f W_dec + b_dec + x s W_skip^T)/t.
+        Pre-activations (and hence thresholds and latents) are unchanged.
+        """
+        same = not isinstance(input_scale, torch.Tensor) and not isinstance(target_scale, torch.Tensor)
+        if same and input_scale == target_scale and not self.cfg.is_transcoder:
+            self.fold_input_scale(float(input_scale))
+            return
+        s = torch.as_tensor(input_scale, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        t = torch.as_tensor(target_scale, dtype=self.W_dec.dtype, device=self.W_dec.device)
+        self.W_enc.mul_(s.reshape(-1, 1) if s.dim() else s)
+        if self.cfg.is_transcoder:
+            self.b_in.div_(s)
+        self.W_dec.div_(t)
+        self.b_dec.div_(t)  # for an SAE or crosscoder b_dec is also the input bias, and s = t there
+        if self.cfg.skip:
+            self.W_skip.mul_(s).div_(t.reshape(-1, 1) if t.dim() else t)
+
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         """Make the SAE take raw inputs when it was trained on `x * scale`.

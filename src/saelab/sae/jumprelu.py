@@ -88,6 +88,8 @@ class JumpReLUSAE(SAE):
     Config = JumpReLUConfig
     sweep_parameter = "l0_coefficient"
     sweep_kind = "coefficient"
+    transcodes = True
+    crosscodes = True
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

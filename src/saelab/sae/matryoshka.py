@@ -75,6 +75,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     Config = MatryoshkaConfig
     sweep_parameter = "k"
     sweep_kind = "count"
+    transcodes = True
+    crosscodes = True
 
     def sample_prefixes(self) -> list[int]:
         """Nabeshima's random prefixes: n-1 distinct lengths in [1, d_sae) from a power law, plus d_sae.

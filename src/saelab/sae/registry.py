@@ -59,6 +59,12 @@ def list_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def capable_architectures(kind: str) -> list[str]:
+    """The architectures that can be a `transcoder` or a `crosscoder` (see `SAE.transcodes`)."""
+    flag = {"transcoder": "transcodes", "crosscoder": "crosscodes"}[kind]
+    return sorted(name for name, cls in _REGISTRY.items() if getattr(cls, flag))
+
+
 def get_class(name: str) -> type[SAE]:
     try:
         return _REGISTRY[name]

@@ -28,6 +28,8 @@ class ReLUSAE(SAE):
     Config = ReLUConfig
     sweep_parameter = "l1_coefficient"
     sweep_kind = "coefficient"
+    transcodes = True
+    crosscodes = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)

@@ -35,10 +35,24 @@ class TopKConfig(SAEConfig):
         return self.k_aux if self.k_aux is not None else max(1, min(512, self.d_in // 2))
 
 
-def scatter_topk(values: torch.Tensor, k: int) -> torch.Tensor:
-    """ReLU of the k largest entries of each row, zeros elsewhere."""
-    top, idx = values.topk(k, dim=-1, sorted=False)
+def scatter_topk(values: torch.Tensor, k: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU of the entries of each row with the k largest `scores` (default: the values themselves),
+    zeros elsewhere."""
+    if scores is None:
+        top, idx = values.topk(k, dim=-1, sorted=False)
+    else:
+        idx = scores.topk(k, dim=-1, sorted=False).indices
+        top = values.gather(-1, idx)
     return torch.zeros_like(values).scatter_(-1, idx, torch.relu(top))
+
+
+def selection_scores(sae: SAE, pre: torch.Tensor) -> torch.Tensor:
+    """What latents compete on: the pre-activation, times the decoder norm when rows are free
+    ('penalty' mode: transcoders, crosscoders), so a latent is kept for its contribution
+    f_i * |d_i| to the output rather than for a large code behind a small decoder row."""
+    if sae.cfg.decoder_norm == "unit":
+        return pre
+    return pre * sae.decoder_norms().detach()
 
 
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -91,9 +105,12 @@ class TopKSAE(SAE):
     Config = TopKConfig
     sweep_parameter = "k"
     sweep_kind = "count"
+    transcodes = True
+    crosscodes = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return scatter_topk(pre, self.cfg.k)
+        scores = None if self.cfg.decoder_norm == "unit" else selection_scores(self, pre)
+        return scatter_topk(pre, self.cfg.k, scores)
 
     def saved_config_extras(self) -> dict:
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}  # SAELens' TopK keys
@@ -104,7 +121,7 @@ class TopKSAE(SAE):
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
         pre = self.training_pre_acts(x)
-        return selected_step(self, x, pre, select_topk(pre, self.cfg.k), ctx)
+        return selected_step(self, x, pre, select_topk(selection_scores(self, pre), self.cfg.k), ctx)
 
 
 class BatchTopKConfig(TopKConfig):
@@ -120,6 +137,8 @@ class BatchTopKSAE(SAE):
     Config = BatchTopKConfig
     sweep_parameter = "k"
     sweep_kind = "count"
+    transcodes = True
+    crosscodes = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -127,8 +146,8 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def select(self, pre: torch.Tensor) -> Selection:
-        """The top B*k pre-activations of the batch."""
-        return select_batch_topk(pre.detach(), self.cfg.k * pre.shape[0])
+        """The top B*k pre-activations of the batch (by `selection_scores`)."""
+        return select_batch_topk(selection_scores(self, pre.detach()), self.cfg.k * pre.shape[0])
 
     def batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
         sel = self.select(pre)
@@ -137,7 +156,7 @@ class BatchTopKSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.batch_topk(pre)
-        return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
+        return pre * (selection_scores(self, pre) > self.threshold.clamp_min(0)).to(pre.dtype)
 
     def loss_terms(self, x: torch.Tensor, ctx: StepContext) -> TrainOutput:
         pre = self.training_pre_acts(x)
@@ -147,7 +166,11 @@ class BatchTopKSAE(SAE):
     def after_optimizer_step(self, out: TrainOutput) -> None:
         super().after_optimizer_step(out)
         f = out.feature_acts
-        acts = f.values if isinstance(f, SparseActs) else f
+        if self.cfg.decoder_norm == "unit":
+            acts = f.values if isinstance(f, SparseActs) else f
+        else:  # the threshold is on the scores latents were selected by
+            norms = self.decoder_norms()
+            acts = f.values * norms[f.selection.flat_cols] if isinstance(f, SparseActs) else f * norms
         kept = acts[acts > 0]
         if kept.numel() == 0:
             return
@@ -168,8 +191,10 @@ class BatchTopKSAE(SAE):
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         state = super().saved_state()
-        theta = state.pop("threshold").clamp_min(0)
-        state["threshold"] = theta.expand(self.cfg.d_sae).clone()
+        theta = state.pop("threshold").clamp_min(0).expand(self.cfg.d_sae)
+        if self.cfg.decoder_norm != "unit":  # pre * |d_i| > theta  <=>  pre > theta / |d_i|
+            theta = theta / self.decoder_norms().detach().clamp_min(1e-12)
+        state["threshold"] = theta.clone()
         return state
 
     def load_saved_state(self, tensors: dict[str, torch.Tensor]) -> None:

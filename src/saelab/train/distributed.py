@@ -128,7 +128,7 @@ class _LossModule(torch.nn.Module):
         self.sae = sae
 
     def forward(self, x: torch.Tensor, ctx: Any):
-        return self.sae.loss_terms(x, ctx)
+        return self.sae.train_forward(x, ctx)
 
 
 class DataParallel:
@@ -204,13 +204,13 @@ class DataParallel:
 
     # ------------------------------------------------------------------ gradients
     def loss_fn(self, sae: torch.nn.Module) -> Callable:
-        """`sae.loss_terms`, through DDP when there are several ranks and weights to train.
+        """`sae.train_forward`, through DDP when there are several ranks and weights to train.
 
         DDP averages gradients over ranks inside backward. It also checks at construction that
         every rank holds the same parameters and broadcasts rank 0's buffers before each forward.
         """
         if not self.active:
-            return sae.loss_terms
+            return sae.train_forward
         device = next(sae.parameters()).device
         ids = [device] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(_LossModule(sae), device_ids=ids)

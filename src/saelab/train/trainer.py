@@ -56,7 +56,7 @@ from saelab.config import StrictModel
 from saelab.errors import ConfigError, FileFormatError, NonFiniteError, SaelabWarning, TrainingInterrupted
 from saelab.io.atomic import append_line, read_json, remove_stale_temp, write_json
 from saelab.io.lock import holds_lock, run_lock
-from saelab.sae.base import SAE, StepContext, mse_per_token
+from saelab.sae.base import SAE, SAEConfig, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
 from saelab.train.sinks import MetricSinks
@@ -146,19 +146,65 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) 
     return median
 
 
+@dataclass(frozen=True)
+class SiteView:
+    """Where a dictionary reads and what it writes, as `Batch.view` takes them, with both widths.
+
+    Every member of a run shares one view (they train on one stream). `read`/`write` None mean
+    the batch's own activations; `write` None also means "what is read" (an SAE, a crosscoder).
+    """
+
+    read: tuple[str, ...] | None
+    write: tuple[str, ...] | None
+    d_in: int
+    d_out: int
+
+    @classmethod
+    def of(cls, cfg: SAEConfig) -> SiteView:
+        read, write = cfg.read_sites, cfg.write_sites if cfg.is_transcoder else None
+        return cls(_tuple(read), _tuple(write), cfg.d_in, cfg.output_width)
+
+    @property
+    def keys(self) -> list[str]:
+        """The sites whose scales this view needs ("" for the batch's own activations)."""
+        return list(self.read or [""]) + list(self.write or [])
+
+    def factors(self, scales: dict[str, float]) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """The multipliers of the input and of the target: a number for one site, else one per column."""
+
+        def factor(names: list[str] | None, width: int) -> float | torch.Tensor:
+            names = names or [""]
+            if len(names) == 1:
+                return scales[names[0]]
+            return torch.tensor([scales[n] for n in names]).repeat_interleave(width // len(names))
+
+        s_in = factor(self.read, self.d_in)
+        return s_in, (s_in if self.write is None else factor(self.write, self.d_out))
+
+
+def _tuple(names: list[str] | None) -> tuple[str, ...] | None:
+    return None if names is None else tuple(names)
+
+
 @dataclass
 class DataInit:
     """What the first batches decide before step 0, for every SAE trained on that source."""
 
-    input_scale: float
-    b_dec: torch.Tensor | None  # None: keep the SAE's own (zeros)
+    scales: dict[str, float]  # per site, the multiplier bringing its mean norm to sqrt(width)
+    b_dec: torch.Tensor | None  # None: keep the SAE's own (zeros); the target's centre otherwise
+    b_in: torch.Tensor | None  # a transcoder's input bias: the input's centre (None: an SAE)
     sample: Batch  # the first batches, scaled, for `SAE.init_from_data`
+
+    @property
+    def input_scale(self) -> float:
+        return next(iter(self.scales.values()))
 
 
 @dataclass
 class TrainResult:
     """A trained dictionary, ready to use: `sae` takes raw activations (the input scale it was
-    trained with, `input_scale`, is already folded into its weights)."""
+    trained with, `input_scale`, is already folded into its weights; `site_scales` has each
+    site's when it reads or writes several)."""
 
     sae: SAE
     input_scale: float
@@ -167,68 +213,92 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     latent_stats: LatentStats | None = None
+    site_scales: dict[str, float] = field(default_factory=dict)
 
 
-def next_checked_batch(source: ActivationSource, d_in: int, device: str, where: str, site: str | None = None) -> Batch:
-    """The source's next batch as an SAE on `site` sees it (`Batch.view`), with `x` (and `target`)
-    on `device` as float32, checked for shape and NaN/Inf; `where` names the position ("step 12")."""
+def next_checked_batch(source: ActivationSource, view: SiteView, device: str, where: str) -> Batch:
+    """The source's next batch as a dictionary with `view` sees it (`Batch.view`), with `x` (and
+    `target`) on `device` as float32, checked for shape and NaN/Inf; `where` names the position."""
     try:
-        batch = next(source).view(site)
+        batch = next(source).view(_list(view.read), _list(view.write))
     except StopIteration:
         raise ConfigError(
             f"the source ran out after {getattr(source, 'position', '?')} batches, at {where}; "
             "lower `steps` (or `norm_estimation_batches`) or give more data"
         ) from None
     same = batch.target is batch.x
-    x = batch.x.to(device, torch.float32)
-    if x.dim() != 2 or x.shape[1] != d_in:
-        raise ConfigError(f"batch at {where} has shape {tuple(x.shape)}; expected [B, {d_in}]")
-    if x.shape[0] == 0:
+    x = _checked(batch.x, view.d_in, where, source, "d_in", device)
+    batch.x = x
+    batch.target = x if same else _checked(batch.target, view.d_out, where, source, "d_out", device)
+    if batch.target.shape[0] != x.shape[0]:
+        raise ConfigError(f"batch at {where} has {x.shape[0]} input rows but {batch.target.shape[0]} target rows")
+    return batch
+
+
+def _list(names: tuple[str, ...] | None) -> list[str] | None:
+    return None if names is None else list(names)
+
+
+def _checked(t: torch.Tensor, width: int, where: str, source, name: str, device: str) -> torch.Tensor:
+    t = t.to(device, torch.float32)
+    if t.dim() != 2 or t.shape[1] != width:
+        what = "" if name == "d_in" else " target"
+        raise ConfigError(f"batch{what} at {where} has shape {tuple(t.shape)}; expected [B, {width}] ({name})")
+    if t.shape[0] == 0:
         raise ConfigError(f"batch at {where} is empty (0 rows); check the source's batch_size and data")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).any(1).nonzero().flatten()[:5].tolist()
         raise NonFiniteError(
             f"{where}: batch {getattr(source, 'position', '?')} contains NaN/Inf activations (rows {bad}...); "
             "training stopped"
         )
-    batch.x = x
-    batch.target = x if same else batch.target.to(device, torch.float32)
-    return batch
+    return t
 
 
-def data_init(
-    source: ActivationSource, d_in: int, cfg: TrainConfig, dist: DataParallel, site: str | None = None
-) -> DataInit:
-    """The input scale, b_dec and scaled sample from the first batches (every rank's, combined),
-    after which the source is rewound so training still sees those batches."""
+def data_init(source: ActivationSource, view: SiteView, cfg: TrainConfig, dist: DataParallel) -> DataInit:
+    """Per-site scales, b_dec (and a transcoder's b_in) and the scaled sample from the first
+    batches (every rank's, combined), after which the source is rewound so training still sees them."""
     start = source.state_dict()
     # drawn with autograd on, as training draws them: a source that builds itself lazily may need it
     batches = [
-        next_checked_batch(source, d_in, cfg.device, f"norm-estimation batch {i}", site)
+        next_checked_batch(source, view, cfg.device, f"norm-estimation batch {i}")
         for i in range(cfg.norm_estimation_batches)
     ]
     with torch.no_grad():
-        sample = torch.cat([dist.all_rows(b.x) for b in batches])
-        if cfg.normalize_activations == "expected_norm":
-            mean_norm = float(sample.norm(dim=1).mean())
-            if mean_norm == 0:
-                raise ConfigError("every activation in the first batches is zero; check the source")
-            input_scale = math.sqrt(d_in) / mean_norm
-        else:
-            input_scale = 1.0
-        sample = sample * input_scale
-        b_dec = None
+        x = torch.cat([dist.all_rows(b.x) for b in batches])
+        same = all(b.target is b.x for b in batches)
+        y = x if same else torch.cat([dist.all_rows(b.target) for b in batches])
+        scales: dict[str, float] = {}
+        for names, data in ((view.read or ("",), x), (view.write or (), y)):
+            for name, part in zip(names, data.chunk(len(names), dim=1)) if names else ():
+                scales[name] = _site_scale(part, cfg, name)
+        s_in, s_out = view.factors(scales)
+        x = x * s_in
+        y = x if same else y * s_out
+        b_dec = b_in = None
         if cfg.b_dec_init == "geometric_median":
-            b_dec = geometric_median(sample[:8192])
+            b_dec = geometric_median(y[:8192])
+            b_in = None if same else geometric_median(x[:8192])
         elif cfg.b_dec_init == "mean":
-            b_dec = sample.mean(0)
+            b_dec, b_in = y.mean(0), (None if same else x.mean(0))
         tokens = [b.tokens for b in batches]
         if all(t is not None for t in tokens):
-            tokens = torch.cat([dist.all_rows(t.to(sample.device)) for t in tokens])
+            tokens = torch.cat([dist.all_rows(t.to(x.device)) for t in tokens])
         else:
             tokens = None
     source.load_state_dict(start)
-    return DataInit(input_scale, b_dec, Batch(x=sample, tokens=tokens))
+    return DataInit(scales, b_dec, b_in, Batch(x=x, tokens=tokens, target=None if same else y))
+
+
+def _site_scale(part: torch.Tensor, cfg: TrainConfig, name: str) -> float:
+    """sqrt(width) / mean norm: the multiplier that gives the site mean norm sqrt(width)."""
+    if cfg.normalize_activations != "expected_norm":
+        return 1.0
+    mean_norm = float(part.norm(dim=1).mean())
+    if mean_norm == 0:
+        where = f"site '{name}'" if name else "activation"
+        raise ConfigError(f"every {where} in the first batches is zero; check the source")
+    return math.sqrt(part.shape[1]) / mean_norm
 
 
 class Member:
@@ -255,9 +325,9 @@ class Member:
         self.stats = LatentStats(sae.cfg.d_sae, cfg.dead_after_tokens, cfg.dense_threshold, dist.sum)
         self.step = 0
         self.tokens = 0
-        self.input_scale: float | None = None
+        self.scales: dict[str, float] = {}  # per site, the multiplier the SAE is trained on
         self.history: list[dict[str, Any]] = []
-        self._loss_terms = self.sae.loss_terms  # through DDP once `start` knows the starting weights
+        self._loss_terms = self.sae.train_forward  # through DDP once `start` knows the starting weights
         self.rng: tuple | None = None  # this member's global-RNG states between its turns
 
     def start(self, checkpoint: Path | None, init: DataInit | None, source: ActivationSource) -> None:
@@ -266,12 +336,13 @@ class Member:
         if checkpoint is not None:
             self._load(checkpoint, source)
         else:
-            self.input_scale = init.input_scale
             with torch.no_grad():
                 if init.b_dec is not None:
                     self.sae.b_dec.copy_(init.b_dec)
+                if init.b_in is not None and self.sae.cfg.is_transcoder:
+                    self.sae.b_in.copy_(init.b_in)
                 self.sae.init_from_data(init.sample)
-            self.input_scale = self.dist.sync_from_main(self.sae, self.input_scale)  # every rank starts from rank 0's
+            self.scales = self.dist.sync_from_main(self.sae, dict(init.scales))  # every rank starts from rank 0's
         self._loss_terms = self.dist.loss_fn(self.sae)
         log_path = self.out_dir / "metrics.jsonl" if self.out_dir and self.dist.is_main else None
         if log_path is not None:
@@ -282,6 +353,11 @@ class Member:
         self._start_time = time.perf_counter()
         self._window = (self._start_time, self.tokens)
         self.sae.train()
+
+    @property
+    def input_scale(self) -> float:
+        """The scale of the (first) site read: the one number most runs have."""
+        return next(iter(self.scales.values()))
 
     def advance(self, batch: Batch, x: torch.Tensor, target: torch.Tensor) -> dict[str, Any] | None:
         """One step on a checked batch whose scaled activations are `x` (encoder input) and
@@ -354,7 +430,7 @@ class Member:
         self.sinks.close()
         self.sae.eval()
         self.sae.release_training_buffers()  # a trained SAE kept for analysis should not hold them
-        self.sae.fold_input_scale(self.input_scale)
+        self.sae.fold_scales(*SiteView.of(self.sae.cfg).factors(self.scales))
         return TrainResult(
             self.sae,
             self.input_scale,
@@ -363,6 +439,7 @@ class Member:
             time.perf_counter() - self._start_time,
             self.history,
             self.stats,
+            dict(self.scales),
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -378,6 +455,7 @@ class Member:
             "step": self.step,
             "tokens": self.tokens,
             "input_scale": self.input_scale,
+            "site_scales": self.scales,
             "sae_config": self.sae.cfg.model_dump(),
             "train_config": self.cfg.model_dump(),
             "source_config": self.source_config,
@@ -399,7 +477,13 @@ class Member:
         if saved.get("source_config") is not None or self.source_config is not None:
             _check_same_config("data source", saved.get("source_config") or {}, self.source_config or {}, path)
         state = ckpt.load(path, self.sae, self.optimizer, self.stats, source, rank=self.dist.rank)
-        self.step, self.tokens, self.input_scale = state["step"], state["tokens"], state["input_scale"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        keys = SiteView.of(self.sae.cfg).keys
+        self.scales = state.get("site_scales") or {keys[0]: state["input_scale"]}
+        if sorted(self.scales) != sorted(set(keys)):
+            raise ConfigError(
+                f"checkpoint {path} holds scales for sites {sorted(self.scales)}, not {sorted(set(keys))}"
+            )
 
 
 def fvu(x_hat: torch.Tensor, target: torch.Tensor) -> float:
@@ -484,11 +568,11 @@ class Trainer:
             widths = ", ".join(f"{name}: {sae.cfg.d_in}" for name, sae, _ in members)
             raise ConfigError(f"every SAE in a sweep reads the same activations, but their d_in differ ({widths})")
         self.d_in = d_ins.pop()
-        sites = {sae.cfg.site for _, sae, _ in members}
-        if len(sites) > 1:
-            names = ", ".join(f"{name}: {sae.cfg.site!r}" for name, sae, _ in members)
-            raise ConfigError(f"every SAE in one run reads the same site, but their sites differ ({names})")
-        self.site = sites.pop()
+        views = {name: SiteView.of(sae.cfg) for name, sae, _ in members}
+        if len(set(views.values())) > 1:
+            names = ", ".join(f"{name}: reads {v.read!r}, writes {v.write or v.read!r}" for name, v in views.items())
+            raise ConfigError(f"every SAE in one run reads and writes the same sites, but theirs differ ({names})")
+        self.view = next(iter(views.values()))
         self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
         self.source: ActivationSource = self.dist.shard(as_source(data, self.d_in))
         if getattr(self.source, "d_in", -1) not in (-1, self.d_in):
@@ -628,7 +712,7 @@ class Trainer:
         if resume and self.out_dir is not None:  # rank 0 checks the files, every rank takes its answer
             step = self.dist.from_main(self._resumable_step() if self.dist.is_main else None)
         self._saved_step = step
-        init = data_init(self.source, self.d_in, self.cfg, self.dist, self.site) if step is None else None
+        init = data_init(self.source, self.view, self.cfg, self.dist) if step is None else None
         process_rng = ckpt.rng_state()  # what each member would find if it ran alone now
         for member in self.members.values():
             ckpt.set_rng_state(*process_rng)
@@ -637,14 +721,23 @@ class Trainer:
             member.rng = ckpt.rng_state()
         lead = next(iter(self.members.values()))
         self.step = lead.step
-        self.input_scale = lead.input_scale
+        self.input_factor, self.target_factor = self.view.factors(lead.scales)
+        if isinstance(self.input_factor, torch.Tensor):
+            self.input_factor = self.input_factor.to(self.cfg.device)
+        if isinstance(self.target_factor, torch.Tensor):
+            self.target_factor = self.target_factor.to(self.cfg.device)
+
+    @property
+    def input_scale(self) -> float:
+        """The multiplier of the (first) site read (see `SiteView.factors` for every site's)."""
+        return next(iter(self.members.values())).input_scale
 
     def step_all(self, batch: Batch | None = None) -> dict[str, dict[str, Any] | None]:
         """One step of every member on `batch` (by default the source's next one); the metrics
         records by member name (None off logging steps)."""
-        batch = batch or next_checked_batch(self.source, self.d_in, self.cfg.device, f"step {self.step}", self.site)
-        x = batch.x * self.input_scale
-        target = x if batch.target is batch.x else batch.target * self.input_scale
+        batch = batch or next_checked_batch(self.source, self.view, self.cfg.device, f"step {self.step}")
+        x = batch.x * self.input_factor
+        target = x if batch.target is batch.x else batch.target * self.target_factor
         records = {}
         for name, member in self.members.items():
             with self._own_rng(member):
@@ -800,7 +893,7 @@ def fit_dictionary(sae: SAE, data: Any, train_config: TrainConfig | dict | None 
     sae = sae.to(cfg.device)
     source = dist.shard(as_source(data, sae.cfg.d_in))
     torch.manual_seed(cfg.seed)
-    init = data_init(source, sae.cfg.d_in, cfg, dist, sae.cfg.site)
+    init = data_init(source, SiteView.of(sae.cfg), cfg, dist)
     stats = LatentStats(sae.cfg.d_sae, cfg.dead_after_tokens, cfg.dense_threshold)
     with torch.no_grad():
         if init.b_dec is not None:
