@@ -181,6 +181,15 @@ class BatchTopKSAE(SAE):
             m = self.cfg.threshold_momentum
             self.threshold.mul_(m).add_((1 - m) * smallest)
 
+    @torch.no_grad()
+    def fold_scales(self, input_scale, target_scale) -> None:
+        """Free rows of one site shrink by the target scale, and the scores latents are selected
+        by with them, so the threshold on those scores follows (crosscoders keep their training
+        norms, see `site_norm_scale`)."""
+        super().fold_scales(input_scale, target_scale)
+        if self.cfg.decoder_norm != "unit" and self.cfg.n_sites == 1 and self.threshold > 0:
+            self.threshold.div_(float(target_scale))
+
     def saved_architecture(self) -> str:
         return "jumprelu"
 
