@@ -300,9 +300,10 @@ class CachedSource:
         self._verified: set[str] = set()
 
     def _missing(self, pattern: str, widths: dict[str, int], hits: list[str]) -> None:
-        held = self.manifest.get("models") or self.manifest["model"]
+        models = self.manifest.get("models")
+        held = f"models {models}" if models else f"model {self.manifest['model']}"
         if not hits:
-            raise ConfigError(f"{self.dir} has no hookpoint '{pattern}' (model {held}); it holds {list(widths)}")
+            raise ConfigError(f"{self.dir} has no hookpoint '{pattern}' ({held}); it holds {list(widths)}")
         raise ConfigError(
             f"{self.dir}: '{pattern}' matches {len(hits)} sites ({', '.join(hits)}); name one, "
             "or read several with `hookpoints`"
