@@ -144,7 +144,7 @@ class ModelSource(_Source):
     @field_validator("models", mode="before")
     @classmethod
     def _name_models(cls, value: Any, info: ValidationInfo) -> Any:
-        from saelab.models.source import name_models
+        from saelab.models.source import model_entry, name_models
 
         if (value is None) == (info.data.get("model") is None):
             raise ValueError(
@@ -153,7 +153,7 @@ class ModelSource(_Source):
             )
         if value is None:
             return None
-        return {a: {"model": e} if isinstance(e, str) else e for a, e in name_models(value).items()}
+        return {alias: model_entry(alias, entry) for alias, entry in name_models(value).items()}
 
     @field_validator("hookpoints", mode="before")
     @classmethod

@@ -471,14 +471,20 @@ def model_specs(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"models: {exc}") from None
     out = {}
     for alias, entry in named.items():
-        entry = {"model": entry} if isinstance(entry, str) else entry
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
-            raise ConfigError(f"models.{alias}: give a model name or a mapping with `model` (got {entry!r})")
-        unknown = set(entry) - set(LOAD_KEYS)
-        if unknown:
-            raise ConfigError(f"models.{alias}: unknown key(s) {sorted(unknown)}; valid keys: {list(LOAD_KEYS)}")
+        entry = model_entry(alias, entry)
         out[alias] = {**{k: spec[k] for k in LOAD_KEYS[1:] if spec.get(k) is not None}, **entry}
     return out
+
+
+def model_entry(alias: str, entry: Any) -> dict[str, Any]:
+    """One entry of `models` as a mapping of LOAD_KEYS (a bare name is `{model: name}`)."""
+    entry = {"model": entry} if isinstance(entry, str) else entry
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+        raise ConfigError(f"models.{alias}: give a model name or a mapping with `model` (got {entry!r})")
+    unknown = set(entry) - set(LOAD_KEYS)
+    if unknown:
+        raise ConfigError(f"models.{alias}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(LOAD_KEYS)}")
+    return dict(entry)
 
 
 def _load(spec: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
