@@ -24,7 +24,7 @@ import fnmatch
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import torch
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, StrictStr, StringConstraints, ValidationError
@@ -230,7 +230,11 @@ def _site_matches(name: str, pattern: str) -> bool:
     want_alias, want = hooks.split_site(pattern)
     if want_alias and not fnmatch.fnmatchcase(alias, want_alias):
         return False
-    (path, io), (want_path, want_io) = hooks.parse(hookpoint), hooks.parse(want)
+    want_path, want_io = hooks.parse(want)
+    try:
+        path, io = hooks.parse(hookpoint)
+    except ConfigError:  # a name no harvest writes: it is simply not what was asked for
+        return False
     if io != want_io:
         return False
     if any(c in want_path for c in "*?["):
@@ -281,7 +285,7 @@ class CachedSource:
         if target_hookpoint is not None:
             hits = select_sites(list(widths), [target_hookpoint])[target_hookpoint]
             if len(hits) != 1:
-                self._missing(target_hookpoint, widths, hits)
+                self._refuse(target_hookpoint, widths, hits)
             self.target = hits[0]
             if self.target not in self.site_names:
                 self.site_names.append(self.target)
@@ -299,7 +303,8 @@ class CachedSource:
         self._data: dict[str, torch.Tensor] | None = None
         self._verified: set[str] = set()
 
-    def _missing(self, pattern: str, widths: dict[str, int], hits: list[str]) -> None:
+    def _refuse(self, pattern: str, widths: dict[str, int], hits: list[str]) -> NoReturn:
+        """`pattern` selects no site (`hits` empty) or several where one is needed."""
         models = self.manifest.get("models")
         held = f"models {models}" if models else f"model {self.manifest['model']}"
         if not hits:
@@ -328,9 +333,9 @@ class CachedSource:
         chosen: list[str] = []
         for pattern, hits in select_sites(list(widths), patterns).items():
             if not hits:
-                self._missing(pattern, widths, hits)
+                self._refuse(pattern, widths, hits)
             if hookpoints is None and len({hooks.split_site(h)[1] for h in hits}) != 1:
-                self._missing(pattern, widths, hits)  # `hookpoint` reads one hookpoint (in each model)
+                self._refuse(pattern, widths, hits)  # `hookpoint` reads one hookpoint (in each model)
             chosen += [h for h in hits if h not in chosen]
         aliases = list(dict.fromkeys(hooks.split_site(n)[0] for n in widths))
         return sorted(chosen, key=lambda n: aliases.index(hooks.split_site(n)[0]))  # stable: pattern order kept
