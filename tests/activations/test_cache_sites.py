@@ -135,3 +135,23 @@ def test_cache_lacking_a_site_names_it_and_lists_what_it_holds(tmp_path, parts):
         build_source({"type": "cache", "path": str(tmp_path / "c"), "hookpoints": []})
     with pytest.raises(ConfigError, match="different hookpoints"):  # continuing it with other sites is refused
         write_cache(_harvester(parts), tmp_path / "c")
+
+
+def test_saelab_harvest_with_two_models(tmp_path, parts, capsys):
+    from saelab.cli import main
+
+    models, tok, texts = parts
+    for alias, m in models.items():
+        m.save_pretrained(tmp_path / alias)
+        tok.save_pretrained(tmp_path / alias)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts))
+    args = ["harvest", "--hookpoint", "transformer.h.1", "--data", str(tmp_path / "corpus.txt"), "--context-size", "16"]
+    assert main([*args, "--models", str(tmp_path / "base"), str(tmp_path / "ft"), "--out", str(tmp_path / "c")]) == 0
+    manifest = read_manifest(tmp_path / "c")
+    assert list(manifest["hookpoints"]) == ["base/transformer.h.1", "ft/transformer.h.1"]
+    assert manifest["models"] == {"base": str(tmp_path / "base"), "ft": str(tmp_path / "ft")}
+    b = next(CachedSource(tmp_path / "c", "transformer.h.1", batch_size=8))
+    assert list(b.sites) == ["base/transformer.h.1", "ft/transformer.h.1"]
+    pairs = [f"x={tmp_path / 'base'}", f"x={tmp_path / 'ft'}"]
+    assert main([*args, "--models", *pairs, "--out", str(tmp_path / "d")]) == 2
+    assert "models: duplicate alias 'x'" in capsys.readouterr().err
