@@ -7,7 +7,7 @@ A batch says what a dictionary reads and what it must reproduce: `x` is the enco
 that pairs two places (an MLP's input and output, for transcoders) gives a distinct `target`.
 Losses, FVU, MSE and explained variance are measured against the target. A source may also yield
 several named `sites` per batch (several hookpoints, or one hookpoint in several models, keyed by
-hookpoint name or `alias/hookpoint`); `Batch.view(read, write)` is the batch a dictionary that reads one
+module path or `model:path`); `Batch.view(read, write)` is the batch a dictionary that reads one
 site and writes another sees, and `view(site)` the batch of an SAE on that site.
 `state_dict()` returns tensors only (it goes into a safetensors checkpoint) and
 `load_state_dict()` puts the source back exactly where it was, so training resumes exactly.
