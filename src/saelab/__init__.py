@@ -13,8 +13,7 @@ Every trained SAE comes back ready: it takes raw activations (the input scale is
 
 __version__ = "0.1.0"
 
-from saelab.io.formats import load  # noqa: E402  (any known format; SAELens v6 is saelab's own)
-from saelab.io.saelens import save  # noqa: E402
+from saelab.io.formats import load, save  # noqa: E402  (any known format; SAELens v6 where it fits)
 from saelab.run import RunConfig, run  # noqa: E402
 from saelab.sae import SAE, create, list_architectures  # noqa: E402
 from saelab.train import TrainConfig, train, train_many  # noqa: E402

@@ -11,6 +11,11 @@ shared threshold (its inference form) and therefore loads back as a JumpReLU. SA
 checkpoints of `batchtopk` and `matryoshka_batchtopk` (a scalar `topk_threshold`) load as saelab's
 BatchTopK and Matryoshka with that threshold, which is what SAELens' own inference export computes.
 
+Transcoders: SAELens' four transcoder classes (`transcoder`, `skip_transcoder`, `jumprelu_transcoder`,
+`jumprelu_skip_transcoder`) load as saelab ReLU / JumpReLU transcoders with their hooks as `site` and
+`write_site`, and saelab transcoders are written as them; see saelab.io.saelens_transcoders for the
+mapping (the input bias folded into b_enc) and what SAELens cannot hold.
+
 Provenance: `sae.provenance` (source format, hookpoints, scalings folded in at load time) is written
 under `metadata.saelab_provenance`, and its hookpoint as SAELens' `metadata.hook_name`.
 """
@@ -26,6 +31,7 @@ from safetensors.torch import load_file
 
 import saelab
 from saelab.errors import ConfigError, FileFormatError
+from saelab.io import saelens_transcoders
 from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.sae.base import SAE
 from saelab.sae.registry import get_class, make_config
@@ -47,6 +53,7 @@ def save(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFormatError(f"{path} exists and is not a folder; choose a folder path for the SAE")
+    reads_several_sites(sae, refuse=True)
     architecture = sae.saved_architecture()
     tensors = {k: v.float() for k, v in sae.saved_state().items()}
     provenance = getattr(sae, "provenance", None)
@@ -55,13 +62,22 @@ def save(
         recorded["saelab_provenance"] = provenance
         if provenance.get("hook_name"):
             recorded["hook_name"] = provenance["hook_name"]
+    transcoder = is_transcoder(sae)
+    if transcoder:
+        skip = bool(getattr(sae.cfg, "skip", False))
+        architecture = saelens_transcoders.saelens_architecture(architecture, skip, sae.architecture)
+        tensors = saelens_transcoders.state_for_file(tensors)
+        for key, value in (("hook_name", sae.cfg.site), ("hook_name_out", sae.cfg.write_site)):
+            if value:  # SAELens reads a transcoder's hooks from metadata.hook_name / hook_name_out
+                recorded[key] = value
     cfg: dict[str, Any] = {
         "architecture": _TO_SAELENS.get(architecture, architecture),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        **({"d_out": d_out(sae)} if transcoder else {}),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        "apply_b_dec_to_input": False if transcoder else sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -85,6 +101,34 @@ def save(
     return path
 
 
+def d_out(sae: SAE) -> int:
+    """The width an SAE writes (its d_in unless it is a transcoder of another width)."""
+    return getattr(sae.cfg, "d_out", None) or sae.cfg.d_in
+
+
+def is_transcoder(sae: SAE) -> bool:
+    """True for a dictionary that writes another site than it reads (or adds a skip connection)."""
+    cfg = sae.cfg
+    return bool(
+        getattr(cfg, "skip", False)
+        or d_out(sae) != cfg.d_in
+        or (getattr(cfg, "write_site", None) not in (None, cfg.site))
+        or "b_in" in dict(sae.named_parameters())
+    )
+
+
+def reads_several_sites(sae: SAE, refuse: bool = False) -> bool:
+    """True for a crosscoder or cross-layer transcoder (a list of sites); `refuse`: raise instead."""
+    several = any(isinstance(getattr(sae.cfg, key, None), (list, tuple)) for key in ("site", "write_site"))
+    if several and refuse:
+        raise ConfigError(
+            f"this {sae.architecture} dictionary reads or writes several sites (a crosscoder or cross-layer "
+            "transcoder), which the SAELens layout cannot describe; save it with saelab.save (saelab's "
+            "dictionary layout, see saelab.io.dictionary)"
+        )
+    return several
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
@@ -103,6 +147,7 @@ _KEY_TYPES: dict[str, tuple[type, str]] = {
     "architecture": (str, "a string"),
     "d_in": (int, "a positive integer"),
     "d_sae": (int, "a positive integer"),
+    "d_out": (int, "a positive integer"),
     "k": (int, "a positive integer"),
     "apply_b_dec_to_input": (bool, "true or false"),
     "rescale_acts_by_decoder_norm": (bool, "true or false"),
@@ -129,7 +174,8 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
             f"weights were saved as (SAELens names such as 'standard', 'topk', 'jumprelu', 'gated')"
         )
     disk_arch = cfg["architecture"]
-    architecture = _FROM_SAELENS.get(disk_arch, disk_arch)
+    transcoder = saelens_transcoders.config_values(cfg) if saelens_transcoders.is_transcoder_file(cfg) else {}
+    architecture = transcoder.get("architecture") or _FROM_SAELENS.get(disk_arch, disk_arch)
     try:
         get_class(architecture)  # unknown architectures fail here with the valid list
     except ConfigError as exc:
@@ -151,6 +197,7 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
         d_sae=cfg["d_sae"],
         apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
     )
+    values.update(transcoder)
     try:
         values.update(get_class(architecture).config_from_saved(cfg, values))
     except (TypeError, ValueError) as exc:
@@ -181,6 +228,7 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
     except ConfigError as exc:
         raise FileFormatError(f"{path / CFG_FILE} holds an invalid config: {exc}") from None
     sae = get_class(sae_cfg.architecture)(sae_cfg)
+    expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
     weights_path = path / WEIGHTS_FILE
     if not weights_path.exists():
         raise FileFormatError(f"{weights_path} is missing; the SAE folder is incomplete")
@@ -197,7 +245,8 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
         folded["decoder_norm"] = "W_enc and b_enc multiplied by |W_dec| rows, W_dec rows set to unit norm"
     if values["architecture"] == "matching_pursuit" and not _saelab_written(cfg):
         tensors = _sae_lens_matching_pursuit(tensors, values, weights_path)
-    expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
+    if saelens_transcoders.is_transcoder_file(cfg):
+        tensors = saelens_transcoders.state_from_file(tensors, expected)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -205,11 +254,12 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
             f"{weights_path} does not match architecture '{cfg.get('architecture')}': "
             f"missing {missing}, unexpected {extra}"
         )
+    widths = f", d_out={values['d_out']}" if values.get("d_out") else ""
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise FileFormatError(
                 f"{weights_path}: '{key}' has shape {tuple(tensors[key].shape)} but cfg.json "
-                f"(d_in={values['d_in']}, d_sae={values['d_sae']}) implies {shape}"
+                f"(d_in={values['d_in']}, d_sae={values['d_sae']}{widths}) implies {shape}"
             )
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -238,6 +288,9 @@ def _provenance(cfg: dict[str, Any], path: Path, folded: dict[str, Any]) -> dict
     hook = metadata.get("hook_name") or cfg.get("hook_name")
     if hook and "hook_name" not in out:
         out["hook_name"] = hook
+    hook_out = metadata.get("hook_name_out") or cfg.get("hook_name_out")
+    if hook_out and "hook_name_out" not in out:
+        out["hook_name_out"] = hook_out
     if folded:
         out["folded_scaling"] = {**out.get("folded_scaling", {}), **folded}
     return out
