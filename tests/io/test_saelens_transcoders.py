@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saelab.errors import ConfigError
+import saelab
+from saelab.errors import ConfigError, FileFormatError
 from saelab.io import saelens_transcoders
 from tests.io.test_formats import assert_matches, fired_fraction, reference_library
 
@@ -112,3 +113,167 @@ def test_mapping_writes_files_sae_lens_loads(kind, tmp_path):
 def test_no_sae_lens_class_is_refused_by_name():
     with pytest.raises(ConfigError, match="SAELens 6.54 has no skip transcoder class for a 'topk'"):
         saelens_transcoders.saelens_architecture("topk", True, "topk")
+
+
+# ------------------------------------------------------------------------------ real saelab classes
+
+SAELAB_KINDS = [  # (saelab architecture, extra config, the SAELens class it is written as, without skip)
+    ("relu", {}, "transcoder"),
+    ("jumprelu", {}, "jumprelu_transcoder"),
+    ("batchtopk", {"k": 4}, "jumprelu_transcoder"),
+    ("matryoshka", {"k": 4, "prefixes": [4, 9, 15]}, "jumprelu_transcoder"),
+]
+
+
+def saelab_transcoder(architecture: str, extra: dict, skip: bool, seed: int = 0):
+    """A saelab transcoder d_in 5 -> d_out 7 with every parameter random (b_in and W_skip too)."""
+    sae = saelab.create(
+        {
+            "architecture": architecture,
+            "d_in": D_IN,
+            "d_out": D_OUT,
+            "d_sae": D_SAE,
+            "site": HOOK_IN,
+            "write_site": HOOK_OUT,
+            "skip": skip,
+            **extra,
+        }
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+            if name == "log_threshold":
+                p.copy_((0.2 + torch.rand(p.shape, generator=gen)).log())
+        if architecture in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(1.5)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saelab_loads_each_sae_lens_transcoder_with_its_hooks(kind, tmp_path):
+    theirs = sae_lens_transcoder(kind)
+    theirs.save_model(str(tmp_path))
+    ours = saelab.load(tmp_path)
+    architecture, skip = saelens_transcoders.FROM_SAELENS[kind]
+    assert ours.architecture == architecture and ours.cfg.skip == skip and ours.cfg.is_transcoder
+    assert (ours.cfg.d_in, ours.cfg.output_width, ours.cfg.d_sae) == (D_IN, D_OUT, D_SAE)
+    assert (ours.cfg.site, ours.cfg.write_site) == (HOOK_IN, HOOK_OUT)
+    assert ours.provenance["hook_name"] == HOOK_IN and ours.provenance["hook_name_out"] == HOOK_OUT
+    x = inputs()
+    with torch.no_grad():
+        f_ref = theirs.encode(x)
+        assert 0.05 < fired_fraction(f_ref) < 0.95
+        assert_matches(ours.encode(x), f_ref, f"{kind} encode")
+        assert_matches(ours(x), theirs(x), f"{kind} forward")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("architecture,extra,written_as", SAELAB_KINDS)
+def test_saelab_transcoders_load_in_sae_lens_with_the_same_outputs(architecture, extra, written_as, skip, tmp_path):
+    sae_lens = reference_library("sae_lens")
+    ours = saelab_transcoder(architecture, extra, skip)
+    out = saelab.save(ours, tmp_path / "tc")
+    cfg = json.loads((out / "cfg.json").read_text())
+    expected = written_as.replace("transcoder", "skip_transcoder") if skip else written_as
+    assert cfg["architecture"] == expected and cfg["d_out"] == D_OUT and cfg["apply_b_dec_to_input"] is False
+    assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == (HOOK_IN, HOOK_OUT)
+    theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")
+    assert type(theirs).__name__ == sae_lens.saes.sae.get_sae_class(expected)[0].__name__
+    assert theirs.cfg.metadata.hook_name_out == HOOK_OUT
+    x = inputs()
+    with torch.no_grad():
+        f = ours.encode(x)
+        assert 0.05 < fired_fraction(f) < 0.95
+        assert_matches(f, theirs.encode(x), f"saelab {architecture} transcoder encode in SAELens")
+        assert_matches(ours(x), theirs(x), f"saelab {architecture} transcoder forward in SAELens")
+        back = saelab.load(out)  # and back: the same outputs (b_in now folded into b_enc)
+        assert (back.cfg.site, back.cfg.write_site, back.cfg.skip) == (HOOK_IN, HOOK_OUT, skip)
+        assert_matches(back.encode(x), f, "reloaded encode")
+        assert_matches(back(x), ours(x), "reloaded forward")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sae_lens_round_trip_through_saelab_is_exact(kind, tmp_path):
+    """SAELens file -> saelab -> SAELens file: the same tensors, the same class, the same hooks."""
+    sae_lens = reference_library("sae_lens")
+    theirs = sae_lens_transcoder(kind)
+    theirs.save_model(str(tmp_path / "a"))
+    saelab.save(saelab.load(tmp_path / "a"), tmp_path / "b")
+    a, b = (load_file(str(tmp_path / p / "sae_weights.safetensors")) for p in ("a", "b"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    again = sae_lens.SAE.load_from_disk(str(tmp_path / "b"), device="cpu")
+    assert type(again) is type(theirs) and again.cfg.metadata.hook_name == HOOK_IN
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_topk_transcoder_is_refused_by_the_saelens_writer_and_saved_in_saelab_layout(skip, tmp_path):
+    from saelab.io import saelens
+
+    ours = saelab_transcoder("topk", {"k": 3}, skip)
+    with pytest.raises(ConfigError, match="SAELens 6.54 has no (skip )?transcoder class for a 'topk'"):
+        saelens.save(ours, tmp_path / "refused")
+    out = saelab.save(ours, tmp_path / "tc")
+    assert (out / "dictionary.json").is_file() and not (out / "cfg.json").exists()
+    back = saelab.load(out)
+    x = inputs()
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), ours.encode(x)) and torch.equal(back(x), ours(x))
+    assert (back.cfg.site, back.cfg.write_site, back.cfg.skip) == (HOOK_IN, HOOK_OUT, skip)
+
+
+def test_convert_reads_and_writes_transcoders(tmp_path, capsys):
+    from saelab.cli import main
+
+    sae_lens = reference_library("sae_lens")
+    theirs = sae_lens_transcoder("jumprelu_skip_transcoder")
+    theirs.save_model(str(tmp_path / "src"))
+    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "dict"), "--to", "saelab-dictionary"]) == 0
+    assert HOOK_OUT in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "dict"), "--out", str(tmp_path / "back")]) == 0
+    again = sae_lens.SAE.load_from_disk(str(tmp_path / "back"), device="cpu")
+    x = inputs()
+    with torch.no_grad():
+        assert_matches(again(x), theirs(x), "converted twice, forward in SAELens")
+    saelab.save(saelab_transcoder("topk", {"k": 3}, True), tmp_path / "topk")
+    assert main(["convert", str(tmp_path / "topk"), "--out", str(tmp_path / "no")]) == 2
+    assert "no skip transcoder class for a 'topk'" in capsys.readouterr().err
+
+
+def _sae_lens_file(tmp_path, kind="skip_transcoder"):
+    sae_lens_transcoder(kind).save_model(str(tmp_path))
+    return json.loads((tmp_path / "cfg.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda cfg: cfg.pop("d_out"), "has no 'd_out'"),
+        (lambda cfg: cfg.update(d_out="7"), "'d_out' must be a positive integer"),
+        (lambda cfg: cfg.update(apply_b_dec_to_input=True), "cannot be subtracted from its input"),
+        (lambda cfg: cfg.update(d_out=5), r"'W_dec' has shape \(15, 7\) but cfg.json \(d_in=5, d_sae=15, d_out=5\)"),
+        (lambda cfg: cfg["metadata"].update(hook_name_out=HOOK_IN), "both"),
+    ],
+)
+def test_bad_sae_lens_transcoder_files_fail_by_name(edit, message, tmp_path):
+    cfg = _sae_lens_file(tmp_path)
+    edit(cfg)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileFormatError, match=message):
+        saelab.load(tmp_path)
+
+
+def test_transposed_skip_matrix_fails_by_name(tmp_path):
+    _sae_lens_file(tmp_path)
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    tensors["W_skip"] = tensors["W_skip"].T.contiguous()
+    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(FileFormatError, match=r"sae_weights.safetensors: 'W_skip' has shape \(5, 7\).*\(7, 5\)"):
+        saelab.load(tmp_path)
+
+
+def test_transcoder_without_hook_names_loads_with_placeholder_sites(tmp_path):
+    sae_lens_transcoder("transcoder", hooks=False).save_model(str(tmp_path))
+    ours = saelab.load(tmp_path)
+    assert (ours.cfg.site, ours.cfg.write_site) == ("input", "output")
+    assert "unnamed_hooks" in ours.provenance

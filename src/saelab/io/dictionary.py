@@ -50,38 +50,24 @@ FORMAT_VERSION = 1
 # ------------------------------------------------------------------------------------ sites
 
 
-def _site_list(value: Any) -> list[str | None]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _split(total: int, sites: list[str | None], what: str) -> list[dict[str, Any]]:
-    """Equal widths for `sites` that together are `total` wide."""
-    if not sites:
-        sites = [None]
-    if total % len(sites):
-        raise ConfigError(f"{what}: {total} dimensions cannot be split equally over {len(sites)} sites")
+def _split(total: int, sites: list[str] | None) -> list[dict[str, Any]]:
+    """Each of `sites` with its width: saelab's multi-site dictionaries split `total` equally."""
+    sites = sites or [None]
     return [{"site": s, "width": total // len(sites)} for s in sites]
 
 
 def site_layout(sae: SAE) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(reads, writes) of a saelab dictionary: each site with its width, in concatenation order."""
     cfg = sae.cfg
-    reads = _site_list(cfg.site)
-    writes = _site_list(getattr(cfg, "write_site", None)) or reads  # an SAE writes what it reads
-    d_out = getattr(cfg, "d_out", None) or cfg.d_in
-    return _split(cfg.d_in, reads, "the sites read"), _split(d_out, writes, "the sites written")
+    return _split(cfg.d_in, cfg.read_sites), _split(cfg.output_width, cfg.write_sites)
 
 
-def kind(reads: list[dict[str, Any]], writes: list[dict[str, Any]], skip: bool = False) -> str:
+def kind(reads: list[dict[str, Any]], writes: list[dict[str, Any]]) -> str:
+    """sae, transcoder, crosscoder or cross_layer_transcoder, from the sites read and written."""
     read_sites, write_sites = [r["site"] for r in reads], [w["site"] for w in writes]
-    if len(reads) == 1 and len(writes) > 1:
-        return "cross_layer_transcoder"
-    if len(reads) > 1 or len(writes) > 1:
-        return "crosscoder" if read_sites == write_sites else "cross_layer_transcoder"
-    same = read_sites == write_sites and reads[0]["width"] == writes[0]["width"]
-    return "sae" if same and not skip else "transcoder"
+    if len(reads) == 1 and len(writes) == 1:
+        return "sae" if read_sites == write_sites else "transcoder"
+    return "crosscoder" if read_sites == write_sites else "cross_layer_transcoder"
 
 
 # ------------------------------------------------------------------------------------ save
@@ -97,7 +83,7 @@ def save(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None) -> 
     cfg: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "kind": kind(reads, writes, bool(getattr(sae.cfg, "skip", False))),
+        "kind": kind(reads, writes),
         "architecture": sae.architecture,
         "d_sae": sae.cfg.d_sae,
         "reads": reads,
@@ -157,42 +143,40 @@ def _entries(cfg: dict[str, Any], key: str, path: Path) -> list[dict[str, Any]]:
 
 
 def _config_values(cfg: dict[str, Any], reads: list, writes: list, path: Path) -> dict[str, Any]:
+    """saelab config values, after checking that the config agrees with the sites and widths listed."""
     values = cfg.get("config")
     if not isinstance(values, dict):
         raise _fail(path, f"'config' must be an object holding the saelab SAE config (got {values!r:.60})")
     values = dict(values)
-    if values.get("architecture") != cfg.get("architecture"):
+    if values.get("architecture") != cfg["architecture"]:
         raise _fail(
             path,
-            f"'architecture' is {cfg.get('architecture')!r} but config.architecture is "
+            f"'architecture' is {cfg['architecture']!r} but config.architecture is "
             f"{values.get('architecture')!r}; they must agree",
         )
     read_sites, write_sites = [r["site"] for r in reads], [w["site"] for w in writes]
+    found = kind(reads, writes)
+    if found == "cross_layer_transcoder":
+        raise _fail(
+            path,
+            f"a cross-layer transcoder (reads {read_sites}, writes {write_sites}); this saelab has no "
+            "cross-layer transcoder class to load it into (a dictionary writes one site, or the sites it reads)",
+        )
+    for key, entries in (("reads", reads), ("writes", writes)):
+        if len({e["width"] for e in entries}) > 1:
+            widths = [e["width"] for e in entries]
+            raise _fail(path, f"'{key}' has widths {widths}; saelab's multi-site dictionaries have sites of one width")
     d_in, d_out = sum(r["width"] for r in reads), sum(w["width"] for w in writes)
-    if len({r["width"] for r in reads}) > 1 or len({w["width"] for w in writes}) > 1:
-        raise _fail(path, "saelab's multi-site dictionaries read and write sites of one width each; the widths differ")
-    for key, want in (("d_in", d_in), ("d_out", d_out)):
-        have = values.get(key)
-        if key == "d_out" and have is None:
-            have = values.get("d_in")
-        if have != want:
-            what = "reads" if key == "d_in" else "writes"
-            raise _fail(path, f"config.{key} is {have!r} but the widths in '{what}' add up to {want}")
+    have_in, have_out = values.get("d_in"), values.get("d_out") or values.get("d_in")
+    if have_in != d_in:
+        raise _fail(path, f"config.d_in is {have_in!r} but the widths in 'reads' add up to {d_in}")
+    if have_out != d_out:
+        raise _fail(path, f"config's output width is {have_out!r} but the widths in 'writes' add up to {d_out}")
     site = read_sites[0] if len(read_sites) == 1 else read_sites
-    write = write_sites[0] if len(write_sites) == 1 else write_sites
-    for key, want in (("site", site), ("write_site", write)):
-        if (
-            key in values
-            and values[key] is not None
-            and values[key] != want
-            and not (key == "write_site" and write == site)
-        ):
-            raise _fail(
-                path, f"config.{key} is {values[key]!r} but '{'reads' if key == 'site' else 'writes'}' names {want!r}"
-            )
-    values["site"] = site
-    if "write_site" in values or write != site:
-        values["write_site"] = write if write != site else values.get("write_site")
+    write_site = write_sites[0] if found == "transcoder" else None
+    for key, want, listed in (("site", site, "reads"), ("write_site", write_site, "writes")):
+        if values.get(key) != want:
+            raise _fail(path, f"config.{key} is {values.get(key)!r} but '{listed}' says {want!r}")
     return values
 
 

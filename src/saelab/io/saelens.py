@@ -64,11 +64,12 @@ def save(
             recorded["hook_name"] = provenance["hook_name"]
     transcoder = is_transcoder(sae)
     if transcoder:
-        skip = bool(getattr(sae.cfg, "skip", False))
-        architecture = saelens_transcoders.saelens_architecture(architecture, skip, sae.architecture)
+        architecture = saelens_transcoders.saelens_architecture(architecture, sae.cfg.skip, sae.architecture)
         tensors = saelens_transcoders.state_for_file(tensors)
+        unnamed = bool((provenance or {}).get("unnamed_hooks"))
+        placeholders = (saelens_transcoders.PLACEHOLDER_IN, saelens_transcoders.PLACEHOLDER_OUT)
         for key, value in (("hook_name", sae.cfg.site), ("hook_name_out", sae.cfg.write_site)):
-            if value:  # SAELens reads a transcoder's hooks from metadata.hook_name / hook_name_out
+            if value and not (unnamed and value in placeholders):  # SAELens reads metadata.hook_name(_out)
                 recorded[key] = value
     cfg: dict[str, Any] = {
         "architecture": _TO_SAELENS.get(architecture, architecture),
@@ -103,23 +104,17 @@ def save(
 
 def d_out(sae: SAE) -> int:
     """The width an SAE writes (its d_in unless it is a transcoder of another width)."""
-    return getattr(sae.cfg, "d_out", None) or sae.cfg.d_in
+    return sae.cfg.output_width
 
 
 def is_transcoder(sae: SAE) -> bool:
-    """True for a dictionary that writes another site than it reads (or adds a skip connection)."""
-    cfg = sae.cfg
-    return bool(
-        getattr(cfg, "skip", False)
-        or d_out(sae) != cfg.d_in
-        or (getattr(cfg, "write_site", None) not in (None, cfg.site))
-        or "b_in" in dict(sae.named_parameters())
-    )
+    """True for a dictionary that writes another site than it reads."""
+    return sae.cfg.is_transcoder
 
 
 def reads_several_sites(sae: SAE, refuse: bool = False) -> bool:
     """True for a crosscoder or cross-layer transcoder (a list of sites); `refuse`: raise instead."""
-    several = any(isinstance(getattr(sae.cfg, key, None), (list, tuple)) for key in ("site", "write_site"))
+    several = len(sae.cfg.read_sites or [None]) > 1 or len(sae.cfg.write_sites or [None]) > 1
     if several and refuse:
         raise ConfigError(
             f"this {sae.architecture} dictionary reads or writes several sites (a crosscoder or cross-layer "
@@ -291,6 +286,11 @@ def _provenance(cfg: dict[str, Any], path: Path, folded: dict[str, Any]) -> dict
     hook_out = metadata.get("hook_name_out") or cfg.get("hook_name_out")
     if hook_out and "hook_name_out" not in out:
         out["hook_name_out"] = hook_out
+    if saelens_transcoders.is_transcoder_file(cfg) and saelens_transcoders.unnamed_hooks(cfg):
+        out["unnamed_hooks"] = (
+            f"cfg.json names no {' or '.join(saelens_transcoders.unnamed_hooks(cfg))}; the sites are placeholders "
+            f"'{saelens_transcoders.PLACEHOLDER_IN}' -> '{saelens_transcoders.PLACEHOLDER_OUT}'"
+        )
     if folded:
         out["folded_scaling"] = {**out.get("folded_scaling", {}), **folded}
     return out

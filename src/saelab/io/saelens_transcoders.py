@@ -74,12 +74,28 @@ def config_values(cfg: dict[str, Any]) -> dict[str, Any]:
             "(SAELens refuses such a file too)"
         )
     hook_in, hook_out = hookpoints(cfg)
-    values = {"architecture": architecture, "d_out": d_out, "skip": skip, "apply_b_dec_to_input": False}
-    if hook_in:
-        values["site"] = hook_in
-    if hook_out:
-        values["write_site"] = hook_out
-    return values
+    if hook_in and hook_in == hook_out:
+        raise FileFormatError(
+            f"cfg.json: hook_name and hook_name_out are both {hook_in!r}; a transcoder writes another hook "
+            "than it reads (fix hook_name_out)"
+        )
+    return {
+        "architecture": architecture,
+        "d_out": d_out,
+        "skip": skip,
+        "apply_b_dec_to_input": False,
+        "site": hook_in or PLACEHOLDER_IN,
+        "write_site": hook_out or PLACEHOLDER_OUT,
+    }
+
+
+# Sites of a file that names no hooks (saelab's transcoders need both); provenance says so.
+PLACEHOLDER_IN, PLACEHOLDER_OUT = "input", "output"
+
+
+def unnamed_hooks(cfg: dict[str, Any]) -> list[str]:
+    hook_in, hook_out = hookpoints(cfg)
+    return [k for k, v in (("hook_name", hook_in), ("hook_name_out", hook_out)) if not v]
 
 
 def state_from_file(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -98,8 +114,8 @@ def saelens_architecture(saved_architecture: str, skip: bool, trained_as: str) -
         raise ConfigError(
             f"SAELens 6.54 has no {'skip ' if skip else ''}transcoder class for a '{trained_as}' "
             f"transcoder (it has {', '.join(sorted(FROM_SAELENS))}), so it cannot be written in the SAELens "
-            f"layout; transcoders of {kinds} can. Save it in saelab's dictionary layout instead: "
-            "saelab.io.dictionary.save(sae, path), which saelab.load reads back"
+            f"layout; transcoders of {kinds} can. saelab.save writes it in saelab's dictionary layout "
+            "instead (saelab convert: --to saelab-dictionary), which saelab.load reads back"
         )
     return name
 

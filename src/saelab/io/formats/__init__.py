@@ -59,7 +59,7 @@ def fits_saelens(sae: SAE) -> bool:
         return True
     try:
         saelens_layout.saelens_transcoders.saelens_architecture(
-            sae.saved_architecture(), bool(getattr(sae.cfg, "skip", False)), sae.architecture
+            sae.saved_architecture(), sae.cfg.skip, sae.architecture
         )
     except ConfigError:
         return False
