@@ -141,7 +141,10 @@ def _edit(folder, change):
         (lambda c: [e.update(width=5) for e in c["reads"]], "config.d_in is 12 but the widths in 'reads' add up to 15"),
         (lambda c: c["writes"].pop(), "cross-layer transcoder"),
         (lambda c: c["reads"].pop(), "cross-layer transcoder"),
-        (lambda c: c["reads"][0].update(site="model.layers.9"), "config.site is .* but 'reads' says"),
+        (
+            lambda c: [e.update(site="model.layers.9") for e in (c["reads"][0], c["writes"][0])],
+            "config.site is .* but 'reads' says",
+        ),
         (lambda c: c.update(architecture="nonesuch"), "unknown architecture 'nonesuch'"),
         (lambda c: c.update(architecture="topk"), "they must agree"),
         (lambda c: c.update(format_version=2), "format_version 2 is not one this saelab reads"),

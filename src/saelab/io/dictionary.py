@@ -18,9 +18,15 @@ A folder holds two files, each written atomically:
   models) and its width; `writes` the sites the decoder writes. The encoder's input is the reads'
   activations concatenated in that order, the decoder's output the writes' concatenation.
 `dictionary.safetensors`
-    saelab's tensors in the SAELens orientation: `W_enc [sum of read widths, d_sae]`, `b_enc [d_sae]`,
-    `W_dec [d_sae, sum of write widths]`, `b_dec [sum of write widths]`, plus the architecture's own
-    (`threshold`, a transcoder's `b_in` and `W_skip [d_out, d_in]`, ...).
+    the dictionary's parameters and buffers under saelab's own names, so a load gives back exactly
+    what was saved: `W_enc [sum of read widths, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, sum of
+    write widths]`, `b_dec [sum of write widths]` (the SAELens orientation), a transcoder's `b_in
+    [d_in]` and `W_skip [d_out, d_in]`, and the architecture's own (JumpReLU's `log_threshold`,
+    BatchTopK's scalar `threshold`, ...).
+
+A cross-layer transcoder (one site read, several written) is described the same way, with
+`"kind": "cross_layer_transcoder"`; this saelab has no class for one yet, so loading it is refused
+by name.
 
 `load` checks the JSON's types, that every site is named and the widths add up to the config's, and
 every tensor's name and shape, before building anything; a bad file fails naming the file and what
@@ -79,7 +85,9 @@ def save(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None) -> 
     if path.exists() and not path.is_dir():
         raise FileFormatError(f"{path} exists and is not a folder; choose a folder path for the dictionary")
     reads, writes = site_layout(sae)
-    tensors = {k: v.detach().float().contiguous() for k, v in sae.saved_state().items()}
+    tensors = {
+        k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in sae.state_dict().items()
+    }
     cfg: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -216,11 +224,11 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
     except ConfigError as exc:
         raise _fail(cfg_path, f"'config' is not a valid saelab config ({exc})") from None
     sae = get_class(sae_cfg.architecture)(sae_cfg)
-    expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileFormatError(f"{weights_path} is missing; the dictionary folder is incomplete")
-    tensors = {k: v.float() for k, v in read_safetensors(weights_path).items()}
+    tensors = read_safetensors(weights_path)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise _fail(
@@ -234,9 +242,9 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
                 f"{[r['width'] for r in reads]}, writes {[w['width'] for w in writes]}, d_sae={cfg['d_sae']}) "
                 f"implies {shape}",
             )
-        if not torch.isfinite(tensors[key]).all():
+        if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
             raise _fail(weights_path, f"'{key}' contains NaN or Inf; the dictionary is broken")
-    sae.load_saved_state(tensors)
+    sae.load_state_dict(tensors)
     earlier = cfg.get("provenance") if isinstance(cfg.get("provenance"), dict) else {}
     sae.provenance = {
         **{k: v for k, v in earlier.items() if k not in ("source_format", "source_path")},
