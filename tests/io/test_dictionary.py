@@ -195,3 +195,14 @@ def test_bad_tensors_fail_naming_file_and_problem(saved, change, message):
     with pytest.raises(FileFormatError, match=message) as err:
         saelab.load(saved)
     assert str(weights) in str(err.value)
+
+
+def test_sparsity_and_metadata_are_kept_beside_the_weights(tmp_path):
+    from saelab.io.saelens import load_sparsity
+
+    freq = torch.rand(D_SAE) * 0.5
+    out = saelab.save(crosscoder(), tmp_path / "cc", sparsity=freq, metadata={"saelab_source": {"type": "toy"}})
+    torch.testing.assert_close(load_sparsity(out), freq, rtol=1e-5, atol=1e-9)
+    assert json.loads((out / dictionary.CONFIG_FILE).read_text())["metadata"] == {"saelab_source": {"type": "toy"}}
+    saelab.save(crosscoder(), out)  # saved again without: the stale frequencies go
+    assert load_sparsity(out) is None

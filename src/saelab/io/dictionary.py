@@ -17,6 +17,8 @@ A folder holds two files, each written atomically:
   `reads` lists, in order, every site the encoder reads (a module path, or `model:path` for several
   models) and its width; `writes` the sites the decoder writes. The encoder's input is the reads'
   activations concatenated in that order, the decoder's output the writes' concatenation.
+`sparsity.safetensors` (optional)
+    `sparsity`: log10 firing frequency per latent, as in the SAELens layout.
 `dictionary.safetensors`
     the dictionary's parameters and buffers under saelab's own names, so a load gives back exactly
     what was saved: `W_enc [sum of read widths, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, sum of
@@ -44,6 +46,7 @@ import saelab
 from saelab.errors import ConfigError, FileFormatError
 from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.io.formats.base import read_safetensors
+from saelab.io.saelens import write_sparsity
 from saelab.sae.base import SAE
 from saelab.sae.registry import get_class, make_config
 
@@ -79,8 +82,11 @@ def kind(reads: list[dict[str, Any]], writes: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------ save
 
 
-def save(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `sae` to folder `path` in saelab's dictionary layout (module docstring)."""
+def save(
+    sae: SAE, path: str | Path, sparsity: torch.Tensor | None = None, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write `sae` to folder `path` in saelab's dictionary layout (module docstring). `sparsity`:
+    per-latent firing frequency, written as `sparsity.safetensors` as in the SAELens layout."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFormatError(f"{path} exists and is not a folder; choose a folder path for the dictionary")
@@ -106,6 +112,7 @@ def save(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None) -> 
         cfg["metadata"] = metadata
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_FILE, tensors)
+    write_sparsity(path, sparsity, sae.cfg.d_sae)
     write_json(path / CONFIG_FILE, cfg)  # last: a folder with a config has its weights
     return path
 

@@ -92,14 +92,19 @@ def save(
     cfg.update(sae.saved_config_extras())
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_FILE, tensors)
-    if sparsity is None:
-        (path / SPARSITY_FILE).unlink(missing_ok=True)  # a stale one would describe another SAE
-    else:
-        if sparsity.shape != (sae.cfg.d_sae,):
-            raise ConfigError(f"sparsity must have shape [{sae.cfg.d_sae}] (got {tuple(sparsity.shape)})")
-        write_safetensors(path / SPARSITY_FILE, {"sparsity": torch.log10(sparsity.double() + 1e-10).float()})
+    write_sparsity(path, sparsity, sae.cfg.d_sae)
     write_json(path / CFG_FILE, cfg)
     return path
+
+
+def write_sparsity(path: Path, sparsity: torch.Tensor | None, d_sae: int) -> None:
+    """`sparsity.safetensors` (log10 firing frequency per latent), or none: a stale one would describe another SAE."""
+    if sparsity is None:
+        (path / SPARSITY_FILE).unlink(missing_ok=True)
+        return
+    if sparsity.shape != (d_sae,):
+        raise ConfigError(f"sparsity must have shape [{d_sae}] (got {tuple(sparsity.shape)})")
+    write_safetensors(path / SPARSITY_FILE, {"sparsity": torch.log10(sparsity.double() + 1e-10).float()})
 
 
 def d_out(sae: SAE) -> int:

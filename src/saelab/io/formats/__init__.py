@@ -40,14 +40,10 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None, format:
 def save(sae: SAE, path: str | Path, sparsity=None, metadata: dict | None = None) -> Path:
     """Write `sae` to folder `path`: in the SAELens v6 layout when SAELens has a class for it (SAEs, and
     ReLU / JumpReLU / BatchTopK / Matryoshka transcoders with or without a skip connection), else in
-    saelab's dictionary layout (crosscoders, cross-layer transcoders, TopK transcoders), which
-    `load` reads back. `sparsity`: per-latent firing frequency (SAELens layout only)."""
+    saelab's dictionary layout (crosscoders, TopK transcoders), which `load` reads back.
+    `sparsity`: per-latent firing frequency, kept beside the weights in either layout."""
     if not fits_saelens(sae):
-        if sparsity is not None:
-            raise ConfigError(
-                "sparsity is stored with SAELens-layout files only; this dictionary is saved in saelab's layout"
-            )
-        return dictionary.save(sae, path, metadata)
+        return dictionary.save(sae, path, sparsity=sparsity, metadata=metadata)
     return saelens_layout.save(sae, path, sparsity=sparsity, metadata=metadata)
 
 
