@@ -224,6 +224,39 @@ def test_topk_transcoder_is_refused_by_the_saelens_writer_and_saved_in_saelab_la
     assert (back.cfg.site, back.cfg.write_site, back.cfg.skip) == (HOOK_IN, HOOK_OUT, skip)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_writes_each_transcoder_kind_for_sae_lens(kind, tmp_path, capsys):
+    from saelab.cli import main
+
+    sae_lens = reference_library("sae_lens")
+    theirs = sae_lens_transcoder(kind)
+    theirs.save_model(str(tmp_path / "src"))
+    assert main(["convert", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert f"saelens -> saelens: {saelens_transcoders.FROM_SAELENS[kind][0]} d_in=5 d_out=7 d_sae=15" in printed
+    assert HOOK_IN in printed and HOOK_OUT in printed
+    again = sae_lens.SAE.load_from_disk(str(tmp_path / "out"), device="cpu")
+    assert type(again) is type(theirs)
+    x = inputs()
+    with torch.no_grad():
+        assert_matches(again.encode(x), theirs.encode(x), f"{kind} converted, encode in SAELens")
+        assert_matches(again(x), theirs(x), f"{kind} converted, forward in SAELens")
+
+
+def test_negative_sae_lens_thresholds_load_as_relu_cuts(tmp_path):
+    """SAELens keeps relu(z) where z > threshold: a threshold below zero cuts nothing the ReLU keeps."""
+    theirs = sae_lens_transcoder("jumprelu_transcoder")
+    with torch.no_grad():
+        theirs.threshold[:5] = -0.5
+        theirs.threshold[5:8] = 0.0
+    theirs.save_model(str(tmp_path))
+    ours = saelab.load(tmp_path)
+    x = inputs()
+    with torch.no_grad():
+        assert_matches(ours.encode(x), theirs.encode(x), "negative thresholds, encode")
+        assert_matches(ours(x), theirs(x), "negative thresholds, forward")
+
+
 def test_convert_reads_and_writes_transcoders(tmp_path, capsys):
     from saelab.cli import main
 
