@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import saelab
 from saelab.errors import FileFormatError
-from saelab.io import dictionary
+from saelab.io import dictionary, formats
 
 SITES = ["model.layers.1", "model.layers.2", "other:model.layers.1"]
 WIDTH, D_SAE = 4, 15  # three sites of width 4: W_enc [12, 15], W_dec [15, 12]
@@ -204,5 +204,6 @@ def test_sparsity_and_metadata_are_kept_beside_the_weights(tmp_path):
     out = saelab.save(crosscoder(), tmp_path / "cc", sparsity=freq, metadata={"saelab_source": {"type": "toy"}})
     torch.testing.assert_close(load_sparsity(out), freq, rtol=1e-5, atol=1e-9)
     assert json.loads((out / dictionary.CONFIG_FILE).read_text())["metadata"] == {"saelab_source": {"type": "toy"}}
+    assert formats.read_metadata(out) == {"saelab_source": {"type": "toy"}}  # what `saelab eval` reads
     saelab.save(crosscoder(), out)  # saved again without: the stale frequencies go
     assert load_sparsity(out) is None

@@ -124,6 +124,14 @@ def detect(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file()
 
 
+def read_metadata(folder: Path) -> dict[str, Any]:
+    """The `metadata` object of a saved dictionary ({} when it has none)."""
+    path = folder / CONFIG_FILE
+    cfg = read_json(path, "the file may be truncated")
+    metadata = cfg.get("metadata") if isinstance(cfg, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def _fail(path: Path, problem: str) -> FileFormatError:
     return FileFormatError(f"{path}: {problem}")
 

@@ -47,6 +47,14 @@ def save(sae: SAE, path: str | Path, sparsity=None, metadata: dict | None = None
     return saelens_layout.save(sae, path, sparsity=sparsity, metadata=metadata)
 
 
+def read_metadata(path: str | Path) -> dict:
+    """The `metadata` saelab wrote beside a saved dictionary (either layout); FileFormatError if none."""
+    folder = Path(path)
+    if dictionary.detect(folder):
+        return dictionary.read_metadata(folder)
+    return saelens_layout.read_config(folder).get("metadata") or {}
+
+
 def fits_saelens(sae: SAE) -> bool:
     """True when the SAELens layout can hold `sae` (one site read, one written, a class SAELens has)."""
     if saelens_layout.reads_several_sites(sae):
@@ -62,4 +70,15 @@ def fits_saelens(sae: SAE) -> bool:
     return True
 
 
-__all__ = ["Format", "detect", "fits_saelens", "get_format", "list_formats", "load", "read", "register_format", "save"]
+__all__ = [
+    "Format",
+    "detect",
+    "fits_saelens",
+    "get_format",
+    "list_formats",
+    "load",
+    "read",
+    "read_metadata",
+    "register_format",
+    "save",
+]
