@@ -207,3 +207,12 @@ def test_sparsity_and_metadata_are_kept_beside_the_weights(tmp_path):
     assert formats.read_metadata(out) == {"saelab_source": {"type": "toy"}}  # what `saelab eval` reads
     saelab.save(crosscoder(), out)  # saved again without: the stale frequencies go
     assert load_sparsity(out) is None
+
+
+def test_saving_over_a_folder_in_the_other_layout_leaves_one_format(tmp_path):
+    saelab.save(crosscoder(), tmp_path / "d")
+    sae = saelab.create({"architecture": "relu", "d_in": 5, "d_sae": D_SAE})
+    saelab.save(sae, tmp_path / "d")
+    assert formats.detect(tmp_path / "d").name == "saelens" and saelab.load(tmp_path / "d").cfg.d_in == 5
+    saelab.save(crosscoder(), tmp_path / "d")
+    assert formats.detect(tmp_path / "d").name == "saelab-dictionary"

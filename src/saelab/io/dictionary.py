@@ -54,6 +54,7 @@ CONFIG_FILE = "dictionary.json"
 WEIGHTS_FILE = "dictionary.safetensors"
 FORMAT_NAME = "saelab-dictionary"
 FORMAT_VERSION = 1
+FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 # ------------------------------------------------------------------------------------ sites

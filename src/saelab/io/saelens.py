@@ -39,6 +39,7 @@ from saelab.sae.registry import get_class, make_config
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
+FILES = (CFG_FILE, WEIGHTS_FILE)
 
 _TO_SAELENS = {"relu": "standard"}
 _FROM_SAELENS = {"standard": "relu", "matryoshka_batchtopk": "matryoshka"}

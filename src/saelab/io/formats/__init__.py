@@ -42,9 +42,13 @@ def save(sae: SAE, path: str | Path, sparsity=None, metadata: dict | None = None
     ReLU / JumpReLU / BatchTopK / Matryoshka transcoders with or without a skip connection), else in
     saelab's dictionary layout (crosscoders, TopK transcoders), which `load` reads back.
     `sparsity`: per-latent firing frequency, kept beside the weights in either layout."""
-    if not fits_saelens(sae):
-        return dictionary.save(sae, path, sparsity=sparsity, metadata=metadata)
-    return saelens_layout.save(sae, path, sparsity=sparsity, metadata=metadata)
+    if fits_saelens(sae):
+        out, stale = saelens_layout.save(sae, path, sparsity=sparsity, metadata=metadata), dictionary.FILES
+    else:
+        out, stale = dictionary.save(sae, path, sparsity=sparsity, metadata=metadata), saelens_layout.FILES
+    for name in stale:  # a folder saved over in the other layout would match both formats
+        (out / name).unlink(missing_ok=True)
+    return out
 
 
 def read_metadata(path: str | Path) -> dict:
