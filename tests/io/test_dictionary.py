@@ -48,6 +48,8 @@ def x(n: int = 128) -> torch.Tensor:
 @pytest.mark.parametrize("architecture,extra", CROSSCODERS)
 def test_crosscoder_round_trip_is_exact(architecture, extra, tmp_path):
     ours = crosscoder(architecture, extra)
+    per_site = torch.tensor([0.5, 2.0, 3.0]).repeat_interleave(WIDTH)  # trained on scaled sites, folded
+    ours.fold_scales(per_site, per_site)
     out = saelab.save(ours, tmp_path / "cc")  # saelab.save picks this layout: SAELens has no crosscoder
     cfg = json.loads((out / dictionary.CONFIG_FILE).read_text())
     assert cfg["kind"] == "crosscoder" and cfg["architecture"] == architecture
@@ -60,6 +62,7 @@ def test_crosscoder_round_trip_is_exact(architecture, extra, tmp_path):
         f = ours.encode(inp)
         assert 0.02 < float((f != 0).float().mean()) < 0.98
         assert torch.equal(back.encode(inp), f) and torch.equal(back(inp), ours(inp))
+        assert torch.equal(back.site_decoder_norms(), ours.site_decoder_norms())  # training-space norms kept
     assert back.provenance["reads"] == SITES and back.provenance["source_format"] == "saelab-dictionary"
 
 
