@@ -18,8 +18,11 @@ which is saelab's z * (z > threshold) for the non-negative thresholds saelab sto
 saelab's transcoders also have an input bias `b_in [d_in]` subtracted before the encoder. SAELens
 has none, so writing folds it into the encoder bias, b_enc - b_in @ W_enc (same pre-activations),
 and reading sets it to zero. BatchTopK and Matryoshka transcoders are written in their inference
-form, a JumpReLU transcoder with the shared threshold (as their SAEs are). SAELens has no TopK
-transcoder (nor a gated, p-annealed, ... one): those are refused here, by name.
+form, a JumpReLU transcoder (with free decoder rows, the per-latent threshold theta / |d_i| that
+their selection on f_i |d_i| > theta amounts to). SAELens has no TopK transcoder: the SAELens
+writer refuses one by name, and `saelab.save` writes it in saelab's dictionary layout instead
+(saelab.io.dictionary). A file that names no hooks gets the placeholder sites 'input' -> 'output',
+noted in `sae.provenance['unnamed_hooks']` and not written back as hook names.
 """
 
 from __future__ import annotations
