@@ -195,7 +195,7 @@ def evaluate_and_save(
 ) -> dict[str, Any]:
     """The evaluation record of a trained dictionary; the SAE goes to `folder/sae`."""
     from saelab.evals.summary import evaluate
-    from saelab.io.saelens import save
+    from saelab.io.formats import save  # SAELens v6 layout, or saelab's for what it cannot hold
 
     sae = result.sae
     if batches:
