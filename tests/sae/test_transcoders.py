@@ -118,8 +118,8 @@ def test_crosscoder_decoder_norm_is_the_sum_of_per_site_norms():
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "topk"])
-def test_free_decoder_rows_compete_on_their_contribution(arch):
-    """With free rows latents are chosen by f_i * |d_i| (what they add to the output)."""
+def test_crosscoder_latents_compete_on_their_contribution(arch):
+    """A crosscoder (free rows) chooses latents by f_i * |d_i|, what they add to the output."""
     sae = perturb(crosscoder(arch, n_sites=2, width=4)).eval()
     with torch.no_grad():
         sae.W_dec[0] *= 100  # latent 0's rows are huge: it wins whenever its code is positive
