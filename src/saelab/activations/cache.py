@@ -159,9 +159,9 @@ def write_cache(
     torch_dtype = _DTYPES[dtype]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from saelab.progress import bar as progress_bar
 
-        bar = tqdm(total=max_tokens, initial=manifest["total_tokens"], unit="tok", desc="harvest", leave=False)
+        bar = progress_bar(total=max_tokens, initial=manifest["total_tokens"], unit="tok", desc="harvest")
 
     def flush() -> None:
         nonlocal parts, pending

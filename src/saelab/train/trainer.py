@@ -50,13 +50,13 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
-from tqdm.auto import tqdm
 
 from saelab.activations.base import ActivationSource, Batch, as_source
 from saelab.config import StrictModel
 from saelab.errors import ConfigError, FileFormatError, NonFiniteError, SaelabWarning, TrainingInterrupted
 from saelab.io.atomic import append_line, read_json, remove_stale_temp, write_json
 from saelab.io.lock import holds_lock, run_lock
+from saelab.progress import bar as progress_bar
 from saelab.sae.base import SAE, SAEConfig, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
@@ -636,14 +636,12 @@ class Trainer:
     def _fit(self, resume: bool) -> TrainResult | dict[str, TrainResult]:
         self.start(resume)
         self._check_stop()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.cfg.steps,
             initial=self.step,
-            disable=None if self.cfg.progress and self.dist.is_main else True,
+            enabled=self.cfg.progress and self.dist.is_main,
             desc=next(iter(self.members.values())).sae.architecture if self.single else f"sweep of {len(self.members)}",
             unit="step",
-            dynamic_ncols=True,
-            leave=False,
         )
         while self.step < self.cfg.steps:
             try:
