@@ -210,11 +210,13 @@ def latent_scaling(
     db, df = decoder_parts(sae, slots)
     parts = torch.stack([db[latents], df[latents]], 1)  # [m, 2, dim]: each latent's part per model
     d = parts[torch.arange(m), own]  # [m, dim] the direction fitted
-    sums = ScalingSums(latents, own, torch.zeros(m), torch.zeros(m, 2), torch.zeros(m, 2), (d * d).sum(1), torch.zeros(m))
+    sums = ScalingSums(
+        latents, own, torch.zeros(m), torch.zeros(m, 2), torch.zeros(m, 2), (d * d).sum(1), torch.zeros(m)
+    )
     bias = sae.b_dec.detach().float().cpu()
     scale = sae.site_norm_scale.detach().float().cpu()
     with eval_mode(sae):
-        for x, f, x_hat, (n, width) in _views(sae, batches, slots):
+        for x, f, x_hat, (_n, width) in _views(sae, batches, slots):
             x, f, x_hat = x.cpu(), f.detach().float().cpu(), x_hat.cpu()
             fj = f[:, latents]  # [B, m]
             sums.f2 += (fj * fj).sum(0)
