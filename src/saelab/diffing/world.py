@@ -159,6 +159,7 @@ class DiffScore:
     false_exclusive: dict[str, dict[str, int]]  # label -> true category of the feature its part matches (not exclusive)
     exclusive_precision: float  # labelled exclusives whose part matches a feature exclusive to that model
     threshold: float
+    exclusive_truth: dict[int, str]  # labelled exclusive latent -> true category of the feature its part matches
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +214,7 @@ def score_diff(
     counts = {"base_only": 0, "ft_only": 0}
     false = {"base_only": {}, "ft_only": {}}
     right = 0
+    truth_of = {}
     for j, a in enumerate(assigned_all):
         if a not in counts or not bool(alive[j]):
             continue
@@ -222,7 +224,7 @@ def score_diff(
         present = parts[model].norm(dim=1) > 0
         sims = unit_rows(parts[model]) @ unit_rows(part)
         sims[~present] = -2.0
-        truth = world.categories[int(sims.argmax())]
+        truth = truth_of[j] = world.categories[int(sims.argmax())]
         if truth == label_truth[a]:
             right += 1
         else:
@@ -236,4 +238,5 @@ def score_diff(
         false_exclusive=false,
         exclusive_precision=right / n_exc if n_exc else float("nan"),
         threshold=threshold,
+        exclusive_truth=truth_of,
     )
