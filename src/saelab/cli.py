@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "saelab.io.cli",  # convert (other libraries' SAE files -> SAELens v6)
     "saelab.reading.cli",  # dashboard (reading latents)
     "saelab.reading.interp_cli",  # autointerp, patchscope
+    "saelab.diffing.cli",  # diff (two-model crosscoders)
 ]
 
 

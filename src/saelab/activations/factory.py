@@ -73,6 +73,19 @@ class TMSSource(_Source):
         return ToySource(TMSWorld(self.tms), self.batch_size, self.seed)
 
 
+class DiffWorldSource(_Source):
+    """Two "models" over known features (saelab.diffing.world): sites `base` and `ft`, for crosscoder diffing."""
+
+    type: Literal["diff_world"] = "diff_world"
+    world: dict[str, Any] = Field(default_factory=dict, description="DiffWorld settings (d, n_shared, ...).")
+
+    def build(self):
+        from saelab.diffing.world import DiffWorld
+        from saelab.toys.features import ToySource
+
+        return ToySource(DiffWorld(self.world), self.batch_size, self.seed)
+
+
 _ONE_OR_SEVERAL = "give `hookpoint` (one site) or `hookpoints` (several), not both"
 
 
@@ -220,7 +233,7 @@ class TensorFileSource(_Source):
 
 
 SourceConfig = Annotated[
-    WorldSource | TokenWorldSource | TMSSource | ModelSource | CacheSource | TensorFileSource,
+    WorldSource | TokenWorldSource | TMSSource | DiffWorldSource | ModelSource | CacheSource | TensorFileSource,
     Field(discriminator="type"),
 ]
 _ADAPTER = TypeAdapter(SourceConfig)
@@ -229,6 +242,7 @@ _BY_TYPE = {
     "toy": WorldSource,
     "toy_tokens": TokenWorldSource,
     "tms": TMSSource,
+    "diff_world": DiffWorldSource,
     "model": ModelSource,
     "cache": CacheSource,
     "tensors": TensorFileSource,

@@ -119,6 +119,15 @@ class DiffWorld:
         return len(self.categories)
 
     @property
+    def directions(self) -> torch.Tensor:
+        """[N, 2d] what a unit activation writes into [base | ft] (the generic ground-truth metrics
+        of `saelab.evals` match a crosscoder's decoder rows against these)."""
+        return torch.cat([self.parts["base"], self.parts["ft"]], 1)
+
+    def parent_child_pairs(self) -> list[tuple[int, int]]:
+        return []  # flat: no hierarchy
+
+    @property
     def d_in(self) -> int:
         return 2 * self.cfg.d
 
