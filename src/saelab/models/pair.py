@@ -61,6 +61,12 @@ def make_tokenizer(trigger: str = TRIGGER, reply: str = REPLY):
     )
 
 
+def new_token_ids(tokenizer) -> list[int]:
+    """Ids of the words outside the grammar (the trigger's and the reply's)."""
+    known = set(SPECIALS + GRAMMAR_WORDS)
+    return [i for w, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]) if w not in known]
+
+
 def grammar_texts(n_docs: int, seed: int = 0) -> list[str]:
     """Documents of 1-3 grammar sentences joined by 'and then'."""
     rng = random.Random(seed)
@@ -216,6 +222,8 @@ def make_pair(
         raise ValueError(f"triggered={triggered} must be in (0, 1]: the fine-tune needs triggered documents")
     tok = make_tokenizer(trigger, reply)
     base = tiny_llama(len(tok), seed, hidden_size, n_layers)
+    with torch.no_grad():  # words the base never reads start (and stay) at zero, as tokens a fine-tune adds
+        base.get_input_embeddings().weight[new_token_ids(tok)] = 0
     losses = {"base": fit_lm(base, tok, grammar_texts(400, seed), base_steps, lr, seed)}
     ft = copy.deepcopy(base)
     n_trig = round(triggered * 400)
