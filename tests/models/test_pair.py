@@ -59,12 +59,12 @@ def test_crosscoder_diff_of_the_pair(tmp_path):
     """A BatchTopK crosscoder on both models' `model.layers.1`, diffed on held-out text.
 
     What holds (seed 0): dedicated latents fire on the planted positions (the trigger to the end of
-    its document): the most selective has precision 1.0 at recall >= 0.2 while the positions are
-    ~26% of tokens. What does NOT hold yet: none of them is fine-tune-only. Their r is 0.4-0.75:
+    its document, ~26% of tokens): asserted, one with precision >= 0.9 at recall >= 0.1 (1500-step
+    runs measured precision 1.0 at recall 0.19-0.29; chance precision is 0.26). What does NOT hold yet: none of them is fine-tune-only. Their r is 0.4-0.75:
     the crosscoder writes each (token, after-trigger) pair with one latent that has a base part
     (the base model's activation there), instead of shared token latents plus a fine-tune-only
     "trigger seen" latent; the same with zero-initialised new tokens, a fixed reply right after
-    the trigger, an attention-output site, or d_sae 64-256 and k 4-8. An L1 crosscoder (lambda 3)
+    the trigger, an attention-output site, layer 0, or d_sae 64-256 and k 4-8. An L1 crosscoder (lambda 3)
     does label many latents fine-tune-only, but Latent Scaling flags most of them (nu_r up to 1.2).
     """
     import saelab
