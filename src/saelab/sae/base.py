@@ -136,6 +136,7 @@ class StepContext:
     total_steps: int = 1  # steps the run will take (for schedules owned by an architecture)
     batch: Any = None  # the source's Batch (token ids, targets, true features) for variants that need it
     target: torch.Tensor | None = None  # what the decoder must reproduce, scaled (an SAE's: x itself)
+    input_factor: float | torch.Tensor = 1.0  # what the trainer multiplied the raw input by (x = raw * this)
 
     def target_for(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction goal of a step whose input is `x` (x itself unless a target was given)."""
