@@ -112,10 +112,81 @@ def _train(cfg: RunConfig, out: Path, source: Any = None) -> dict[str | None, Tr
     from saelab.train.trainer import train, train_many
 
     spec = {"source": cfg.source.spec(), "eval_source": held_out(cfg.source, cfg.eval_source).spec()}
+    if cfg.train.objective is not None:
+        return _train_e2e(cfg, out, spec)
     source = source if source is not None else cfg.source.build()
     if cfg.sae is not None:
         return {None: train(with_widths(cfg.sae, source), source, cfg.train, out, source_config=spec)}
     return train_many([with_widths(e, source) for e in cfg.saes], source, cfg.train, out, source_config=spec)
+
+
+def e2e_spec(cfg: RunConfig) -> dict[str, Any]:
+    """The model-source settings an end-to-end run reads (one model, one hookpoint), checked."""
+    spec = cfg.source.model_dump(exclude_none=True)
+    if spec.get("type") != "model" or spec.get("model") is None:
+        raise ConfigError(
+            "train.objective e2e runs the model itself: the source must be `type: model` with one `model` "
+            "(not `models`) and one `hookpoint`"
+        )
+    if not isinstance(spec.get("hookpoint"), str) or spec.get("target_hookpoint"):
+        raise ConfigError("train.objective e2e: give the source one `hookpoint` (the SAE's), no target_hookpoint")
+    if spec.get("cache_dir"):
+        raise ConfigError("train.objective e2e needs the model's outputs on every step; drop source.cache_dir")
+    return spec
+
+
+def _train_e2e(cfg: RunConfig, out: Path, described: dict[str, Any]) -> dict[str | None, TrainResult]:
+    """End-to-end training (train.objective): each step takes `model_batch_size` rows (default 8) of
+    `context_size` tokens (default 128) of the source's text, in order (see saelab.train.e2e)."""
+    from saelab.models.source import _load_all
+    from saelab.train.e2e import E2EObjective, E2ESource
+    from saelab.train.trainer import train, train_many
+
+    spec = e2e_spec(cfg)
+    model, tokenizer, _ = _load_all(spec)
+    objective = E2EObjective(model, spec["hookpoint"], cfg.train.objective)
+    try:
+        source = E2ESource(
+            model,
+            tokenizer,
+            spec.get("data", "pydoc"),
+            spec["hookpoint"],
+            cfg.train.objective.downstream,
+            rows_per_batch=spec.get("model_batch_size", 8),
+            repeat=spec.get("repeat", False),
+            **{
+                k: spec[k] for k in ("context_size", "column", "packing", "prepend_bos", "exclude_special") if k in spec
+            },
+        )
+        if cfg.sae is not None:
+            return {None: train(with_widths(cfg.sae, source), source, cfg.train, out, described, objective)}
+        saes = [with_widths(e, source) for e in cfg.saes]
+        return train_many(saes, source, cfg.train, out, described, objective)
+    finally:
+        objective.release()
+
+
+def e2e_record(cfg: RunConfig, sae: Any) -> dict[str, Any]:
+    """The end-to-end row (saelab.evals.e2e) of a trained dictionary on `eval.batches` held-out
+    batches of `model_batch_size` rows: CE increase, KL(p_clean || p_sae), L0, alive latents and
+    explained variance at the hookpoint and downstream."""
+    from saelab.evals.e2e import e2e_report
+    from saelab.models.source import _load_all
+    from saelab.models.text import TokenRows, load_texts, special_ids
+
+    spec = e2e_spec(cfg)
+    held = held_out(cfg.source, cfg.eval_source).model_dump(exclude_none=True)
+    model, tokenizer, _ = _load_all(spec)
+    rows = TokenRows(
+        load_texts(held.get("data", "pydoc"), held.get("column") or "text"), tokenizer, held.get("context_size") or 128
+    )
+    batches = [b for b in (rows.next_rows(spec.get("model_batch_size", 8)) for _ in range(cfg.eval.batches)) if b]
+    specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
+    row = e2e_report({"sae": sae}, model, spec["hookpoint"], batches, cfg.train.objective.downstream, specials)[0]
+    record = {f"e2e_{k}": v for k, v in row.to_dict().items() if k not in ("name", "hookpoint")}
+    for site, ev in record.pop("e2e_downstream_explained_variance").items():
+        record[f"e2e_explained_variance.{site}"] = ev
+    return record
 
 
 def with_widths(entry: dict[str, Any], source: Any) -> dict[str, Any]:
@@ -154,6 +225,8 @@ def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
     for name, result in results.items():
         folder = out if name is None else out / name
         record = evaluate_and_save(result, seconds, batches, world, cfg.source.spec(), folder)
+        if cfg.train.objective is not None:
+            record.update(e2e_record(cfg, result.sae))
         records.append(record if name is None else {"name": name, **record})
     return records
 

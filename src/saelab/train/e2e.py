@@ -225,16 +225,17 @@ def spliced(
     keep: torch.Tensor,
     value: torch.Tensor,
     downstream: list[hooks.Hookpoint] = (),
+    grad: bool = True,
 ):
     """Inside the block, a forward of `model` writes `value` [N, d] at `hp`'s `keep` positions and
     fills the yielded dict with the downstream activations, with their graph. The forward runs
-    under no_grad up to `hp`; the hook that writes `value` turns grad mode on, so only what runs
-    after it is differentiated. Grad mode is restored on exit."""
+    under no_grad up to `hp`; with `grad` the hook that writes `value` turns grad mode on, so only
+    what runs after it is differentiated (without, nothing is). Grad mode is restored on exit."""
     modules = dict(model.named_modules())
     store: dict[str, torch.Tensor] = {}
 
     def write(act: torch.Tensor) -> torch.Tensor:
-        torch.set_grad_enabled(True)  # from here on the forward builds a graph (restored on exit)
+        torch.set_grad_enabled(grad)  # from here on the forward builds a graph (restored on exit)
         new = act.clone()
         new[keep] = value.to(act.dtype)
         return new
