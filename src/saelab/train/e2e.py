@@ -299,6 +299,11 @@ class E2EObjective:
         rows: E2ERows | None = getattr(ctx.batch, "context", None)
         if not isinstance(rows, E2ERows):
             raise ConfigError("end-to-end training needs batches from an E2ESource (token rows with clean outputs)")
+        if sae.cfg.is_transcoder or sae.cfg.n_sites > 1:
+            raise ConfigError(
+                "end-to-end training splices an SAE's output back where it reads; a transcoder or crosscoder "
+                "writes other sites (train it locally)"
+            )
         out = sae.train_forward(x, ctx)
         sae.release_training_buffers()  # batch sizes vary with the rows' special tokens
         raw = out.x_hat / ctx.input_factor  # the model reads raw-unit activations
