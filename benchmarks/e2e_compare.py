@@ -25,6 +25,52 @@ from saelab.models import ModelSource, load_model
 from saelab.models.text import TokenRows, load_texts, special_ids
 
 
+def time_steps(model, tok, texts, hookpoint, sae_cfg, rows: dict, reps: int = 3) -> dict:
+    """Median seconds of the parts of one e2e step, and how far the step is from its floor.
+
+    - `clean_s`: the source's clean forward (no grad, full model: x, targets, clean log-probs).
+    - `spliced_s`: the objective (SAE, spliced forward, KL) plus the backward.
+    - `prefix_s`: a no-grad forward stopped after the hookpoint. The spliced forward recomputes these
+      layers, and skipping them is the only saving left.
+    - `floor_ratio`: (clean + spliced) / (clean + spliced - prefix), the step against its floor
+      (one clean forward, one spliced forward from the hookpoint on, a backward through the rest).
+    - `local_s`: a local SAE step (train_forward + backward) on the same x.
+    """
+    import statistics
+
+    from saelab.models import hooks
+    from saelab.sae.base import StepContext
+    from saelab.train.e2e import E2EObjective, E2ESource
+
+    source = E2ESource(model, tok, texts, hookpoint, **rows)
+    objective = E2EObjective(model, hookpoint, {})
+    sae = saelab.create({**sae_cfg, "d_in": source.d_in})
+    parts = {"clean_s": [], "spliced_s": [], "prefix_s": [], "local_s": []}
+    try:
+        for _ in range(reps):
+            t = time.perf_counter()
+            batch = next(source)
+            parts["clean_s"].append(time.perf_counter() - t)
+            ctx = StepContext(batch=batch, target=batch.x)
+            t = time.perf_counter()
+            objective(sae, batch.x, ctx).loss.backward()
+            parts["spliced_s"].append(time.perf_counter() - t)
+            sae.zero_grad(set_to_none=True)
+            rows_ = batch.context
+            t = time.perf_counter()
+            hooks.run(model, rows_.input_ids, [source.hookpoint], rows_.attention_mask)
+            parts["prefix_s"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sae.train_forward(batch.x, StepContext(batch=batch, target=batch.x)).loss.backward()
+            parts["local_s"].append(time.perf_counter() - t)
+            sae.zero_grad(set_to_none=True)
+    finally:
+        objective.release()
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    step = med["clean_s"] + med["spliced_s"]
+    return {**med, "step_s": step, "floor_ratio": step / max(step - med["prefix_s"], 1e-9)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -39,6 +85,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ds-coefficient", type=float, default=1.0)
     ap.add_argument("--out", default="runs/e2e_compare")
+    ap.add_argument("--time-only", action="store_true", help="only time the parts of an e2e step (3 reps)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +104,10 @@ def main(argv=None) -> dict:
         "progress": False,
     }
     rows = {"context_size": args.context, "rows_per_batch": args.rows}
+    step = time_steps(model, tok, texts, args.hookpoint, sae_cfg, rows)
+    print("e2e step parts (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()))
+    if args.time_only:
+        return {"step": step}
     saes = {}
 
     t = time.perf_counter()
@@ -96,10 +147,11 @@ def main(argv=None) -> dict:
         f"{args.model} {args.hookpoint}, TopK d_sae={args.d_sae} k={args.k}, {args.steps} steps of {args.rows}x"
         f"{args.context} tokens, lr {args.lr}, torch threads {torch.get_num_threads()}"
     )
-    text = f"{setting}\n\n{table}\nwall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "\n"
+    text = f"{setting}\n\n{table}\nwall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+    text += "\ne2e step parts (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()) + "\n"
     print(text)
     (out / "report.md").write_text(text)
-    result = {"setting": vars(args), "rows": [r.to_dict() for r in report], "timings": timings}
+    result = {"setting": vars(args), "rows": [r.to_dict() for r in report], "timings": timings, "step": step}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 

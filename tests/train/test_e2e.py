@@ -133,6 +133,7 @@ def test_the_objective_kl_term_equals_the_spliced_models_kl(model, tok):
     assert float(out.losses[KL_TERM].detach()) == pytest.approx(float(expected), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_e2e_lowers_the_spliced_kl_below_a_local_sae_of_equal_l0(model, tok):
     """TopK k=2 on both sides (equal L0 by construction), same width, seed, steps and tokens per step
     (8 rows of 16 tokens vs 120 activations), 3 seeds, scored on held-out rows. Over 6 seeds the KL
@@ -223,6 +224,7 @@ def test_the_report_table_has_every_column(model, tok):
     assert "KL(clean‖SAE)" in table and f"EV {DS}" in table and table.count("\n") == 3
 
 
+@pytest.mark.slow
 def test_saelab_train_config_runs_e2e(tmp_path):
     from saelab.cli import main
 
