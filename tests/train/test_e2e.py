@@ -253,3 +253,22 @@ def test_saelab_train_config_runs_e2e(tmp_path):
     assert f"e2e_explained_variance.{DS}" in record
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert KL_TERM in log[-1]["losses"] and DOWNSTREAM_TERM in log[-1]["losses"]
+
+
+def test_a_sweep_trains_end_to_end_from_one_stream(model, tok):
+    saes = {"topk": ARCHS["topk"], "relu": ARCHS["relu"]}
+    results = saelab.train_e2e(saes, model, tok, TEXTS, HP, {**FAST, "steps": 10}, **ROWS)
+    assert sorted(results) == ["relu", "topk"]
+    assert KL_TERM in results["relu"].history[-1]["losses"] and "l1" in results["relu"].history[-1]["losses"]
+
+
+def test_an_e2e_run_config_needs_a_model_source(tmp_path):
+    with pytest.raises(ConfigError, match="the source must be `type: model`"):
+        saelab.run(
+            {
+                "sae": {"architecture": "topk", "d_in": 16, "d_sae": 32, "k": 2},
+                "train": {"steps": 2, "objective": "e2e", "progress": False},
+                "source": {"type": "world", "world": {"d": 16}},
+            },
+            out=tmp_path,
+        )
