@@ -88,7 +88,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--time-only", action="store_true", help="only time the parts of an e2e step (3 reps)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
@@ -143,6 +142,7 @@ def main(argv=None) -> dict:
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     table = to_markdown(report)
+    out.mkdir(parents=True, exist_ok=True)
     setting = (
         f"{args.model} {args.hookpoint}, TopK d_sae={args.d_sae} k={args.k}, {args.steps} steps of {args.rows}x"
         f"{args.context} tokens, lr {args.lr}, torch threads {torch.get_num_threads()}"

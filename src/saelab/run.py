@@ -169,7 +169,8 @@ def _train_e2e(cfg: RunConfig, out: Path, described: dict[str, Any]) -> dict[str
 def e2e_record(cfg: RunConfig, sae: Any) -> dict[str, Any]:
     """The end-to-end row (saelab.evals.e2e) of a trained dictionary on `eval.batches` held-out
     batches of `model_batch_size` rows: CE increase, KL(p_clean || p_sae), L0, alive latents and
-    explained variance at the hookpoint and downstream."""
+    explained variance at the hookpoint and downstream. Without an `eval_source` the rows come
+    after those training read, when the text is long enough (else from its start)."""
     from saelab.evals.e2e import e2e_report
     from saelab.models.source import _load_all
     from saelab.models.text import TokenRows, load_texts, special_ids
@@ -180,7 +181,13 @@ def e2e_record(cfg: RunConfig, sae: Any) -> dict[str, Any]:
     rows = TokenRows(
         load_texts(held.get("data", "pydoc"), held.get("column") or "text"), tokenizer, held.get("context_size") or 128
     )
-    batches = [b for b in (rows.next_rows(spec.get("model_batch_size", 8)) for _ in range(cfg.eval.batches)) if b]
+    n = spec.get("model_batch_size", 8)
+    if cfg.eval_source is None:  # the same text: start after the rows training read (if the text has more)
+        for _ in range(cfg.train.steps):
+            if rows.next_rows(n) is None:
+                rows.restart()  # a short text: the evaluation reads rows training saw
+                break
+    batches = [b for b in (rows.next_rows(n) for _ in range(cfg.eval.batches)) if b]
     specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
     row = e2e_report({"sae": sae}, model, spec["hookpoint"], batches, cfg.train.objective.downstream, specials)[0]
     record = {f"e2e_{k}": v for k, v in row.to_dict().items() if k not in ("name", "hookpoint")}
