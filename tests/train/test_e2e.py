@@ -272,3 +272,23 @@ def test_an_e2e_run_config_needs_a_model_source(tmp_path):
             },
             out=tmp_path,
         )
+
+
+def test_the_splice_undoes_the_input_scale_as_the_saved_sae_does(model, tok):
+    """Training sees x * s and splices x_hat / s; the SAE with s folded in (what training returns)
+    spliced on raw activations gives the same KL term."""
+    import copy
+
+    s = 0.37
+    sae = saelab.create(ARCHS["relu"])
+    folded = copy.deepcopy(sae)
+    folded.fold_scales(s, s)
+    objective = E2EObjective(model, HP, {})
+    try:
+        batch = next(E2ESource(model, tok, TEXTS, HP, **ROWS))
+        scaled = objective(sae, batch.x * s, StepContext(batch=batch, target=batch.x * s, input_factor=s))
+        raw = objective(folded, batch.x, StepContext(batch=batch, target=batch.x))
+    finally:
+        objective.release()
+    assert float(scaled.losses[KL_TERM].detach()) == pytest.approx(float(raw.losses[KL_TERM].detach()), rel=1e-4)
+    assert torch.allclose(scaled.x_hat / s, raw.x_hat, atol=1e-4)
