@@ -582,3 +582,99 @@ def _crosscoder(dictionary, models, devices, sites, batches, specials, per_site)
             for s in (s for s in sites if s.alias == a):
                 out.per_site[s.name] = scores.metrics(a, [s.name], f"site:{s.name}", f"zero:{s.name}", f"mean:{s.name}")
     return out
+
+
+# ---------------------------------------------------------------------------- one entry point
+def dictionary_fidelity(
+    dictionary,
+    model: torch.nn.Module | dict[str, torch.nn.Module],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    specials: torch.Tensor | None = None,
+    *,
+    hookpoint: str | None = None,
+    per_site: bool = True,
+    model_names: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The downstream record of any dictionary, `kind` first: an SAE through `downstream_fidelity`
+    (at its `site`, else `hookpoint`: the one its source read), every other kind through
+    `splice_fidelity`. What `saelab fidelity` prints and a run's `results.json` holds."""
+    from saelab.evals.downstream import downstream_fidelity
+
+    models = _models_by_alias(model)
+    names = model_names or {}
+    kind = kind_of(dictionary)
+    if kind != "sae":
+        m = splice_fidelity(dictionary, models, batches, specials, per_site=per_site, model_names=names)
+        return m.to_dict()
+    site = (dictionary.cfg.read_sites or [hookpoint])[0]
+    if site is None:
+        raise ConfigError("which hookpoint does the SAE read? its config names no site and none was given")
+    s = _resolve(site, models, "site")
+    name = names.get(s.alias) or ""
+    m = downstream_fidelity(dictionary, models[s.alias], s.hp.name, batches, specials, model_name=name)
+    return {"kind": "sae", **m.to_dict()}
+
+
+def model_source_spec(saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The model, hookpoint(s) and text behind a recorded source config: a model source as it is,
+    a cache's from its manifest; {} for any other source (toy worlds, tensor files)."""
+    saved = dict(saved or {})
+    if saved.get("type") == "cache":
+        from saelab.activations.cache import read_manifest
+
+        manifest = read_manifest(saved["path"])
+        out = {k: manifest[k] for k in ("model", "models", "data", "context_size") if manifest.get(k) is not None}
+        out["hookpoint"] = saved.get("hookpoint") or next(iter(manifest["hookpoints"]))
+        return out
+    if saved.get("type") not in (None, "model"):
+        return {}
+    saved.pop("type", None)
+    return saved
+
+
+_LOAD_KEYS = ("gguf_file", "dtype", "device", "task", "context_size")
+
+
+def models_from_spec(spec: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], Any, dict[str, str]]:
+    """({alias: model}, the tokenizer, {alias: model name}) of a model-source spec: one model
+    (alias "") from `model`, or several from `models` ({alias: name or {model, ...}}), whose unset
+    keys come from the spec's own."""
+    from saelab.models.source import _load
+
+    entries = spec.get("models")
+    if not entries:
+        if not spec.get("model"):
+            raise ConfigError("which model? the source names none (pass --model, or a `model:` key)")
+        entries = {"": {"model": spec["model"]}}
+    elif isinstance(entries, list):  # a list names its models `base`, `ft`, or by each entry's `alias`
+        entries = {
+            (e.get("alias") if isinstance(e, dict) else None) or ("base", "ft")[i]: e for i, e in enumerate(entries)
+        }
+    models, names, tokenizer = {}, {}, None
+    for alias, entry in entries.items():
+        entry = {"model": entry} if isinstance(entry, str) else {k: v for k, v in dict(entry).items() if v is not None}
+        entry.pop("alias", None)
+        sub = {**{k: spec[k] for k in _LOAD_KEYS if spec.get(k) is not None}, **entry}
+        models[alias], tok = _load(sub)
+        names[alias] = str(sub["model"])
+        tokenizer = tokenizer or tok
+    return models, tokenizer, names
+
+
+def fidelity_from_spec(
+    dictionary, spec: dict[str, Any], rows: int = 32, skip_docs: int = 0, per_site: bool = True
+) -> dict[str, Any]:
+    """`dictionary_fidelity` on `rows` rows of the spec's text (`skip_docs` documents in), with the
+    model(s) it names; `spec` is a model-source config (see `model_source_spec`)."""
+    from saelab.models.text import eval_batches, special_ids
+
+    models, tokenizer, names = models_from_spec(spec)
+    batches = list(eval_batches(tokenizer, spec, rows, skip_docs))
+    specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
+    hp = spec.get("hookpoint")
+    hp = hp[0] if isinstance(hp, list) and hp else hp
+    record = dictionary_fidelity(
+        dictionary, models, batches, specials, hookpoint=hp, per_site=per_site, model_names=names
+    )
+    model = names[""] if "" in names else names
+    return {"model": model, "rows": sum(int(b[0].shape[0]) for b in batches), **record}
