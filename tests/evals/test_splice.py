@@ -7,7 +7,7 @@ import torch
 
 import saelab
 from saelab.errors import ConfigError
-from saelab.evals.splice import KL_DIRECTION, is_causal, splice_fidelity
+from saelab.evals.splice import KL_DIRECTION, TranscoderStack, is_causal, splice_fidelity
 from saelab.models import hooks
 from saelab.models.text import TokenRows, keep_mask, load_texts, special_ids
 from saelab.sae.base import SAEConfig
@@ -323,3 +323,32 @@ def test_an_sae_is_sent_to_downstream_fidelity(setup):
     sae = saelab.create({"architecture": "topk", "d_in": 64, "d_sae": 64, "k": 4, "site": "transformer.h.0"})
     with pytest.raises(ConfigError, match="downstream_fidelity"):
         splice_fidelity(sae, model, batches)
+
+
+def test_a_stack_of_transcoders_is_a_replacement_model_whose_layers_alone_are_single_splices(setup):
+    model, tok, batches = setup
+    tcs = [
+        saelab.create(
+            {
+                "architecture": "topk",
+                "d_in": 64,
+                "d_sae": 64,
+                "k": 8,
+                "site": MLP.format(i) + ":input",
+                "write_site": MLP.format(i),
+                "seed": i,
+            }
+        )
+        for i in range(2)
+    ]
+    m = splice_fidelity(TranscoderStack(tcs), model, batches, special_ids(tok))
+    assert m.kind == "per_layer_transcoders" and not m.replacement_note  # block-diagonal: causal
+    for i, tc in enumerate(tcs):
+        alone = splice_fidelity(tc, model, batches, special_ids(tok)).spliced
+        site = m.per_site[MLP.format(i)]
+        assert site.kl_clean_spliced == pytest.approx(alone.kl_clean_spliced, rel=1e-5)
+        assert site.ce_mean_ablation == pytest.approx(alone.ce_mean_ablation, rel=1e-6)
+    # layer 0 alone is the same splice open or closed; with both layers the two loops differ
+    assert m.spliced.kl_clean_spliced != pytest.approx(m.open_loop.kl_clean_spliced, rel=1e-4)
+    with pytest.raises(ConfigError, match="not transcoders"):
+        TranscoderStack([saelab.create({"architecture": "relu", "d_in": 64, "d_sae": 8})])

@@ -161,6 +161,8 @@ def _check_widths(
 
 
 def kind_of(sae) -> str:
+    if getattr(sae, "splice_kind", None):
+        return sae.splice_kind
     cfg = sae.cfg
     reads, writes = cfg.read_sites or [], cfg.write_sites or []
     if reads == writes:
@@ -168,6 +170,51 @@ def kind_of(sae) -> str:
     if len(reads) == 1 and len(writes) == 1:
         return "skip_transcoder" if cfg.skip else "transcoder"
     return "cross_layer_transcoder"
+
+
+@dataclass
+class StackConfig:
+    """The sites and widths of a `TranscoderStack`, named as a dictionary's config names them."""
+
+    read_sites: list[str]
+    write_sites: list[str]
+    d_in: int
+    output_width: int
+    skip: bool = False
+
+    @property
+    def site(self) -> list[str]:
+        return self.read_sites
+
+
+class TranscoderStack(torch.nn.Module):
+    """Per-layer transcoders (a PLT) as one dictionary that reads every layer's input and writes every
+    layer's output: output l is transcoder l of input l, so its replacement model (`splice_fidelity`,
+    closed loop) is the model with every one of those MLPs replaced at once."""
+
+    splice_kind = "per_layer_transcoders"
+
+    def __init__(self, transcoders: list):
+        super().__init__()
+        if not transcoders:
+            raise ConfigError("a transcoder stack needs at least one transcoder")
+        bad = [i for i, t in enumerate(transcoders) if not t.cfg.is_transcoder]
+        if bad:
+            raise ConfigError(f"dictionaries {bad} of the stack are not transcoders (no write_site)")
+        widths = {(t.cfg.d_in, t.cfg.output_width) for t in transcoders}
+        if len(widths) != 1:
+            raise ConfigError(f"the stack's transcoders have different widths {sorted(widths)}; stack equal ones")
+        self.transcoders = torch.nn.ModuleList(transcoders)
+        self.cfg = StackConfig(
+            [t.cfg.site for t in transcoders],
+            [t.cfg.write_site for t in transcoders],
+            sum(t.cfg.d_in for t in transcoders),
+            sum(t.cfg.output_width for t in transcoders),
+        )
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        parts = x.split([t.cfg.d_in for t in self.transcoders], -1)
+        return torch.cat([t(p, tokens=tokens) for t, p in zip(self.transcoders, parts)], -1)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -467,20 +514,20 @@ def _transcoder(dictionary, kind, models, devices, reads, writes, batches, speci
                 "with_error", _replacing(model, split(_with_error(f, x_clean, model, ids, mask, writes, keep)), keep)
             )
         max_diff = max(max_diff, float((logits - clean_logits).abs().max()))
-        if n > 1 or not causal:
-            forward("open_loop", _replacing(model, split(f(x_clean)), keep))
+        y_open = split(f(x_clean)) if n > 1 or not causal else {}
+        if y_open:
+            forward("open_loop", _replacing(model, y_open, keep))
         forward("zero", _replacing(model, zero, keep))
         forward("mean", _replacing(model, mean, keep))
-        if cfg.skip:
-            skip = lambda x: (dictionary.skip_out(x.to(dictionary.W_skip.device)) + dictionary.b_dec).to(device)  # noqa: E731
-            forward(
-                "skip_only",
+        if cfg.skip:  # the affine skip alone: x W_skip^T + b_dec
+            skip = _skip_only(dictionary, device)
+            ctx = (
                 _closed_loop(model, r_hps, w_hps, keep, skip)
                 if causal
-                else _replacing(model, split(skip(x_clean)), keep),
+                else _replacing(model, split(skip(x_clean)), keep)
             )
+            forward("skip_only", ctx)
         if per_site and n > 1:
-            y_open = split(f(x_clean))
             for hp, s in zip(w_hps, writes):
                 forward(f"site:{s.name}", _replacing(model, {hp: y_open[hp]}, keep))
                 forward(f"zero:{s.name}", _replacing(model, {hp: zero[hp]}, keep))
@@ -504,6 +551,11 @@ def _transcoder(dictionary, kind, models, devices, reads, writes, batches, speci
         for s in writes:
             out.per_site[s.name] = scores.metrics(alias, [s.name], f"site:{s.name}", f"zero:{s.name}", f"mean:{s.name}")
     return out
+
+
+def _skip_only(dictionary, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    dev = dictionary.W_skip.device
+    return lambda x: (dictionary.skip_out(x.to(dev)) + dictionary.b_dec).to(device)
 
 
 def _with_error(f, x_clean, model, ids, mask, writes, keep) -> torch.Tensor:
