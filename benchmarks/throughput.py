@@ -17,6 +17,13 @@ at k; relu, jumprelu and gated start at L0 ~ k in every tool (see `start_at_l0`)
 shows the L0 after the timed steps. Every run also checks
 that the tool's training loss went down over its steps (warm-up included), so a broken adapter
 cannot pass for a fast one; with a handful of steps this is a sanity check, not a guarantee.
+
+Besides SAEs (`--kinds sae`), the same step is timed for a TopK transcoder and skip transcoder
+(reading one Gaussian batch and writing another of the same width, against sparsify's
+`transcode=True` / `skip_connection=True`; sae-lens' transcoders are inference-only) and for a
+BatchTopK crosscoder over `--sites` sites of width d_in each (saelab only: no pip release of the
+other tools trains one). A crosscoder's floor is its encoder matmul, [B, S*d_in] @ [S*d_in, d_sae],
+the cost of S single-site encoder matmuls.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ MODULES = {
     "sparsify": "sparsify",
 }
 ARCHITECTURES = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+KINDS = ["sae", "transcoder", "skip_transcoder", "crosscoder"]
+# The architecture each dictionary kind beyond SAEs is timed with (sparsify's transcoders are TopK).
+KIND_ARCHITECTURE = {"transcoder": "topk", "skip_transcoder": "topk", "crosscoder": "batchtopk"}
 
 SAELENS_CLASSES = {  # saelab architecture -> sae-lens training class and its coefficients
     "topk": ("TopKTrainingSAE", {}),
@@ -59,9 +69,9 @@ class Unsupported(Exception):
     """The tool has no such architecture."""
 
 
-def fixed_batch(batch: int, d_in: int, device: str) -> torch.Tensor:
+def fixed_batch(batch: int, d_in: int, device: str, seed: int = 1234) -> torch.Tensor:
     """The same Gaussian batch in every subprocess (E||x|| ~ sqrt(d_in), so no tool rescales it)."""
-    return torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1234)).to(device)
+    return torch.randn(batch, d_in, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def sync(device: str) -> None:
@@ -142,15 +152,26 @@ def make_saelab(arch, x, d_sae, k, args):
     import itertools
 
     import saelab
+    from saelab.activations.base import Batch
     from saelab.train import Trainer
 
     cfg = {"architecture": arch, "d_in": x.shape[1], "d_sae": d_sae}
     if saelab.sae.get_class(arch).sweep_parameter == "k":
         cfg["k"] = k
+    y = args.target
+    if args.kind in ("transcoder", "skip_transcoder"):
+        cfg.update(site="in", write_site="out", d_out=y.shape[1], skip=args.kind == "skip_transcoder")
+        batch = Batch(x=x, sites={"in": x, "out": y})
+    elif args.kind == "crosscoder":
+        names = [f"site{i}" for i in range(args.sites)]
+        cfg.update(site=names)
+        batch = Batch(x=x, sites=dict(zip(names, x.chunk(args.sites, dim=1))))
+    else:
+        batch = Batch(x=x)
     sae = saelab.create(cfg)
     trainer = Trainer(
         sae,
-        itertools.repeat(x),
+        lambda: itertools.repeat(batch),  # a function: the trainer rewinds its source once
         {
             "steps": 10**9,
             "progress": False,
@@ -167,8 +188,10 @@ def make_saelab(arch, x, d_sae, k, args):
     (member,) = trainer.members.values()
 
     def step():
-        return member.train_step(x).loss.detach()
+        return member.train_step(x, batch, y).loss.detach()
 
+    if args.kind != "sae":
+        return step, None
     x_in = (lambda: x - sae.b_dec) if sae.cfg.apply_b_dec_to_input else (lambda: x)
     gates = {
         "relu": gate(x_in, lambda: sae.W_enc, lambda: sae.b_enc),
@@ -291,13 +314,15 @@ def make_sparsify(arch, x, d_sae, k, args):
     counters. Left out: the model forward and the token mask its hook copies the batch through.
     b_dec starts at the batch mean, as its first step sets it. Its bf16 autocast and TF32
     matmuls on CUDA apply only with --native-precision."""
-    if arch != "topk":
+    if arch != "topk" or args.kind == "crosscoder":
         raise Unsupported(arch)
     from sparsify import SparseCoder
     from sparsify.config import SparseCoderConfig, TrainConfig
 
+    transcode = args.kind != "sae"
+    y = args.target if transcode else x
     cfg = TrainConfig(
-        SparseCoderConfig(k=k, num_latents=d_sae),
+        SparseCoderConfig(k=k, num_latents=d_sae, transcode=transcode, skip_connection=args.kind == "skip_transcoder"),
         auxk_alpha=1 / 32,
         optimizer=args.sparsify_optimizer,
         lr_warmup_steps=0,
@@ -305,7 +330,7 @@ def make_sparsify(arch, x, d_sae, k, args):
     torch.manual_seed(0)
     sae = SparseCoder(x.shape[1], cfg.sae, x.device, dtype=torch.float32)
     with torch.no_grad():
-        sae.b_dec.data = x.mean(0).to(sae.dtype)
+        sae.b_dec.data = y.mean(0).to(sae.dtype)
     if cfg.optimizer == "signum":
         from schedulefree import ScheduleFreeWrapper
         from sparsify.sign_sgd import SignSGD
@@ -330,17 +355,20 @@ def make_sparsify(arch, x, d_sae, k, args):
     did_fire = torch.zeros(sae.num_latents, device=x.device, dtype=torch.bool)
     fvu_log = [0.0]
 
+    normalize = sae.cfg.normalize_decoder and not transcode  # its trainer leaves transcoder rows free
+
     def step():
-        if sae.cfg.normalize_decoder:
+        if normalize:
             sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        out = forward(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        total_variance = (y - y.mean(0)).pow(2).sum()
+        out = forward(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
         did_fire[out.latent_indices.flatten()] = True
         fvu_log[0] += float(out.fvu.detach())
         loss = out.fvu + cfg.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
         loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if normalize:
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         if scheduler is not None:
@@ -368,8 +396,12 @@ def run_one(args) -> dict:
     cuda = args.device.startswith("cuda")
     if args.tool != "floor":
         __import__(MODULES[args.tool])
+        if args.kind != "sae" and args.tool in ("sae-lens", "dictionary-learning"):
+            raise Unsupported(args.kind)  # sae-lens' transcoders are inference-only; neither trains crosscoders
     after_import = rss_mib()
-    x = fixed_batch(args.batch, args.d_in, args.device)
+    width = args.d_in * (args.sites if args.kind == "crosscoder" else 1)
+    x = fixed_batch(args.batch, width, args.device)
+    args.target = fixed_batch(args.batch, args.d_in, args.device, seed=4321) if "transcoder" in args.kind else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -387,6 +419,7 @@ def run_one(args) -> dict:
     return {
         "tool": args.tool,
         "architecture": args.arch,
+        "kind": args.kind,
         "d_in": args.d_in,
         "d_sae": d_sae,
         "device": args.device,
@@ -418,6 +451,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="Timed steps (default 5 on CPU, 50 on CUDA).")
     p.add_argument("--warmup", type=int, help="Untimed steps first (default 2 on CPU, 10 on CUDA).")
     p.add_argument("--architectures", nargs="+", default=ARCHITECTURES, choices=ARCHITECTURES)
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=KINDS,
+        choices=KINDS,
+        help="SAEs (every architecture) and, beyond them, a TopK (skip) transcoder and a BatchTopK crosscoder.",
+    )
+    p.add_argument("--sites", type=int, default=3, help="Sites of a crosscoder (each d_in wide).")
     p.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda when there is one).")
     p.add_argument(
@@ -439,7 +480,7 @@ def main() -> None:
         "L0 ~ k on the batch, in every tool (default), or keep each tool's own init (L0 ~ d_sae/2).",
     )
     p.add_argument("--out", help="Write results.json here.")
-    p.add_argument("--one", nargs=3, metavar=("TOOL", "ARCH", "D_IN"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=4, metavar=("TOOL", "ARCH", "D_IN", "KIND"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -449,7 +490,7 @@ def main() -> None:
     args.steps = args.steps or (50 if cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     if args.one:
-        args.tool, args.arch, args.d_in = args.one[0], args.one[1], int(args.one[2])
+        args.tool, args.arch, args.d_in, args.kind = args.one[0], args.one[1], int(args.one[2]), args.one[3]
         try:
             print(json.dumps(run_one(args)))
         except Unsupported:
@@ -474,8 +515,12 @@ def main() -> None:
     )
     rows, skipped, broken = [], [], set()
     for d_in in args.d_in:
-        jobs = [("floor", "-")] + [(t, a) for a in args.architectures for t in tools]
-        for tool, arch in jobs:
+        jobs = [("floor", "-", "sae")] if "sae" in args.kinds else []
+        jobs += [(t, a, "sae") for a in args.architectures for t in tools] if "sae" in args.kinds else []
+        for kind in (k for k in args.kinds if k != "sae"):
+            jobs += [("floor", "-", kind)] if kind == "crosscoder" else []
+            jobs += [(t, KIND_ARCHITECTURE[kind], kind) for t in tools]
+        for tool, arch, kind in jobs:
             if tool in broken:
                 continue
             cmd = [
@@ -485,6 +530,9 @@ def main() -> None:
                 tool,
                 arch,
                 str(d_in),
+                kind,
+                "--sites",
+                str(args.sites),
                 "--expansion",
                 str(args.expansion),
                 "--batch",
@@ -511,20 +559,28 @@ def main() -> None:
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             if r.get("unsupported"):
-                skipped.append(f"{tool}/{arch}")
+                skipped.append(f"{tool}/{arch}" + ("" if kind == "sae" else f" {kind}"))
                 continue
             rows.append(r)
             base = "" if cuda else f" (after import {r['rss_after_import_mib']:.0f})"
+            label = arch if kind == "sae" else f"{arch} {kind}"
             print(
-                f"{tool:19s} {arch:9s} d_in={d_in:4d}  {r['step_s'] * 1000:9.2f} ms/step  "
+                f"{tool:19s} {label:24s} d_in={d_in:4d}  {r['step_s'] * 1000:9.2f} ms/step  "
                 f"{r['activations_per_s']:10.0f} act/s  peak {r['peak_mib']:7.0f} MiB{base}{loss_note(r)}",
                 flush=True,
             )
     if skipped:
         print("not in the tool: " + ", ".join(sorted(set(skipped))))
 
-    def find(tool, arch, d_in):
-        return next((r for r in rows if r["tool"] == tool and r["architecture"] == arch and r["d_in"] == d_in), None)
+    def find(tool, arch, d_in, kind="sae"):
+        return next(
+            (
+                r
+                for r in rows
+                if r["tool"] == tool and r["architecture"] == arch and r["d_in"] == d_in and r["kind"] == kind
+            ),
+            None,
+        )
 
     print(
         "\nspeed-up = the tool's step time / saelab's step time (above 1: saelab is faster); "
@@ -539,17 +595,26 @@ def main() -> None:
                 f"| {d_in} | (floor: x @ W_enc) | torch | | {floor['step_s'] * 1000:.1f} | "
                 f"{floor['activations_per_s']:.0f} | {floor['peak_mib']:.0f} | | 1.0x |"
             )
-        for arch in args.architectures:
-            ours = find("saelab", arch, d_in)
+        table = [(a, "sae") for a in args.architectures if "sae" in args.kinds]
+        table += [(KIND_ARCHITECTURE[k], k) for k in args.kinds if k != "sae"]
+        for arch, kind in table:
+            ours = find("saelab", arch, d_in, kind)
+            base = find("floor", "-", d_in, "crosscoder") if kind == "crosscoder" else floor
+            if kind == "crosscoder" and base:
+                print(
+                    f"| {d_in} x {args.sites} sites | (floor: [B, {args.sites}d] @ W_enc) | torch | | "
+                    f"{base['step_s'] * 1000:.1f} | {base['activations_per_s']:.0f} | {base['peak_mib']:.0f} | | 1.0x |"
+                )
+            label = arch if kind == "sae" else f"{arch} {kind}"
             for tool in tools:
-                r = find(tool, arch, d_in)
+                r = find(tool, arch, d_in, kind)
                 if r is None:
                     continue
                 speedup = f"{r['step_s'] / ours['step_s']:.2f}x" if ours else "n/a"
-                over_floor = f"{r['step_s'] / floor['step_s']:.1f}x" if floor else "n/a"
+                over_floor = f"{r['step_s'] / base['step_s']:.1f}x" if base else "n/a"
                 print(
-                    f"| {d_in} | {arch} | {tool} | {r['l0']:.0f} | {r['step_s'] * 1000:.1f} | {r['activations_per_s']:.0f} | "
-                    f"{r['peak_mib']:.0f} | {speedup} | {over_floor} |"
+                    f"| {d_in} | {label} | {tool} | {r['l0']:.0f} | {r['step_s'] * 1000:.1f} | "
+                    f"{r['activations_per_s']:.0f} | {r['peak_mib']:.0f} | {speedup} | {over_floor} |"
                 )
     flat = [
         f"{r['tool']}/{r['architecture']}/{r['d_in']}"

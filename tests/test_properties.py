@@ -260,7 +260,7 @@ def cache_folder(tmp_path_factory):
     return folder, manifest
 
 
-MANIFEST_KEYS = ["format", "model", "hookpoints", "shards", "rows_state", "total_tokens", "complete"]
+MANIFEST_KEYS = ["format", "model", "models", "hookpoints", "shards", "rows_state", "total_tokens", "complete"]
 SHARD_KEYS = ["file", "bytes", "sha256", "tokens"]
 
 

@@ -5,7 +5,7 @@
     result = saelab.train({"architecture": "topk", "d_in": 64, "d_sae": 512, "k": 8}, batches)
     results = saelab.train_many([{"architecture": "topk", "d_in": 64, "d_sae": 512, "k": k} for k in (4, 8)], source)
     records = saelab.run({"sae": {...}, "source": {"type": "world", ...}}, out="runs/x")  # train, evaluate, save
-    saelab.save(result.sae, "my_sae")      # SAELens v6 layout
+    saelab.save(result.sae, "my_sae")      # SAELens v6 layout (saelab's own for crosscoders)
     sae = saelab.load("my_sae")            # or a sparsify / dictionary_learning / Gemma Scope / Llama Scope folder
 
 Every trained SAE comes back ready: it takes raw activations (the input scale is folded in).
@@ -13,8 +13,7 @@ Every trained SAE comes back ready: it takes raw activations (the input scale is
 
 __version__ = "0.1.0"
 
-from saelab.io.formats import load  # noqa: E402  (any known format; SAELens v6 is saelab's own)
-from saelab.io.saelens import save  # noqa: E402
+from saelab.io.formats import load, save  # noqa: E402  (any known format; SAELens v6 where it fits)
 from saelab.run import RunConfig, run  # noqa: E402
 from saelab.sae import SAE, create, list_architectures  # noqa: E402
 from saelab.train import TrainConfig, train, train_many  # noqa: E402

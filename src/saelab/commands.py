@@ -277,8 +277,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from saelab.activations.factory import held_out, parse_source
     from saelab.errors import FileFormatError
     from saelab.evals.summary import evaluate
-    from saelab.io.formats import load
-    from saelab.io.saelens import read_config
+    from saelab.io.formats import load, read_metadata
     from saelab.run import EvalConfig
 
     sae = load(args.path)  # any known format
@@ -287,7 +286,7 @@ def run_eval(args: argparse.Namespace) -> int:
         source = parse_source(spec.get("source", spec))
     else:
         try:
-            spec = (read_config(args.path).get("metadata") or {}).get("saelab_source")
+            spec = read_metadata(args.path).get("saelab_source")
         except FileFormatError:  # another library's folder: it cannot name a saelab source
             spec = None
         if not isinstance(spec, dict):

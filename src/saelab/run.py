@@ -141,30 +141,46 @@ def run(config: RunConfig | dict, out: str | Path | None = None) -> list[dict[st
         return _run(cfg, out)
 
 
-def _train(cfg: RunConfig, out: Path) -> dict[str | None, TrainResult]:
+def _train(cfg: RunConfig, out: Path, source: Any = None) -> dict[str | None, TrainResult]:
     from saelab.train.trainer import train, train_many
 
     spec = {"source": cfg.source.spec(), "eval_source": held_out(cfg.source, cfg.eval_source).spec()}
-    source = cfg.source.build()
+    source = source if source is not None else cfg.source.build()
     if cfg.sae is not None:
-        return {None: train(cfg.sae, source, cfg.train, out, source_config=spec)}
-    return train_many(cfg.saes, source, cfg.train, out, source_config=spec)
+        return {None: train(with_widths(cfg.sae, source), source, cfg.train, out, source_config=spec)}
+    return train_many([with_widths(e, source) for e in cfg.saes], source, cfg.train, out, source_config=spec)
+
+
+def with_widths(entry: dict[str, Any], source: Any) -> dict[str, Any]:
+    """An SAE config with `d_in` (and a transcoder's `d_out`) taken from the source when not given:
+    the width of the site(s) it reads (and writes), or the source's own d_in."""
+    widths = getattr(source, "site_widths", None) or {}
+    entry = dict(entry)
+    site = entry.get("site")
+    if "d_in" not in entry:
+        names = site if isinstance(site, list) else [site] if site is not None else []
+        if names and all(isinstance(n, str) and n in widths for n in names):
+            entry["d_in"] = sum(widths[n] for n in names)
+        elif not names and isinstance(getattr(source, "d_in", None), int) and source.d_in > 0:
+            entry["d_in"] = source.d_in
+    write = entry.get("write_site")
+    if "d_out" not in entry and isinstance(write, str) and write in widths:
+        entry["d_out"] = widths[write]
+    return entry
 
 
 def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
+    from saelab.sae.registry import make_config
+
+    source = cfg.source.build()
     early = None
-    if cfg.eval_source is not None:  # separate data: check its width before hours of training
+    if cfg.eval_source is not None:  # separate data: check its widths before hours of training
         early = held_out_batches(cfg)
-        saes = [cfg.sae] if cfg.sae is not None else cfg.saes
-        d_ins = {d["d_in"] for d in saes if isinstance(d, dict) and isinstance(d.get("d_in"), int)}
-        width = early[0][0].x.shape[1] if early[0] else None
-        if width is not None and d_ins and d_ins != {width}:
-            raise ConfigError(
-                f"the eval_source yields d_in={width} but the SAE config has d_in={sorted(d_ins, key=str)[0]}; "
-                "give an eval_source with the training data's width"
-            )
+        for entry in [cfg.sae] if cfg.sae is not None else cfg.saes:
+            if early[0]:
+                check_fits(make_config(_without_run_keys(with_widths(entry, source))), early[0][0], "eval_source")
     t0 = time.perf_counter()
-    results = _train(cfg, out)
+    results = _train(cfg, out, source)
     seconds = time.perf_counter() - t0
     batches, world = early or held_out_batches(cfg)
     records = []
@@ -175,6 +191,22 @@ def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
             record["downstream"] = downstream_record(result.sae, cfg)
         records.append(record if name is None else {"name": name, **record})
     return records
+
+
+def _without_run_keys(entry: dict[str, Any]) -> dict[str, Any]:
+    """A sweep member's SAE config without the keys only the run reads (`name`, `train`)."""
+    return {k: v for k, v in entry.items() if k not in ("name", "train")}
+
+
+def check_fits(sae_cfg: Any, batch: Any, where: str) -> None:
+    """A batch from `where` must hold what the dictionary reads and writes, at its widths."""
+    view = batch.view(sae_cfg.read_sites, sae_cfg.write_sites if sae_cfg.is_transcoder else None)
+    for name, t, width in (("d_in", view.x, sae_cfg.d_in), ("d_out", view.target, sae_cfg.output_width)):
+        if t.shape[-1] != width:
+            raise ConfigError(
+                f"the {where} yields {name}={t.shape[-1]} but the SAE has {name}={width}; "
+                "give a held-out source with the training data's sites and widths"
+            )
 
 
 def held_out_batches(cfg: RunConfig) -> tuple[list, Any]:
@@ -209,14 +241,11 @@ def evaluate_and_save(
 ) -> dict[str, Any]:
     """The evaluation record of a trained dictionary; the SAE goes to `folder/sae`."""
     from saelab.evals.summary import evaluate
-    from saelab.io.saelens import save
+    from saelab.io.formats import save  # SAELens v6 layout, or saelab's for what it cannot hold
 
     sae = result.sae
-    if batches and batches[0].x.shape[1] != sae.cfg.d_in:
-        raise ConfigError(
-            f"the held-out source yields d_in={batches[0].x.shape[1]} but the SAE has d_in={sae.cfg.d_in}; "
-            "give an eval_source with the training data's width"
-        )
+    if batches:
+        check_fits(sae.cfg, batches[0], "held-out source")
     record = {
         "architecture": sae.architecture,
         **({sae.sweep_parameter: getattr(sae.cfg, sae.sweep_parameter)} if sae.sweep_parameter else {}),

@@ -499,7 +499,10 @@ def _one_of_each(tmp_path: Path) -> dict[str, Path]:
     _write_gemma_scope_2(tmp_path / "gs2")
     _write_llama_scope(tmp_path / "ls")
     saelab.save(saelab.create({"architecture": "relu", "d_in": D_IN, "d_sae": D_SAE}), tmp_path / "saelens")
+    crosscoder = {"architecture": "relu", "d_in": 2 * D_IN, "d_sae": D_SAE, "site": ["layers.0", "layers.1"]}
+    saelab.save(saelab.create(crosscoder), tmp_path / "crosscoder")
     return {
+        "saelab-dictionary": tmp_path / "crosscoder" / "dictionary.safetensors",
         "sparsify": tmp_path / "sparsify" / "layers.0" / "sae.safetensors",
         "dictionary_learning": tmp_path / "dl" / "ae.pt",
         "gemma_scope_1": gs1 / "params.npz",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveInt, TypeAdapter, ValidationError
+from pydantic import Field, PositiveInt, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from saelab.config import StrictModel, describe_validation_error
 from saelab.errors import ConfigError
@@ -73,12 +73,56 @@ class TMSSource(_Source):
         return ToySource(TMSWorld(self.tms), self.batch_size, self.seed)
 
 
+_ONE_OR_SEVERAL = "give `hookpoint` (one site) or `hookpoints` (several), not both"
+
+
+def _check_hookpoints(value: Any, info: ValidationInfo, required: bool) -> Any:
+    """`hookpoints` beside `hookpoint`: exactly one of them (`required`) or at most one, never an empty list."""
+    one = info.data.get("hookpoint") is not None
+    if value is not None and one:
+        raise ValueError(_ONE_OR_SEVERAL)
+    if value is None and not one and required:
+        raise ValueError("a model source needs `hookpoint` (one site, e.g. model.layers.15) or `hookpoints` (several)")
+    if isinstance(value, (list, tuple)) and not value:
+        raise ValueError(
+            "the list is empty; name at least one site, e.g. [model.layers.3.mlp:input, model.layers.3.mlp]"
+        )
+    return value
+
+
+class ModelEntry(StrictModel):
+    """One model of a several-model source; what it leaves unset comes from the source's own keys."""
+
+    model: str = Field(description="A local model folder, a model in the local HF cache, or 'smollm2'.")
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    device: str | None = None
+    task: str | None = None
+
+
 class ModelSource(_Source):
-    """Activations of a Hugging Face model on text (saelab.models); `cache_dir` reads via a disk cache."""
+    """Activations of a Hugging Face model on text (saelab.models); `cache_dir` reads via a disk cache.
+
+    Several sites per batch: `hookpoints` (read in one forward), and `models` to run the same
+    tokens through several models sharing one vocabulary; batches then carry `sites` keyed
+    `hookpoint` (one model) or `alias/hookpoint` (several: `base/model.layers.2`)."""
 
     type: Literal["model"] = "model"
-    model: str = Field(description="A local model folder, a model in the local HF cache, or 'smollm2'.")
-    hookpoint: str | list[str] = Field(description="Module path (or glob, or list) whose output is read.")
+    model: str | None = Field(
+        None, description="A local model folder, a model in the local HF cache, or 'smollm2' (or `models`)."
+    )
+    models: dict[str, ModelEntry] | None = Field(
+        None,
+        validate_default=True,
+        description="Several models on the same tokens: {alias: model or {model, gguf_file, dtype, device, task}}, "
+        "or a list (aliases `base`, `ft`, or each entry's `alias`). Sites are keyed alias/hookpoint.",
+    )
+    hookpoint: str | list[str] | None = Field(None, description="The module path (or glob) whose output is read.")
+    hookpoints: list[str] | None = Field(
+        None,
+        validate_default=True,
+        description="Several module paths (globs allowed) read in one forward; every batch carries them all as sites.",
+    )
     target_hookpoint: str | None = Field(None, description="A second module read as the target (transcoders).")
     data: str | dict[str, Any] = Field("pydoc", description="Text: 'pydoc', a file, or {path, column}.")
     gguf_file: str | None = None
@@ -97,6 +141,35 @@ class ModelSource(_Source):
     prepend_bos: bool | None = None
     exclude_special: bool | None = None
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _name_models(cls, value: Any, info: ValidationInfo) -> Any:
+        from saelab.models.source import model_entry, name_models
+
+        if (value is None) == (info.data.get("model") is None):
+            raise ValueError(
+                "give `model` (one model, e.g. model: smollm2) or `models` (several, e.g. {base: M1, ft: M2}), "
+                "exactly one of them"
+            )
+        if value is None:
+            return None
+        return {alias: model_entry(alias, entry) for alias, entry in name_models(value).items()}
+
+    @field_validator("hookpoints", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_hookpoints(value, info, required=True)
+
+    @field_validator("target_hookpoint")
+    @classmethod
+    def _one_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("models") is not None:
+            raise ValueError(
+                "target_hookpoint reads one model; with `models`, list every site in `hookpoints` and name the "
+                "one a dictionary writes in its config (e.g. 'ft/model.layers.2')"
+            )
+        return value
+
     def build(self):
         from saelab.models.source import source_from_spec
 
@@ -108,12 +181,21 @@ class CacheSource(_Source):
 
     type: Literal["cache"] = "cache"
     path: str = Field(description="The folder `saelab harvest` wrote.")
-    hookpoint: str | None = None
+    hookpoint: str | None = Field(None, description="The site read (default: the cache's only one).")
+    hookpoints: list[str] | None = Field(
+        None, description="Several sites read together (globs allowed; `alias/hookpoint` for one model's)."
+    )
     target_hookpoint: str | None = None
-    model: str | None = None
+    model: str | None = Field(None, description="Refuse a cache harvested from another model.")
+    models: dict[str, str] | None = Field(None, description="Refuse a cache not harvested from these {alias: model}.")
     shuffle: bool | None = None
     repeat: bool | None = None
     verify: bool | None = None
+
+    @field_validator("hookpoints", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_hookpoints(value, info, required=False)
 
     def build(self):
         from saelab.activations.cache import CachedSource

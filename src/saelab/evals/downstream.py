@@ -156,8 +156,8 @@ def downstream_fidelity(
 
 
 def _bar(batches: list, desc: str):
-    """A progress bar with rate and ETA on a terminal (silent elsewhere): fidelity runs several
-    model forwards per batch and takes minutes on a real model."""
-    from tqdm.auto import tqdm
+    """A progress bar with rate and ETA (lines off a terminal): fidelity runs several model
+    forwards per batch and takes minutes on a real model."""
+    from saelab.progress import bar
 
-    return tqdm(batches, desc=desc, unit="batch", disable=None, leave=False, dynamic_ncols=True)
+    return bar(batches, desc=desc, unit="batch")

@@ -11,6 +11,11 @@ shared threshold (its inference form) and therefore loads back as a JumpReLU. SA
 checkpoints of `batchtopk` and `matryoshka_batchtopk` (a scalar `topk_threshold`) load as saelab's
 BatchTopK and Matryoshka with that threshold, which is what SAELens' own inference export computes.
 
+Transcoders: SAELens' four transcoder classes (`transcoder`, `skip_transcoder`, `jumprelu_transcoder`,
+`jumprelu_skip_transcoder`) load as saelab ReLU / JumpReLU transcoders with their hooks as `site` and
+`write_site`, and saelab transcoders are written as them; see saelab.io.saelens_transcoders for the
+mapping (the input bias folded into b_enc) and what SAELens cannot hold.
+
 Provenance: `sae.provenance` (source format, hookpoints, scalings folded in at load time) is written
 under `metadata.saelab_provenance`, and its hookpoint as SAELens' `metadata.hook_name`.
 """
@@ -26,6 +31,7 @@ from safetensors.torch import load_file
 
 import saelab
 from saelab.errors import ConfigError, FileFormatError
+from saelab.io import saelens_transcoders
 from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.sae.base import SAE
 from saelab.sae.registry import get_class, make_config
@@ -33,6 +39,7 @@ from saelab.sae.registry import get_class, make_config
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
+FILES = (CFG_FILE, WEIGHTS_FILE)
 
 _TO_SAELENS = {"relu": "standard"}
 _FROM_SAELENS = {"standard": "relu", "matryoshka_batchtopk": "matryoshka"}
@@ -47,6 +54,7 @@ def save(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFormatError(f"{path} exists and is not a folder; choose a folder path for the SAE")
+    reads_several_sites(sae, refuse=True)
     architecture = sae.saved_architecture()
     tensors = {k: v.float() for k, v in sae.saved_state().items()}
     provenance = getattr(sae, "provenance", None)
@@ -55,13 +63,23 @@ def save(
         recorded["saelab_provenance"] = provenance
         if provenance.get("hook_name"):
             recorded["hook_name"] = provenance["hook_name"]
+    transcoder = is_transcoder(sae)
+    if transcoder:
+        architecture = saelens_transcoders.saelens_architecture(architecture, sae.cfg.skip, sae.architecture)
+        tensors = saelens_transcoders.state_for_file(tensors)
+        unnamed = bool((provenance or {}).get("unnamed_hooks"))
+        placeholders = (saelens_transcoders.PLACEHOLDER_IN, saelens_transcoders.PLACEHOLDER_OUT)
+        for key, value in (("hook_name", sae.cfg.site), ("hook_name_out", sae.cfg.write_site)):
+            if value and not (unnamed and value in placeholders):  # SAELens reads metadata.hook_name(_out)
+                recorded[key] = value
     cfg: dict[str, Any] = {
         "architecture": _TO_SAELENS.get(architecture, architecture),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        **({"d_out": d_out(sae)} if transcoder else {}),
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        "apply_b_dec_to_input": False if transcoder else sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -75,14 +93,41 @@ def save(
     cfg.update(sae.saved_config_extras())
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_FILE, tensors)
-    if sparsity is None:
-        (path / SPARSITY_FILE).unlink(missing_ok=True)  # a stale one would describe another SAE
-    else:
-        if sparsity.shape != (sae.cfg.d_sae,):
-            raise ConfigError(f"sparsity must have shape [{sae.cfg.d_sae}] (got {tuple(sparsity.shape)})")
-        write_safetensors(path / SPARSITY_FILE, {"sparsity": torch.log10(sparsity.double() + 1e-10).float()})
+    write_sparsity(path, sparsity, sae.cfg.d_sae)
     write_json(path / CFG_FILE, cfg)
     return path
+
+
+def write_sparsity(path: Path, sparsity: torch.Tensor | None, d_sae: int) -> None:
+    """`sparsity.safetensors` (log10 firing frequency per latent), or none: a stale one would describe another SAE."""
+    if sparsity is None:
+        (path / SPARSITY_FILE).unlink(missing_ok=True)
+        return
+    if sparsity.shape != (d_sae,):
+        raise ConfigError(f"sparsity must have shape [{d_sae}] (got {tuple(sparsity.shape)})")
+    write_safetensors(path / SPARSITY_FILE, {"sparsity": torch.log10(sparsity.double() + 1e-10).float()})
+
+
+def d_out(sae: SAE) -> int:
+    """The width an SAE writes (its d_in unless it is a transcoder of another width)."""
+    return sae.cfg.output_width
+
+
+def is_transcoder(sae: SAE) -> bool:
+    """True for a dictionary that writes another site than it reads."""
+    return sae.cfg.is_transcoder
+
+
+def reads_several_sites(sae: SAE, refuse: bool = False) -> bool:
+    """True for a crosscoder or cross-layer transcoder (a list of sites); `refuse`: raise instead."""
+    several = len(sae.cfg.read_sites or [None]) > 1 or len(sae.cfg.write_sites or [None]) > 1
+    if several and refuse:
+        raise ConfigError(
+            f"this {sae.architecture} dictionary reads or writes several sites (a crosscoder or cross-layer "
+            "transcoder), which the SAELens layout cannot describe; save it with saelab.save (saelab's "
+            "dictionary layout, see saelab.io.dictionary)"
+        )
+    return several
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -103,6 +148,7 @@ _KEY_TYPES: dict[str, tuple[type, str]] = {
     "architecture": (str, "a string"),
     "d_in": (int, "a positive integer"),
     "d_sae": (int, "a positive integer"),
+    "d_out": (int, "a positive integer"),
     "k": (int, "a positive integer"),
     "apply_b_dec_to_input": (bool, "true or false"),
     "rescale_acts_by_decoder_norm": (bool, "true or false"),
@@ -129,7 +175,8 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
             f"weights were saved as (SAELens names such as 'standard', 'topk', 'jumprelu', 'gated')"
         )
     disk_arch = cfg["architecture"]
-    architecture = _FROM_SAELENS.get(disk_arch, disk_arch)
+    transcoder = saelens_transcoders.config_values(cfg) if saelens_transcoders.is_transcoder_file(cfg) else {}
+    architecture = transcoder.get("architecture") or _FROM_SAELENS.get(disk_arch, disk_arch)
     try:
         get_class(architecture)  # unknown architectures fail here with the valid list
     except ConfigError as exc:
@@ -151,6 +198,7 @@ def _saelab_config(cfg: dict[str, Any]) -> dict[str, Any]:
         d_sae=cfg["d_sae"],
         apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
     )
+    values.update(transcoder)
     try:
         values.update(get_class(architecture).config_from_saved(cfg, values))
     except (TypeError, ValueError) as exc:
@@ -181,6 +229,7 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
     except ConfigError as exc:
         raise FileFormatError(f"{path / CFG_FILE} holds an invalid config: {exc}") from None
     sae = get_class(sae_cfg.architecture)(sae_cfg)
+    expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
     weights_path = path / WEIGHTS_FILE
     if not weights_path.exists():
         raise FileFormatError(f"{weights_path} is missing; the SAE folder is incomplete")
@@ -197,7 +246,8 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
         folded["decoder_norm"] = "W_enc and b_enc multiplied by |W_dec| rows, W_dec rows set to unit norm"
     if values["architecture"] == "matching_pursuit" and not _saelab_written(cfg):
         tensors = _sae_lens_matching_pursuit(tensors, values, weights_path)
-    expected = {k: tuple(v.shape) for k, v in sae.saved_state().items()}
+    if saelens_transcoders.is_transcoder_file(cfg):
+        tensors = saelens_transcoders.state_from_file(tensors, expected)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -205,11 +255,12 @@ def load(path: str | Path, device: str = "cpu", d_in: int | None = None) -> SAE:
             f"{weights_path} does not match architecture '{cfg.get('architecture')}': "
             f"missing {missing}, unexpected {extra}"
         )
+    widths = f", d_out={values['d_out']}" if values.get("d_out") else ""
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise FileFormatError(
                 f"{weights_path}: '{key}' has shape {tuple(tensors[key].shape)} but cfg.json "
-                f"(d_in={values['d_in']}, d_sae={values['d_sae']}) implies {shape}"
+                f"(d_in={values['d_in']}, d_sae={values['d_sae']}{widths}) implies {shape}"
             )
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -238,6 +289,14 @@ def _provenance(cfg: dict[str, Any], path: Path, folded: dict[str, Any]) -> dict
     hook = metadata.get("hook_name") or cfg.get("hook_name")
     if hook and "hook_name" not in out:
         out["hook_name"] = hook
+    hook_out = metadata.get("hook_name_out") or cfg.get("hook_name_out")
+    if hook_out and "hook_name_out" not in out:
+        out["hook_name_out"] = hook_out
+    if saelens_transcoders.is_transcoder_file(cfg) and saelens_transcoders.unnamed_hooks(cfg):
+        out["unnamed_hooks"] = (
+            f"cfg.json names no {' or '.join(saelens_transcoders.unnamed_hooks(cfg))}; the sites are placeholders "
+            f"'{saelens_transcoders.PLACEHOLDER_IN}' -> '{saelens_transcoders.PLACEHOLDER_OUT}'"
+        )
     if folded:
         out["folded_scaling"] = {**out.get("folded_scaling", {}), **folded}
     return out

@@ -39,6 +39,13 @@ def _model_flags(p: argparse.ArgumentParser, need_hookpoint: bool = False) -> No
 def register(subparsers) -> None:
     p = subparsers.add_parser("harvest", help="Run a model over text once and cache activations at hookpoints to disk.")
     _model_flags(p, need_hookpoint=True)
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="[ALIAS=]MODEL",
+        help="Several models run on the same tokens (instead of --model); sites are stored as ALIAS/hookpoint. "
+        "Two models without aliases are 'base' and 'ft'. They must share one vocabulary.",
+    )
     p.add_argument("--tokens", type=int, default=None, help="Stop after this many kept tokens (default: all the data).")
     p.add_argument("--shard-tokens", type=int, default=262_144, help="Tokens per shard file (default: 262144).")
     p.add_argument("--cache-dtype", default="float32", help="Stored dtype: float32, bfloat16 or float16.")
@@ -171,7 +178,12 @@ def run_harvest(args: argparse.Namespace) -> int:
     from saelab.activations.cache import write_cache
     from saelab.models.source import harvester_from_spec
 
-    spec = _spec_from(args)
+    if args.models and args.model:
+        raise ConfigError("--model and --models: give one model or several, not both")
+    spec = _spec_from(args, {"model": ""} if args.models else None)
+    if args.models:  # a list, so that name_models names the defaults and refuses a repeated alias
+        spec.pop("model")
+        spec["models"] = [dict(zip(("alias", "model"), m.split("=", 1))) if "=" in m else m for m in args.models]
     spec["model_batch_size"] = args.model_batch_size
     t0 = time.perf_counter()
     harvester = harvester_from_spec(spec)
@@ -191,6 +203,7 @@ def run_harvest(args: argparse.Namespace) -> int:
     record = {
         "cache": str(args.out),
         "model": manifest["model"],
+        **({"models": manifest["models"]} if manifest.get("models") else {}),
         "hookpoints": manifest["hookpoints"],
         "tokens": manifest["total_tokens"],
         "shards": len(manifest["shards"]),

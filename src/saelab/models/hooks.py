@@ -3,6 +3,8 @@
 A hookpoint is a module path from `model.named_modules()` (`model.layers.6`), optionally with
 glob patterns (`model.layers.*`: `*` stays within one dotted component, `**` crosses them) and a `:input` suffix to read what goes *into* the module rather
 than what comes out (`model.layers.6.mlp:input` is the MLP input, what a transcoder encodes).
+A *site* is the name a batch gives one harvested tensor: the hookpoint's name, or
+`alias/hookpoint` (`ft/model.layers.6`) when one source runs the same tokens through several models.
 Every hookpoint is read in one forward pass, and the pass is stopped as soon as every hooked
 module has run, so harvesting layer 6 of a 30-layer model costs about 7 layers of compute.
 """
@@ -36,6 +38,17 @@ class Hookpoint:
 
     def __str__(self) -> str:
         return self.name
+
+
+def site_name(hookpoint: Hookpoint | str, alias: str = "") -> str:
+    """The site key of `hookpoint` in model `alias` (no alias: a one-model source)."""
+    return f"{alias}/{hookpoint}" if alias else str(hookpoint)
+
+
+def split_site(name: str) -> tuple[str, str]:
+    """`"ft/model.layers.2"` -> ("ft", "model.layers.2"); `"model.layers.2"` -> ("", "model.layers.2")."""
+    alias, sep, hookpoint = name.partition("/")
+    return (alias, hookpoint) if sep else ("", name)
 
 
 def parse(spec: str) -> tuple[str, str]:

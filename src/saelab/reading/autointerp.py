@@ -349,7 +349,7 @@ def run_autointerp(
     used only where it is 0. `neighbours` maps a latent to latents whose top contexts are
     hard-negative candidates (`decoder_neighbours`). Returns a JSON-ready dict.
     """
-    from tqdm.auto import tqdm
+    from saelab.progress import bar as progress_bar
 
     cfg = config or AutointerpConfig()
     latents = [int(i) for i in (latents if latents is not None else sorted(collection.latents))]
@@ -428,7 +428,7 @@ def run_autointerp(
 
     # scoring (the true explanations, then the derangement baseline on the same examples)
     t1 = time.perf_counter()
-    for i in tqdm(latents, desc="scoring", disable=not progress):
+    for i in progress_bar(latents, desc="scoring", enabled=progress):
         lc = collection.latents[i]
         results[i].update(
             density=float(getattr(lc, "density", float("nan"))),
@@ -447,7 +447,7 @@ def run_autointerp(
         }
         plan[i]["sets"] = sets
     baseline_from = _derangement(latents, random.Random(cfg.seed + 1)) if cfg.baseline and len(latents) > 1 else {}
-    for i in tqdm(list(baseline_from), desc="baseline", disable=not progress):
+    for i in progress_bar(list(baseline_from), desc="baseline", enabled=progress):
         j = baseline_from[i]
         results[i]["baseline"] = {
             "explanation_from": j,
@@ -510,11 +510,11 @@ def _hard_candidates(collection, neighbours: Sequence[int], taken: set) -> list[
 
 
 def _complete(client: Client, requests: list[Request], desc: str, progress: bool) -> list[Reply]:
-    from tqdm.auto import tqdm
+    from saelab.progress import bar as progress_bar
 
     if getattr(client, "concurrency", 1) > 1:
         return complete_all(client, requests)
-    return [client.complete(r) for r in tqdm(requests, desc=desc, disable=not progress)]
+    return [client.complete(r) for r in progress_bar(requests, desc=desc, enabled=progress)]
 
 
 def _fallback(text: str) -> str:

@@ -184,11 +184,10 @@ def collect_contexts(
     (default 4 * n_bins * per_bin). Memory: about (top_k + reservoir) * window * 16 bytes per
     tracked latent, whatever the number of tokens.
     """
-    from tqdm.auto import tqdm
-
     from saelab.evals.downstream import check_width
     from saelab.models import hooks
     from saelab.models.text import keep_mask, special_ids
+    from saelab.progress import bar as progress_bar
 
     hp = hooks.resolve(model, hookpoint)
     if len(hp) != 1:
@@ -201,7 +200,7 @@ def collect_contexts(
     sae_device = sae.W_dec.device
     collector = ContextCollector(sae.cfg.d_sae, latents, top_k, n_bins, per_bin, window, reservoir, n_random, seed)
     total = len(batches) if hasattr(batches, "__len__") else None
-    bar = tqdm(batches, total=total, desc="contexts", unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(batches, total=total, desc="contexts", unit="batch", enabled=progress)
     with torch.no_grad():
         for ids, mask in bar:
             acts = hooks.run(model, ids.to(device), [hp], mask.to(device))[hp.name]

@@ -136,9 +136,8 @@ def patchscope_latents(
     progress: bool = True,
 ) -> dict[str, Any]:
     """What the model says about each latent, at every scale of the sweep and at the chosen one."""
-    from tqdm.auto import tqdm
-
     from saelab.evals.downstream import check_width
+    from saelab.progress import bar as progress_bar
 
     if not scales or any(s <= 0 for s in scales):
         raise ConfigError(f"scales must be positive multiples of the residual norm (got {list(scales)})")
@@ -151,7 +150,7 @@ def patchscope_latents(
     norm = mean_residual_norm(model, ids, hp.name)
     t0 = time.perf_counter()
     out = []
-    for i in tqdm([int(i) for i in latents], desc="patchscope", disable=not progress):
+    for i in progress_bar([int(i) for i in latents], desc="patchscope", enabled=progress):
         d = sae.W_dec[i].detach().float()
         unit = d / d.norm().clamp_min(1e-12)
         vectors = torch.stack([s * norm * unit for s in scales])

@@ -18,7 +18,7 @@ One class is every kind of dictionary, told apart by the sites its config reads 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from pydantic import ConfigDict, Field, PositiveInt, model_validator
@@ -65,7 +65,9 @@ class SAEConfig(StrictModel):
         """Transcoders and crosscoders leave decoder rows free unless told otherwise: a crosscoder's
         penalty weighs each site's row norm, and a transcoder's rows map into another space."""
         if isinstance(values, dict) and "decoder_norm" not in values:
-            if values.get("write_site") is not None or isinstance(values.get("site"), list):
+            allowed = get_args(cls.model_fields["decoder_norm"].annotation)
+            across = values.get("write_site") is not None or isinstance(values.get("site"), list)
+            if across and "penalty" in allowed:
                 values = {**values, "decoder_norm": "penalty"}
         return values
 
@@ -220,6 +222,7 @@ class SAE(torch.nn.Module):
     uses_tokens: ClassVar[bool] = False
     # Whether the architecture can read one site and write another (a transcoder), or read and
     # write several (a crosscoder); the others are refused at construction with the capable list.
+    # Declared by each class itself, never inherited: a subclass that changes the step opts in.
     transcodes: ClassVar[bool] = False
     crosscodes: ClassVar[bool] = False
 
@@ -246,6 +249,16 @@ class SAE(torch.nn.Module):
             self.b_in = torch.nn.Parameter(torch.zeros(cfg.d_in))
         if cfg.skip:
             self.W_skip = torch.nn.Parameter(torch.zeros(d_out, cfg.d_in))
+        if cfg.n_sites > 1:
+            # What each site's activations were multiplied by in training (1 until `fold_scales`):
+            # per-site decoder norms are reported in that space, where every site has mean norm
+            # sqrt(d), so a site's raw scale neither biases relative norms nor changes selection.
+            self.register_buffer("site_norm_scale", torch.ones(cfg.n_sites))
+
+    @classmethod
+    def can(cls, kind: str) -> bool:
+        """Whether this class itself declares it can be a `transcoder` or a `crosscoder`."""
+        return bool(vars(cls).get({"transcoder": "transcodes", "crosscoder": "crosscodes"}[kind], False))
 
     @classmethod
     def _check_capable(cls, cfg: SAEConfig) -> None:
@@ -372,8 +385,10 @@ class SAE(torch.nn.Module):
         return self.site_decoder_norms().sum(1)
 
     def site_decoder_norms(self) -> torch.Tensor:
-        """[d_sae, n_sites] norm of each latent's decoder row within each write site."""
-        return self.W_dec.reshape(self.cfg.d_sae, self.cfg.n_sites, -1).norm(dim=-1)
+        """[d_sae, n_sites] norm of each latent's decoder row within each write site, in the
+        space it was trained in (each site at mean norm sqrt(d); see `site_norm_scale`)."""
+        raw = self.W_dec.reshape(self.cfg.d_sae, self.cfg.n_sites, -1).norm(dim=-1)
+        return raw * self.site_norm_scale
 
     def sparsity_weights(self) -> torch.Tensor | float:
         """Per-latent weight on the sparsity penalty: decoder norms in 'penalty' mode, else 1."""
@@ -423,6 +438,8 @@ class SAE(torch.nn.Module):
             self.b_in.div_(s)
         self.W_dec.div_(t)
         self.b_dec.div_(t)  # for an SAE or crosscoder b_dec is also the input bias, and s = t there
+        if self.cfg.n_sites > 1:
+            self.site_norm_scale.mul_(t.expand(self.cfg.output_width).reshape(self.cfg.n_sites, -1)[:, 0])
         if self.cfg.skip:
             self.W_skip.mul_(s).div_(t.reshape(-1, 1) if t.dim() else t)
 

@@ -61,8 +61,7 @@ def list_architectures() -> list[str]:
 
 def capable_architectures(kind: str) -> list[str]:
     """The architectures that can be a `transcoder` or a `crosscoder` (see `SAE.transcodes`)."""
-    flag = {"transcoder": "transcodes", "crosscoder": "crosscodes"}[kind]
-    return sorted(name for name, cls in _REGISTRY.items() if getattr(cls, flag))
+    return sorted(name for name, cls in _REGISTRY.items() if cls.can(kind))
 
 
 def get_class(name: str) -> type[SAE]:

@@ -46,13 +46,17 @@ def scatter_topk(values: torch.Tensor, k: int, scores: torch.Tensor | None = Non
     return torch.zeros_like(values).scatter_(-1, idx, torch.relu(top))
 
 
+def scores_by_contribution(sae: SAE) -> bool:
+    """Whether latents compete on f_i * |d_i| rather than f_i: for a crosscoder with free rows,
+    whose per-site norms say how much a latent writes (its BatchTopK selection and threshold
+    are on these scaled codes). A single site keeps raw codes, as SAELens and sparsify do."""
+    return sae.cfg.decoder_norm != "unit" and sae.cfg.n_sites > 1
+
+
 def selection_scores(sae: SAE, pre: torch.Tensor) -> torch.Tensor:
-    """What latents compete on: the pre-activation, times the decoder norm when rows are free
-    ('penalty' mode: transcoders, crosscoders), so a latent is kept for its contribution
-    f_i * |d_i| to the output rather than for a large code behind a small decoder row."""
-    if sae.cfg.decoder_norm == "unit":
-        return pre
-    return pre * sae.decoder_norms().detach()
+    """What latents compete on: the pre-activation, times the (training-space) decoder norm when
+    `scores_by_contribution`."""
+    return pre * sae.decoder_norms().detach() if scores_by_contribution(sae) else pre
 
 
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -109,7 +113,7 @@ class TopKSAE(SAE):
     crosscodes = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        scores = None if self.cfg.decoder_norm == "unit" else selection_scores(self, pre)
+        scores = selection_scores(self, pre) if scores_by_contribution(self) else None
         return scatter_topk(pre, self.cfg.k, scores)
 
     def saved_config_extras(self) -> dict:
@@ -166,7 +170,7 @@ class BatchTopKSAE(SAE):
     def after_optimizer_step(self, out: TrainOutput) -> None:
         super().after_optimizer_step(out)
         f = out.feature_acts
-        if self.cfg.decoder_norm == "unit":
+        if not scores_by_contribution(self):
             acts = f.values if isinstance(f, SparseActs) else f
         else:  # the threshold is on the scores latents were selected by
             norms = self.decoder_norms()
@@ -192,7 +196,7 @@ class BatchTopKSAE(SAE):
     def saved_state(self) -> dict[str, torch.Tensor]:
         state = super().saved_state()
         theta = state.pop("threshold").clamp_min(0).expand(self.cfg.d_sae)
-        if self.cfg.decoder_norm != "unit":  # pre * |d_i| > theta  <=>  pre > theta / |d_i|
+        if scores_by_contribution(self):  # pre * |d_i| > theta  <=>  pre > theta / |d_i|
             theta = theta / self.decoder_norms().detach().clamp_min(1e-12)
         state["threshold"] = theta.clone()
         return state

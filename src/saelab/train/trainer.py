@@ -34,6 +34,7 @@ over ranks; everything that involves other ranks goes through `saelab.train.dist
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import re
@@ -49,13 +50,13 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
-from tqdm.auto import tqdm
 
 from saelab.activations.base import ActivationSource, Batch, as_source
 from saelab.config import StrictModel
 from saelab.errors import ConfigError, FileFormatError, NonFiniteError, SaelabWarning, TrainingInterrupted
 from saelab.io.atomic import append_line, read_json, remove_stale_temp, write_json
 from saelab.io.lock import holds_lock, run_lock
+from saelab.progress import bar as progress_bar
 from saelab.sae.base import SAE, SAEConfig, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
@@ -233,6 +234,40 @@ def next_checked_batch(source: ActivationSource, view: SiteView, device: str, wh
     if batch.target.shape[0] != x.shape[0]:
         raise ConfigError(f"batch at {where} has {x.shape[0]} input rows but {batch.target.shape[0]} target rows")
     return batch
+
+
+def check_view_against_source(view: SiteView, source: Any) -> None:
+    """Before training: every site a dictionary reads and writes exists in a source that names
+    its sites (`site_widths`), with widths that add up to d_in and d_out; else d_in is the source's."""
+    widths: dict[str, int] | None = getattr(source, "site_widths", None)
+    if not widths or view.read is None:
+        if getattr(source, "d_in", -1) not in (-1, view.d_in):
+            raise ConfigError(
+                f"the source yields d_in={source.d_in} but the SAE has d_in={view.d_in}; set d_in to match"
+            )
+        return
+    for field_name, names, width in (("site", view.read, view.d_in), ("write_site", view.write, view.d_out)):
+        if names is None:
+            continue
+        for name in names:
+            if name not in widths:
+                near = difflib.get_close_matches(name, list(widths), n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise ConfigError(
+                    f"{field_name}: the source has no site '{name}'{hint} (its sites: {', '.join(widths)})"
+                )
+        total = sum(widths[n] for n in names)
+        if len({widths[n] for n in names}) > 1:
+            each = ", ".join(f"{n}: {widths[n]}" for n in names)
+            raise ConfigError(
+                f"{field_name}: a dictionary over several sites needs equal widths, but they differ ({each})"
+            )
+        if total != width:
+            what = "d_in" if field_name == "site" else "d_out"
+            raise ConfigError(
+                f"{field_name} {list(names)} {'is' if len(names) == 1 else 'are'} {total} wide in the source but the "
+                f"SAE has {what}={width}; set {what}: {total}"
+            )
 
 
 def _list(names: tuple[str, ...] | None) -> list[str] | None:
@@ -575,10 +610,7 @@ class Trainer:
         self.view = next(iter(views.values()))
         self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
         self.source: ActivationSource = self.dist.shard(as_source(data, self.d_in))
-        if getattr(self.source, "d_in", -1) not in (-1, self.d_in):
-            raise ConfigError(
-                f"the source yields d_in={self.source.d_in} but the SAE has d_in={self.d_in}; set d_in to match"
-            )
+        check_view_against_source(self.view, self.source)
         for name, sae, _ in members:
             if sae.fitted:
                 raise ConfigError(
@@ -604,14 +636,12 @@ class Trainer:
     def _fit(self, resume: bool) -> TrainResult | dict[str, TrainResult]:
         self.start(resume)
         self._check_stop()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.cfg.steps,
             initial=self.step,
-            disable=None if self.cfg.progress and self.dist.is_main else True,
+            enabled=self.cfg.progress and self.dist.is_main,
             desc=next(iter(self.members.values())).sae.architecture if self.single else f"sweep of {len(self.members)}",
             unit="step",
-            dynamic_ncols=True,
-            leave=False,
         )
         while self.step < self.cfg.steps:
             try:

@@ -21,7 +21,8 @@ FORMAT = register_format(
     Format(
         name="saelens",
         reads="cfg.json + sae_weights.safetensors: standard, gated, jumprelu, topk, batchtopk and "
-        "matryoshka_batchtopk (training checkpoints), matching_pursuit",
+        "matryoshka_batchtopk (training checkpoints), matching_pursuit; transcoder, skip_transcoder, "
+        "jumprelu_transcoder, jumprelu_skip_transcoder",
         detect=_detect,
         read=lambda folder: saelens.load(folder),
         write=_write,
