@@ -9,7 +9,8 @@ import torch
 import saelab
 from saelab.cli import main
 from saelab.errors import ConfigError
-from saelab.io.saelens import save
+from saelab.evals.splice import fidelity_from_spec
+from saelab.io.formats import save
 from saelab.run import RunConfig
 from tests.models import tiny
 
@@ -99,3 +100,33 @@ def test_fidelity_command_splices_a_transcoder_and_a_crosscoder(tmp_path, model_
     rec = json.loads((out / "results.json").read_text())
     assert rec["kind"] == "crosscoder" and rec["spliced"]["sites"] == ["transformer.h.0", "transformer.h.1"]
     assert "per_site" not in rec
+
+
+def test_run_splices_a_transcoder_trained_on_a_two_site_source(tmp_path, model_dir):
+    source = _source(model_dir)
+    del source["hookpoint"]
+    source["hookpoints"] = ["transformer.h.1.mlp:input", "transformer.h.1.mlp"]
+    cfg = {
+        "sae": {
+            "architecture": "topk",
+            "d_sae": 128,
+            "k": 8,
+            "site": "transformer.h.1.mlp:input",
+            "write_site": "transformer.h.1.mlp",
+        },
+        "train": {"steps": 60, "progress": False, "lr_warmup_steps": 5, "norm_estimation_batches": 2},
+        "source": source,
+        "eval": {"batches": 2, "downstream": {"rows": 8, "skip_docs": 40}},
+    }
+    (record,) = saelab.run(cfg, tmp_path / "run")
+    d = record["downstream"]
+    assert d["kind"] == "transcoder" and d["spliced"]["sites"] == ["transformer.h.1.mlp"]
+    assert d["max_abs_logit_diff_with_error"] == 0.0 and 0 < d["spliced"]["top1_agreement_spliced"] <= 1
+    # the trained transcoder beats a fresh one spliced in the same place
+    fresh = saelab.create({**cfg["sae"], "d_in": 64})
+    fresh_record = fidelity_from_spec(fresh, {**source, "type": "model"}, rows=8, skip_docs=40)
+    assert d["spliced"]["kl_clean_spliced"] < fresh_record["spliced"]["kl_clean_spliced"]
+    # and `saelab fidelity` on the saved folder reads the same sites from the recorded source
+    assert main(["fidelity", record["path"], "--rows", "8", "--skip-docs", "40", "--out", str(tmp_path / "f")]) == 0
+    again = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert again["spliced"]["kl_clean_spliced"] == pytest.approx(d["spliced"]["kl_clean_spliced"], rel=1e-5)

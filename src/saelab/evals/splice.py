@@ -96,12 +96,6 @@ class DictionaryFidelity:
 
 
 # ---------------------------------------------------------------------------- sites
-def split_site(name: str) -> tuple[str, str]:
-    """`"ft/model.layers.2"` -> ("ft", "model.layers.2"); `"model.layers.2"` -> ("", "model.layers.2")."""
-    alias, sep, hookpoint = name.partition("/")
-    return (alias, hookpoint) if sep else ("", name)
-
-
 @dataclass(frozen=True)
 class _Site:
     name: str  # as the dictionary's config names it
@@ -118,7 +112,7 @@ def _models_by_alias(model: torch.nn.Module | dict[str, torch.nn.Module]) -> dic
 
 
 def _resolve(name: str, models: dict[str, torch.nn.Module], what: str) -> _Site:
-    alias, path = split_site(name)
+    alias, path = hooks.split_site(name)
     if alias not in models:
         if alias == "" and len(models) == 1:
             alias = next(iter(models))
@@ -675,7 +669,8 @@ def model_source_spec(saved: dict[str, Any] | None) -> dict[str, Any]:
         from saelab.activations.cache import read_manifest
 
         manifest = read_manifest(saved["path"])
-        out = {k: manifest[k] for k in ("model", "models", "data", "context_size") if manifest.get(k) is not None}
+        keys = ("models" if manifest.get("models") else "model", "data", "context_size", "packing", "exclude_special")
+        out = {k: manifest[k] for k in keys if manifest.get(k) is not None}
         out["hookpoint"] = saved.get("hookpoint") or next(iter(manifest["hookpoints"]))
         return out
     if saved.get("type") not in (None, "model"):
@@ -689,28 +684,17 @@ _LOAD_KEYS = ("gguf_file", "dtype", "device", "task", "context_size")
 
 def models_from_spec(spec: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], Any, dict[str, str]]:
     """({alias: model}, the tokenizer, {alias: model name}) of a model-source spec: one model
-    (alias "") from `model`, or several from `models` ({alias: name or {model, ...}}), whose unset
-    keys come from the spec's own."""
-    from saelab.models.source import _load
+    (alias "") from `model`, or several from `models` (they share one vocabulary, so the first
+    one's tokenizer makes the text rows)."""
+    from saelab.models.source import _load_all
 
-    entries = spec.get("models")
-    if not entries:
-        if not spec.get("model"):
-            raise ConfigError("which model? the source names none (pass --model, or a `model:` key)")
-        entries = {"": {"model": spec["model"]}}
-    elif isinstance(entries, list):  # a list names its models `base`, `ft`, or by each entry's `alias`
-        entries = {
-            (e.get("alias") if isinstance(e, dict) else None) or ("base", "ft")[i]: e for i, e in enumerate(entries)
-        }
-    models, names, tokenizer = {}, {}, None
-    for alias, entry in entries.items():
-        entry = {"model": entry} if isinstance(entry, str) else {k: v for k, v in dict(entry).items() if v is not None}
-        entry.pop("alias", None)
-        sub = {**{k: spec[k] for k in _LOAD_KEYS if spec.get(k) is not None}, **entry}
-        models[alias], tok = _load(sub)
-        names[alias] = str(sub["model"])
-        tokenizer = tokenizer or tok
-    return models, tokenizer, names
+    if spec.get("model") is None and spec.get("models") is None:
+        raise ConfigError("which model? the source names none (pass --model, or a `model:` key)")
+    load = {k: v for k, v in spec.items() if k in (*_LOAD_KEYS, "model", "models")}
+    models, tokenizers, names = _load_all(load)
+    if isinstance(models, torch.nn.Module):
+        return {"": models}, tokenizers, {"": str(names)}
+    return models, next(iter(tokenizers.values())), {a: str(n) for a, n in names.items()}
 
 
 def fidelity_from_spec(

@@ -148,10 +148,10 @@ def _spec_from(
 def _sae_and_spec(args: argparse.Namespace, need_hookpoint: bool = True):
     """The dictionary and its model source; `need_hookpoint=False` for dictionaries that name their sites."""
     from saelab.evals.splice import model_source_spec
-    from saelab.io.saelens import load, read_config
+    from saelab.io.formats import load, read_metadata
 
-    sae = load(args.sae)
-    saved = model_source_spec((read_config(args.sae).get("metadata") or {}).get("saelab_source"))
+    sae = load(args.sae)  # either saelab layout: SAELens v6, or saelab's for crosscoders and TopK transcoders
+    saved = model_source_spec(read_metadata(args.sae).get("saelab_source"))
     return sae, _spec_from(args, saved, need_hookpoint and sae.cfg.read_sites is None)
 
 
