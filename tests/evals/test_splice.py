@@ -352,3 +352,41 @@ def test_a_stack_of_transcoders_is_a_replacement_model_whose_layers_alone_are_si
     assert m.spliced.kl_clean_spliced != pytest.approx(m.open_loop.kl_clean_spliced, rel=1e-4)
     with pytest.raises(ConfigError, match="not transcoders"):
         TranscoderStack([saelab.create({"architecture": "relu", "d_in": 64, "d_sae": 8})])
+
+
+def test_the_cross_layer_transcoder_class_spliced_perfectly_agrees_top1_everywhere():
+    """The registered CLT (skipped where it is not installed), with weights that reproduce a model
+    whose MLPs are linear: latents relu(x) and relu(-x) per input dimension, decoders +-W^T into
+    their own layer, zero into later ones; its replacement model is the clean model."""
+    pytest.importorskip("saelab.sae.clt")
+    tok = tiny.make_tokenizer()
+    model = tiny.make_gpt2(seed=5)
+    torch.manual_seed(1)
+    lins = [torch.nn.Linear(64, 64) for _ in range(2)]
+    for i, lin in enumerate(lins):
+        model.transformer.h[i].mlp = lin
+    rows = TokenRows(load_texts(tiny.make_texts(8, seed=4)), tok, context_size=12)
+    batches = [rows.next_rows(4)]
+    clt = saelab.create(
+        {
+            "architecture": "clt_jumprelu",
+            "d_in": 128,
+            "d_sae": 256,
+            "site": [MLP.format(i) + ":input" for i in range(2)],
+            "write_site": [MLP.format(i) for i in range(2)],
+        }
+    )
+    eye = torch.eye(64)
+    with torch.no_grad():
+        clt.log_threshold.fill_(-60.0)  # threshold e^-60: a ReLU
+        clt.W_enc.copy_(torch.cat([eye, -eye], 1).expand(2, 64, 128))
+        for i, lin in enumerate(lins):
+            W = clt.decoders[i]
+            W.zero_()
+            W[:, 0] = torch.cat([lin.weight.t(), -lin.weight.t()])
+        clt.b_dec.copy_(torch.cat([lin.bias for lin in lins]))
+    m = splice_fidelity(clt, model, batches, special_ids(tok))
+    assert m.kind == "cross_layer_transcoder" and not m.replacement_note
+    for s in (m.spliced, m.open_loop, *m.per_site.values()):
+        assert s.top1_agreement_spliced == 1.0 and s.kl_clean_spliced < 1e-8
+    assert m.spliced.top1_agreement_zero_ablation < 1.0
