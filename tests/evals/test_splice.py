@@ -390,3 +390,11 @@ def test_the_cross_layer_transcoder_class_spliced_perfectly_agrees_top1_everywhe
     for s in (m.spliced, m.open_loop, *m.per_site.values()):
         assert s.top1_agreement_spliced == 1.0 and s.kl_clean_spliced < 1e-8
     assert m.spliced.top1_agreement_zero_ablation < 1.0
+
+
+def test_a_read_site_that_runs_after_its_write_site_is_named(setup):
+    model, tok, batches = setup
+    tc = Exact(lambda x: x, d_in=64, site=MLP.format(1) + ":input", write_site=MLP.format(0))
+    with pytest.raises(ConfigError, match=r"read site\(s\) \['transformer\.h\.1\.mlp:input'\] did not run before"):
+        splice_fidelity(tc, model, batches)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
