@@ -205,7 +205,10 @@ def test_a_noisy_crosscoder_is_scored_per_site_and_all_at_once(setup):
     cc = Exact(lambda x: x + x @ noise, d_in=128, site=sites)
     m = splice_fidelity(cc, model, batches, special_ids(tok))
     both, one = m.spliced.kl_clean_spliced, m.per_site[sites[1]].kl_clean_spliced
-    assert both > 0 and one > 0 and both >= 0.5 * one
+    assert both > 0 and m.per_site[sites[0]].kl_clean_spliced > 0
+    # residual-stream sites: the last replacement overwrites what the earlier one changed upstream,
+    # except at special tokens (EOS between documents), which are not replaced but attend to spliced ones
+    assert both == pytest.approx(one, rel=1e-2)
     assert m.spliced.top1_agreement_spliced <= 1.0
 
 
