@@ -168,3 +168,40 @@ def test_relative_norms_and_matching_helpers():
     assert m.latents.tolist() == [1, 0]
     with pytest.raises(ConfigError, match="2 \\* d"):
         crosscoder_recovery(Dictionary(W_dec.t(), W_dec), CrosscoderWorld(CC))
+
+
+# ---------------------------------------------------------------------------- in the evaluation record
+def with_weights(W_enc: torch.Tensor, W_dec: torch.Tensor, **cfg):
+    from saelab.sae.registry import create
+
+    sae = create({"architecture": "relu", "d_in": W_enc.shape[0], "d_sae": W_enc.shape[1], **cfg})
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_dec)
+    return sae
+
+
+def test_evaluate_adds_crosscoder_recovery_for_a_crosscoder_world():
+    from saelab.evals import evaluate
+
+    world = CrosscoderWorld(CC)
+    sae = with_weights(world.directions.t(), world.directions)
+    batches = [world.sample(256, torch.Generator().manual_seed(i)) for i in range(2)]
+    record = evaluate(sae, batches, world).as_dict()
+    assert record["recovered_fraction"] == 1.0
+    for cat in ("shared", "a_only", "b_only", "rescaled"):
+        assert record[f"crosscoder_recovered_{cat}"] == 1.0 and record[f"crosscoder_category_accuracy_{cat}"] == 1.0
+    assert "transcoder_output_recovered" not in record
+
+
+def test_evaluate_adds_transcoder_recovery_for_a_transcoder_world():
+    from saelab.evals import evaluate
+
+    world = TranscoderWorld({**TC, "d_out": 24})  # the same width in and out, which every SAE core supports
+    sae = with_weights(world.input_directions.t(), world.output_directions)
+    batches = [world.sample(256, torch.Generator().manual_seed(i)) for i in range(2)]
+    record = evaluate(sae, batches, world).as_dict()
+    assert record["transcoder_encoder_recovered"] == 1.0 and record["transcoder_output_recovered"] == 1.0
+    assert record["transcoder_both_recovered"] == 1.0
+    assert record["recovered_fraction"] == 1.0  # the generic matching compares decoders with output directions
+    assert "crosscoder_recovered_shared" not in record
