@@ -277,3 +277,28 @@ def test_saelab_run_trains_and_scores_a_transcoder_from_a_config(tmp_path):
     for key in ("transcoder_encoder_recovered", "transcoder_output_recovered", "transcoder_both_recovered", "fvu"):
         assert key in record
     assert record["transcoder_output_recovered"] > 0.5  # chance is 0; a short run gets most of 24 features
+
+
+@pytest.mark.parametrize(
+    "source, sae",
+    [
+        ({"type": "transcoder_world", "world": {"n_in": 24, "d_in": 16, "n_out": 20, "d_out": 12}}, {"d_in": 16}),
+        ({"type": "transcoder_world", "world": {"n_in": 24, "d_in": 16, "n_out": 20, "d_out": 12}},
+         {"d_in": 12, "site": "mlp_out"}),
+        ({"type": "crosscoder_world", "world": {"d": 12, "n_shared": 8, "n_a_only": 4, "n_b_only": 4, "n_rescaled": 4}},
+         {"d_in": 12, "site": "b"}),
+    ],
+)  # fmt: skip
+def test_an_sae_on_one_site_of_these_worlds_is_scored_against_that_site(source, sae, tmp_path):
+    import saelab
+
+    config = {
+        "sae": {"architecture": "topk", "d_sae": 48, "k": 3, **sae},
+        "source": {**source, "batch_size": 256},
+        "train": {"steps": 300, "lr": 3e-3, "progress": False},
+        "eval": {"batches": 2},
+    }
+    (record,) = saelab.run(config, out=tmp_path / "run")
+    # it reproduces the site it reads (without a site: the batch's own x, never the paired target)
+    assert record["fvu"] < 0.5 and 0 < record["recovered_fraction"] <= 1
+    assert "transcoder_output_recovered" not in record and "crosscoder_recovered_shared" not in record

@@ -48,7 +48,13 @@ def test_the_sparse_map_has_one_or_two_outputs_per_input_and_shared_outputs():
     assert (A >= 0).all()
     assert torch.allclose(world.output_directions.norm(dim=1), torch.ones(64), atol=1e-5)
     assert torch.allclose(world.input_directions.norm(dim=1), torch.ones(64), atol=1e-5)
-    assert torch.equal(world.directions, world.output_directions)  # what the generic metrics match decoders to
+    # x = f_in @ directions; a dictionary writing mlp_out is matched against the v_i
+    assert torch.equal(world.directions, world.input_directions)
+    assert torch.equal(world.directions_for(None), world.input_directions)
+    assert torch.equal(world.directions_for(["mlp_in"]), world.input_directions)
+    assert torch.equal(world.directions_for(["mlp_out"]), world.output_directions)
+    with pytest.raises(ConfigError, match="mlp_in"):
+        world.directions_for(["resid"])
     assert world.d_in == 32 and world.d_out == 24 and world.n_features == 64
 
 
@@ -88,6 +94,12 @@ def test_crosscoder_sites_are_the_halves_of_x_and_each_category_has_its_norms():
     others = b.features.clone()
     others[:, world.category_indices("a_only")] = 0
     assert torch.allclose(b.sites["b"], others @ world.directions[:, 16:], atol=1e-5) and only_a.any()
+    assert torch.equal(world.directions_for(None), world.directions)
+    assert torch.equal(world.directions_for(["a", "b"]), world.directions)
+    assert torch.equal(world.directions_for(["b"]), world.directions[:, 16:])  # b's part, zero for a-only
+    assert torch.equal(world.directions_for(["b", "a"]), world.directions.roll(16, 1))
+    with pytest.raises(ConfigError, match="'a' and 'b'"):
+        world.directions_for(["c"])
     for site in ("a", "b"):
         here = world.site_scales[site] > 0
         norms = world.site_directions[site].norm(dim=1)

@@ -47,8 +47,9 @@ def encoded(sae: SAE, batches: Iterable) -> Iterator[tuple[Batch, torch.Tensor, 
     """
     cfg, device = sae.cfg, sae.W_enc.device
     for batch in _batches(batches):
-        if cfg.read_sites is not None:
-            batch = batch.view(cfg.read_sites, cfg.write_sites if cfg.is_transcoder else None)
+        # as the trainer sees it: without sites an SAE reproduces the batch's own x, even when the
+        # source pairs it with a distinct target (a transcoder world, a model source's target_hookpoint)
+        batch = batch.view(cfg.read_sites, cfg.write_sites if cfg.is_transcoder else None)
         same = batch.target is batch.x
         x = batch.x.to(device, torch.float32)
         batch = Batch(

@@ -195,7 +195,7 @@ def evaluate(
 
 
 def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: float) -> GroundTruthMetrics:
-    match = match_features(sae, world.directions)
+    match = match_features(sae, world.directions_for(sae.cfg.write_sites))
     gt = GroundTruthMetrics(
         recovery=ground_truth_recovery(sae, match, threshold),
         correlation=P.mean_correlation(sae, data),
@@ -209,8 +209,8 @@ def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: fl
         gt.hedging = P.hedging(sae, match, pairs)
     if getattr(world, "bundles", None) is not None:
         gt.bundle = P.bundle_decomposition(sae, world)
-    if hasattr(world, "input_directions") and hasattr(world, "output_directions"):  # a transcoder world
+    if sae.cfg.is_transcoder and hasattr(world, "output_directions"):  # a transcoder on a transcoder world
         gt.transcoder = transcoder_recovery(sae, world, threshold)
-    if hasattr(world, "relative_norms"):  # a crosscoder world
+    if hasattr(world, "relative_norms") and sae.cfg.write_sites in (None, list(world.sites)):  # writes [a, b]
         gt.crosscoder = crosscoder_recovery(sae, world, threshold)
     return gt

@@ -19,9 +19,10 @@ feature's joint direction [d_a | d_b] has unit norm, so x = [x_a | x_b] = f @ di
 and its true relative decoder norm is r = |d_b| / (|d_a| + |d_b|): 0.5 shared, 0 a-only, 1 b-only,
 s / (1 + s) rescaled by s.
 
-Both are `LinearWorld`s whose `directions` are what each feature writes into the written site(s)
-(the target), so `ToySource` streams them and the generic ground-truth metrics compare decoder
-rows with them; `saelab.evals.circuits` adds the transcoder and crosscoder recovery metrics.
+Both are `LinearWorld`s (x = features @ directions for the batch's own x), so `ToySource` streams
+them; `directions_for(sites)` gives what each feature writes into the sites a dictionary writes,
+which the generic ground-truth metrics compare decoder rows with, and `saelab.evals.circuits`
+adds the transcoder and crosscoder recovery metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_
 
 from saelab.activations.base import Batch
 from saelab.config import StrictModel
+from saelab.errors import ConfigError
 from saelab.toys.features import LinearWorld, embed_directions
 from saelab.toys.worlds import _magnitudes, firing_probabilities
 
@@ -119,7 +121,8 @@ class TranscoderWorld(LinearWorld):
     """Input features -> a known sparse map -> output features, at sites `mlp_in` and `mlp_out`.
 
     Ground truth: `input_directions` [n_in, d_in] (E_in, the encoder direction of input feature i's
-    latent), `output_directions` [n_in, d_out] (unit v_i, its decoder direction; also `directions`),
+    latent; also `directions`, as x = f_in E_in), `output_directions` [n_in, d_out] (unit v_i, its
+    decoder direction, and `directions_for(["mlp_out"])`),
     `connections` A [n_out, n_in], `output_embedding` E_out [n_out, d_out]. `sample` returns
     `Batch(x=x_in, target=y, features=f_in, sites={"mlp_in": x_in, "mlp_out": y})`.
     """
@@ -137,7 +140,17 @@ class TranscoderWorld(LinearWorld):
         v = self.connections.t() @ self.output_embedding  # [n_in, d_out]
         self.connections = self.connections / v.norm(dim=1).clamp_min(1e-12)[None, :]
         self.output_directions = (self.connections.t() @ self.output_embedding).contiguous()
-        self.directions = self.output_directions  # what each feature writes into the written site
+        self.directions = self.input_directions  # x = f_in E_in
+
+    def directions_for(self, sites: list[str] | None) -> torch.Tensor:
+        """E_in for a dictionary writing `mlp_in` (or the batch's own x), the v_i for one writing `mlp_out`."""
+        by_site = {None: self.input_directions, self.read_site: self.input_directions}
+        by_site[self.write_site] = self.output_directions
+        key = None if sites is None else tuple(sites)
+        key = key[0] if key is not None and len(key) == 1 else key
+        if key not in by_site:
+            raise ConfigError(f"a transcoder world has sites '{self.read_site}' and '{self.write_site}', not {sites}")
+        return by_site[key]
 
     @property
     def d_in(self) -> int:
@@ -229,6 +242,18 @@ class CrosscoderWorld(LinearWorld):
     @property
     def d(self) -> int:
         return self.cfg.d
+
+    def directions_for(self, sites: list[str] | None) -> torch.Tensor:
+        """The joint directions for [a, b] (or the batch's own x); a site's part (scaled, zero where a
+        feature is absent) for one site; parts concatenated in the order given for a list."""
+        if sites is None:
+            return self.directions
+        d = self.cfg.d
+        parts = {"a": self.directions[:, :d], "b": self.directions[:, d:]}
+        unknown = [s for s in sites if s not in parts]
+        if unknown:
+            raise ConfigError(f"a crosscoder world has sites 'a' and 'b', not {unknown}")
+        return torch.cat([parts[s] for s in sites], dim=1).contiguous()
 
     def category_indices(self, category: str) -> torch.Tensor:
         return torch.tensor([i for i, c in enumerate(self.categories) if c == category], dtype=torch.long)

@@ -82,6 +82,12 @@ class LinearWorld:
     def interference(self) -> dict[str, float]:
         return interference(self.directions)
 
+    def directions_for(self, sites: list[str] | None) -> torch.Tensor:
+        """The true directions [N, width] in the space a dictionary that writes `sites` writes (None:
+        the batch's own x). A one-site world has only `directions`; worlds with several sites
+        (saelab.toys.circuits) say what each feature writes where."""
+        return self.directions
+
     def parent_child_pairs(self) -> list[tuple[int, int]]:
         """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
         return [(p, c) for c, p in enumerate(self.parents) if p is not None]
