@@ -213,6 +213,7 @@ def test_evaluate_adds_transcoder_recovery_for_a_transcoder_world():
 TRAIN = {"steps": 800, "lr": 3e-3, "progress": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_topk_transcoder_recovers_most_input_and_output_directions(seed):
     import saelab
@@ -231,6 +232,7 @@ def test_a_topk_transcoder_recovers_most_input_and_output_directions(seed):
     assert r.encoder_recovered >= 0.55 and r.both_recovered >= 0.55
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["batchtopk", "relu"])
 def test_a_crosscoder_separates_shared_from_single_site_features(arch):
     import saelab

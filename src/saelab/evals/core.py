@@ -210,8 +210,9 @@ def match_features(sae: SAE, directions: torch.Tensor | Matching) -> Matching:
     width = sae.cfg.output_width
     if directions.dim() != 2 or directions.shape[1] != width:
         raise ConfigError(
-            f"true directions must be [n_features, {width}], the width the decoder writes (got "
-            f"{tuple(directions.shape)}); pass world.directions of the world the SAE was trained on"
+            f"true directions must be [n_features, {'d_out' if sae.cfg.is_transcoder else 'd_in'}={width}], the "
+            f"width the decoder writes (got {tuple(directions.shape)}); pass the directions of the world the SAE "
+            "was trained on (world.directions_for(sae.cfg.write_sites))"
         )
     u = unit_rows(directions.detach().float().cpu())
     cos = u @ unit_rows(sae.W_dec.detach().float().cpu()).t()
