@@ -268,7 +268,7 @@ def test_saelab_run_trains_and_scores_a_transcoder_from_a_config(tmp_path):
     import saelab
 
     config = {
-        "sae": {"architecture": "topk", "d_in": 16, "d_out": 12, "d_sae": 48, "k": 3, "site": "mlp_in",
+        "sae": {"architecture": "topk", "d_sae": 48, "k": 3, "site": "mlp_in",  # widths from the source
                 "write_site": "mlp_out"},
         "source": {"type": "transcoder_world", "batch_size": 256,
                    "world": {"n_in": 24, "d_in": 16, "n_out": 20, "d_out": 12, "firing_prob": 0.05}},

@@ -141,6 +141,7 @@ def test_the_source_resumes_exactly_and_the_held_out_source_is_the_same_world_re
     assert torch.equal(ev.world.directions, src.world.directions)
     assert not torch.equal(next(ev).x, next(build_source(spec)).x)
     assert src.d_in == next(build_source(spec)).x.shape[1]
+    assert src.site_widths == {k: v.shape[1] for k, v in ahead[0].sites.items()}
 
 
 @pytest.mark.parametrize(

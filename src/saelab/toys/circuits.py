@@ -160,6 +160,10 @@ class TranscoderWorld(LinearWorld):
     def d_out(self) -> int:
         return self.cfg.d_out
 
+    @property
+    def site_widths(self) -> dict[str, int]:
+        return {self.read_site: self.cfg.d_in, self.write_site: self.cfg.d_out}
+
     def sample_features(self, n: int, gen: torch.Generator) -> torch.Tensor:
         active = torch.rand(n, self.cfg.n_in, generator=gen) < self.probs
         return _magnitudes(self.cfg, active, gen)
@@ -242,6 +246,10 @@ class CrosscoderWorld(LinearWorld):
     @property
     def d(self) -> int:
         return self.cfg.d
+
+    @property
+    def site_widths(self) -> dict[str, int]:
+        return {site: self.cfg.d for site in self.sites}
 
     def directions_for(self, sites: list[str] | None) -> torch.Tensor:
         """The joint directions for [a, b] (or the batch's own x); a site's part (scaled, zero where a

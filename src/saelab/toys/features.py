@@ -119,6 +119,12 @@ class ToySource:
     def d_in(self) -> int:
         return self.world.d_in
 
+    @property
+    def site_widths(self) -> dict[str, int] | None:
+        """Each named site's width for worlds whose batches carry several (saelab.toys.circuits)."""
+        widths = getattr(self.world, "site_widths", None)
+        return None if widths is None else dict(widths)
+
     def __iter__(self) -> ToySource:
         return self
 
