@@ -224,12 +224,12 @@ def test_a_topk_transcoder_recovers_most_input_and_output_directions(seed):
     sae = {"architecture": "topk", "d_in": 32, "d_out": 24, "d_sae": 128, "k": 4, "seed": seed}
     result = saelab.train({**sae, "site": "mlp_in", "write_site": "mlp_out"}, src, TRAIN)
     r = transcoder_recovery(result.sae, src.world)
-    # Measured over seeds 0-7 (800 steps): output 0.875-0.97, mmcs_output 0.992-0.997, encoder
-    # 0.67-0.91 (both = encoder: the latent that reads a feature also writes it). Encoder cosines
+    # Measured over seeds 0-7 (800 steps): output 0.95-1.0, mmcs_output 0.996-0.997, encoder
+    # 0.84-0.94 (both = encoder: the latent that reads a feature also writes it). Encoder cosines
     # sit lower because with 64 features in 32 dims the best encoder is not E_in[i] itself but
     # tilted away from the features that interfere with it. Chance is 0 (see above).
-    assert r.output_recovered >= 0.8 and r.mmcs_output >= 0.98
-    assert r.encoder_recovered >= 0.55 and r.both_recovered >= 0.55
+    assert r.output_recovered >= 0.85 and r.mmcs_output >= 0.98
+    assert r.encoder_recovered >= 0.7 and r.both_recovered >= 0.7
 
 
 @pytest.mark.slow
