@@ -190,15 +190,16 @@ def fvu_over_outputs(predict, batches) -> float:
     return resid / total
 
 
-TRAIN = {"steps": 600, "lr": 3e-3, "progress": False, "lr_warmup_steps": 20, "sparsity_warmup_steps": 50}
+TRAIN = {"steps": 400, "lr": 3e-3, "progress": False, "lr_warmup_steps": 20, "sparsity_warmup_steps": 50}
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_beats_the_mean_and_a_per_layer_transcoder(seed):
-    """Measured over seeds 0-4 at 600 steps: the CLT (BatchTopK, k = 6 over 3 x 32 latents) reaches
-    FVU 0.07-0.10 with inference L0 5.6-5.9; three per-layer TopK transcoders with the same latents
-    and k (32 and 2 each) stay at 0.59-0.60, near their floor of 0.5 (the earlier layers' share);
-    predicting each output's mean is 1.0."""
+    """Measured over seeds 0-4 at 400 steps: the CLT (BatchTopK, k = 6 over 3 x 32 latents) reaches
+    FVU 0.10-0.14 (per site at most 0.19) with inference L0 5.3-5.5; three per-layer TopK
+    transcoders with the same latents and k (32 latents, k = 2 each) stay at 0.60-0.63, above their
+    floor of 0.5 (in expectation the earlier layers' share, which they cannot see); predicting each
+    output's mean is 1.0. (At 600 steps: CLT 0.07-0.09, per-layer 0.59-0.61.)"""
     held_out = list(toy_batches(seed, 4, 512, stream=1)())
     cfg = clt_config("clt_topk", d=WIDTH, f=32, k=6, seed=seed)
     clt = saelab.train(cfg, toy_batches(seed, TRAIN["steps"]), TRAIN).sae
@@ -216,18 +217,19 @@ def test_training_beats_the_mean_and_a_per_layer_transcoder(seed):
     assert fvu_plt > 0.4, fvu_plt
     assert fvu_clt < fvu_plt / 3
     record = evaluate(clt, held_out).as_dict()  # the evaluation reads and writes the CLT's sites unchanged
-    assert record["fvu"] == pytest.approx(fvu_clt, rel=1e-3)
+    assert record["fvu"] == pytest.approx(fvu_clt, rel=0.02)  # its variance is about the pooled mean
     assert set(record["per_site"]) == set(OUT) and all(v["fvu"] < 0.3 for v in record["per_site"].values())
     assert 3 <= record["l0"] <= 12  # the inference threshold keeps about k latents per token
 
 
 def test_jumprelu_clt_trains_below_the_mean():
-    """Seeds 0-1 at 600 steps (tanh penalty, lambda 1): FVU 0.10, L0 3.6-3.9 (true L0 3.6)."""
+    """Seeds 0-4 at 400 steps (tanh penalty, lambda 1): FVU 0.11-0.13, L0 4.4-4.7 (true L0 3.6)."""
     cfg = clt_config("clt_jumprelu", d=WIDTH, f=32, sparsity_coefficient=1.0)
     sae = saelab.train(cfg, toy_batches(0, TRAIN["steps"]), TRAIN).sae
     held_out = list(toy_batches(0, 4, 512, stream=1)())
     fvu = fvu_over_outputs(lambda b: sae(b.view(IN).x), held_out)
     assert fvu < 0.25, fvu
+    assert 2 <= evaluate(sae, held_out).as_dict()["l0"] <= 8
 
 
 # ---------------------------------------------------------------------------- bad input
