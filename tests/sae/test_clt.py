@@ -269,3 +269,43 @@ def test_sites_of_unequal_widths_are_refused_at_training():
 def test_clts_are_left_out_of_single_stream_plans():
     assert {"clt_topk", "clt_jumprelu"} <= set(saelab.list_architectures())
     assert not {"clt_topk", "clt_jumprelu"} & set(saelab.list_architectures(one_stream=True))
+
+
+@pytest.mark.parametrize("arch, extra", [("clt_topk", {"k": 6}), ("clt_jumprelu", {})])
+def test_killed_run_resumes_to_the_same_weights(arch, extra, tmp_path):
+    from saelab.train import Trainer
+
+    cfg = clt_config(arch, d=WIDTH, f=16, **extra)
+    train = {**TRAIN, "steps": 40, "checkpoint_every": 10, "norm_estimation_batches": 2}
+    straight = saelab.create(cfg)
+    Trainer(straight, toy_batches(0, 40), train, tmp_path / "a").fit()
+
+    drawn = [0]
+
+    def killed():  # norm estimation draws 2 batches and rewinds; then step 27 is the 30th batch drawn
+        for batch in toy_batches(0, 40)():
+            drawn[0] += 1
+            if drawn[0] == 30:
+                raise KeyboardInterrupt
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(saelab.create(cfg), killed, train, tmp_path / "b").fit()
+    resumed = saelab.create(cfg)
+    assert Trainer(resumed, toy_batches(0, 40), train, tmp_path / "b").fit().steps == 40
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+
+
+@pytest.mark.parametrize("arch", ["clt_topk", "clt_jumprelu"])
+def test_a_larger_sweep_multiplier_gives_more_active_latents(arch):
+    from saelab.sae.registry import sweep_setting
+
+    held_out = list(toy_batches(0, 2, 512, stream=1)())
+    l0 = {}
+    for m in (0.5, 2.0):
+        cfg = clt_config(arch, d=WIDTH, f=32, **sweep_setting(arch, m, 3 * N_FEATURES * P_FIRE))
+        sae = saelab.train(cfg, toy_batches(0, 200), {**TRAIN, "steps": 200}).sae
+        l0[m] = evaluate(sae, held_out).as_dict()["l0"]
+    # jumprelu, measured: L0 6.7 vs 4.5 (the world's sparse code, true L0 3.6, pulls both towards it)
+    assert l0[2.0] > 1.25 * l0[0.5], l0
