@@ -193,6 +193,7 @@ def fvu_over_outputs(predict, batches) -> float:
 TRAIN = {"steps": 400, "lr": 3e-3, "progress": False, "lr_warmup_steps": 20, "sparsity_warmup_steps": 50}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_beats_the_mean_and_a_per_layer_transcoder(seed):
     """Measured over seeds 0-4 at 400 steps: the CLT (BatchTopK, k = 6 over 3 x 32 latents) reaches
