@@ -135,6 +135,7 @@ class CrossLayerTranscoder(SAE):
 
     def __init__(self, cfg: CLTConfig):
         torch.nn.Module.__init__(self)  # SAE.__init__ would build dense 2-D weights
+        self._check_capable(cfg)
         self.cfg = cfg
         L, d, e, F = cfg.n_layers, cfg.layer_d_in, cfg.layer_d_out, cfg.layer_d_sae
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -217,10 +218,7 @@ class CrossLayerTranscoder(SAE):
 
     def site_decoder_norms(self) -> torch.Tensor:
         """[d_sae, L] norm of each latent's decoder into each output layer (0 before its own layer)."""
-        F = self.cfg.layer_d_sae
-        return torch.cat(
-            [torch.nn.functional.pad(W.norm(dim=2), (layer, 0)) for layer, W in enumerate(self.decoders)]
-        ).reshape(self.cfg.n_layers * F, self.cfg.n_layers)
+        return torch.cat([torch.nn.functional.pad(W.norm(dim=2), (layer, 0)) for layer, W in enumerate(self.decoders)])
 
     # ------------------------------------------------------------------ training
     def check_sites(self, batch: Any) -> None:
