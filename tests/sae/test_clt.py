@@ -1,13 +1,16 @@
 """Cross-layer transcoders: the triangular structure, storage, folding, files, and training on a
 toy 3-layer problem whose MLP outputs depend sparsely on the inputs of their own and earlier layers."""
 
+import json
+
 import pytest
 import torch
 
 import saelab
 from saelab.activations.base import Batch
-from saelab.errors import ConfigError
+from saelab.errors import ConfigError, FileFormatError
 from saelab.evals.summary import evaluate
+from saelab.io import dictionary
 from saelab.sae import StepContext
 
 L, D, F = 3, 4, 8  # layers, per-layer width, latents per layer
@@ -39,9 +42,8 @@ def perturbed(arch, **extra):
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        if hasattr(sae, "score_threshold"):  # as if trained: a global threshold is known
-            sae.score_threshold.fill_(0.5)
-            sae.threshold.copy_(0.5 / sae.decoder_norms())
+        if getattr(sae.cfg, "select", None) == "batch":  # as if trained: a global threshold is known
+            sae.threshold.fill_(0.5)
     return sae
 
 
@@ -132,11 +134,31 @@ def test_save_load_round_trip(kind, tmp_path):
     torch.testing.assert_close(loaded(x), sae(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=1e-6, atol=1e-6)
     assert loaded.cfg.site == IN and loaded.cfg.write_site == OUT
-    names = set(loaded.saved_state())
-    assert {"W_enc", "b_enc", "b_in", "b_dec", "W_dec_0", "W_dec_1", "W_dec_2"} <= names
-    # BatchTopK's inference form is a JumpReLU CLT with per-latent thresholds.
-    expected = "clt_jumprelu" if kind[1].get("select") == "batch" else kind[0]
-    assert loaded.architecture == expected
+    assert loaded.architecture == sae.architecture and loaded.cfg == sae.cfg
+    for (name, a), b in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    layout = json.loads((tmp_path / "clt" / dictionary.CONFIG_FILE).read_text())
+    assert layout["kind"] == "cross_layer_transcoder"
+    assert [r["site"] for r in layout["reads"]] == IN and [w["site"] for w in layout["writes"]] == OUT
+    assert {"W_enc", "b_enc", "b_in", "b_dec", "W_dec_0", "W_dec_1", "W_dec_2"} <= set(layout["tensors"])
+    assert layout["tensors"]["W_enc"] == [L, D, F] and layout["tensors"]["W_dec_1"] == [F, L - 1, D]
+
+
+def test_a_cross_layer_file_of_another_architecture_is_refused(tmp_path):
+    folder = saelab.save(perturbed("clt_jumprelu"), tmp_path / "clt")
+    path = folder / dictionary.CONFIG_FILE
+    cfg = json.loads(path.read_text())
+    cfg["architecture"] = cfg["config"]["architecture"] = "topk"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(FileFormatError, match="'topk' is not a cross-layer architecture"):
+        saelab.load(folder)
+
+
+def test_the_saelens_layout_is_refused_by_name(tmp_path):
+    from saelab.io import saelens
+
+    with pytest.raises(ConfigError, match="several sites"):
+        saelens.save(perturbed("clt_topk"), tmp_path / "x")
 
 
 def test_folded_scales_take_raw_activations(kind, tmp_path):
@@ -145,7 +167,9 @@ def test_folded_scales_take_raw_activations(kind, tmp_path):
     t = torch.tensor([4.0, 0.25, 1.5]).repeat_interleave(D)  # per-site target multipliers
     x = 2 * torch.randn(64, L * D)
     scaled_out = sae(x * s)  # trained on x * s to reproduce y * t
+    norms = sae.site_decoder_norms().detach().clone()
     sae.fold_scales(s, t)
+    torch.testing.assert_close(sae.site_decoder_norms(), norms)  # reported in the training space
     torch.testing.assert_close(sae(x), scaled_out / t, rtol=1e-5, atol=1e-5)
     sae.fold_scales(2.0, 2.0)  # numbers too
     torch.testing.assert_close(sae(x / 2), scaled_out / t / 2, rtol=1e-5, atol=1e-5)

@@ -21,13 +21,13 @@ concatenated sites. `W_dec` is a dense [L*F, L*e] view assembled on demand (zero
 cannot write) for analysis tools that read decoder rows; training and inference never build it.
 
 Decoder rows are free (no unit norm): a latent's decoder norm is the norm of its concatenated
-decoder over all the layers it writes, `decoder_norms()`, and both the TopK selection scores and
-the JumpReLU penalties weigh latents by it. Two architectures:
+decoder over all the layers it writes, `decoder_norms()` (measured, as for crosscoders, in the
+space it was trained in: `site_norm_scale` keeps each output site's folded scale), and both the
+TopK selection scores and the JumpReLU penalties weigh latents by it. Two architectures:
 - `clt_topk`: `k` active latents per token over all layers together, chosen per layer (k/L each),
   per token (top k of the concatenation) or per batch (BatchTopK over the concatenation, the
-  default; it trains best). BatchTopK's inference is a JumpReLU CLT whose per-latent thresholds
-  come from one global threshold on pre-activation x decoder norm, and it is saved as
-  `clt_jumprelu`. AuxK on the target's residual.
+  default; it trains best; at inference a latent fires when its score passes one global threshold
+  learnt during training). AuxK on the target's residual.
 - `clt_jumprelu`: learnt per-latent thresholds through the straight-through estimator of
   `saelab.sae.jumprelu`, with an L0 penalty or a tanh penalty on activation x decoder norm, and
   optionally a pre-activation penalty that pulls latents below threshold back up.
@@ -150,6 +150,10 @@ class CrossLayerTranscoder(SAE):
         for layer in range(L):
             w = torch.empty(F, L - layer, e).uniform_(-1, 1, generator=gen)
             setattr(self, f"W_dec_{layer}", torch.nn.Parameter(w / w.flatten(1).norm(dim=1)[:, None, None]))
+        # What each output site was multiplied by in training (1 until `fold_scales`), as for
+        # crosscoders: decoder norms are measured in that space, so folding per-site scales changes
+        # neither which latents are selected nor the norms reported.
+        self.register_buffer("site_norm_scale", torch.ones(L))
 
     @classmethod
     def _check_capable(cls, cfg: SAEConfig) -> None:
@@ -213,12 +217,17 @@ class CrossLayerTranscoder(SAE):
 
     # ------------------------------------------------------------------ norms
     def decoder_norms(self) -> torch.Tensor:
-        """[d_sae] norm of each latent's concatenated decoder over every layer it writes."""
-        return torch.cat([W.flatten(1).norm(dim=1) for W in self.decoders])
+        """[d_sae] norm of each latent's concatenated decoder over every layer it writes (in the
+        training space, see `site_norm_scale`)."""
+        return self.site_decoder_norms().norm(dim=1)
 
     def site_decoder_norms(self) -> torch.Tensor:
-        """[d_sae, L] norm of each latent's decoder into each output layer (0 before its own layer)."""
-        return torch.cat([torch.nn.functional.pad(W.norm(dim=2), (layer, 0)) for layer, W in enumerate(self.decoders)])
+        """[d_sae, L] norm of each latent's decoder into each output layer (0 before its own layer),
+        in the space it was trained in (each site at mean norm sqrt(d))."""
+        scale = self.site_norm_scale
+        return torch.cat(
+            [torch.nn.functional.pad(W.norm(dim=2) * scale[i:], (i, 0)) for i, W in enumerate(self.decoders)]
+        )
 
     # ------------------------------------------------------------------ training
     def check_sites(self, batch: Any) -> None:
@@ -258,6 +267,7 @@ class CrossLayerTranscoder(SAE):
         for layer, W in enumerate(self.decoders):
             W.div_(per_layer[layer:] if per_layer is not None else t)
         self.b_dec.div_(t)
+        self.site_norm_scale.mul_(per_layer[:, 0] if per_layer is not None else t)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -306,31 +316,9 @@ class CLTTopK(CrossLayerTranscoder):
     def __init__(self, cfg: CLTTopKConfig):
         super().__init__(cfg)
         if cfg.select == "batch":
-            # The global threshold on pre-activation x decoder norm, an EMA of the smallest kept score
-            # (negative: not yet estimated), and the per-latent threshold on pre-activations it implies,
-            # which inference uses: folding scales changes decoder norms but not pre-activations.
-            self.register_buffer("score_threshold", torch.tensor(-1.0))
-            self.register_buffer("threshold", torch.zeros(cfg.d_sae))
-        else:
-            # Per output column, the scale of the space latents compete in (the training space):
-            # folding per-site scales into the decoder changes its norms unevenly, and without this
-            # the per-token choice of latents would change with them. Ones until scales are folded.
-            self.register_buffer("score_scale", torch.ones(cfg.output_width))
-
-    def selection_scores(self, pre: torch.Tensor) -> torch.Tensor:
-        if self.cfg.select == "batch":
-            return super().selection_scores(pre)
-        c = self.cfg
-        scale = self.score_scale.reshape(c.n_layers, c.layer_d_out)
-        with torch.no_grad():
-            norms = torch.cat([(W * scale[i:]).flatten(1).norm(dim=1) for i, W in enumerate(self.decoders)])
-        return pre * norms
-
-    @torch.no_grad()
-    def fold_scales(self, input_scale, target_scale) -> None:
-        super().fold_scales(input_scale, target_scale)
-        if self.cfg.select != "batch":
-            self.score_scale.mul_(torch.as_tensor(target_scale, dtype=self.score_scale.dtype).to(self.score_scale))
+            # The inference threshold on pre-activation x (training-space) decoder norm: an EMA of the
+            # smallest kept score; negative until estimated (inference is then ReLU).
+            self.register_buffer("threshold", torch.tensor(-1.0))
 
     @torch.no_grad()
     def select(self, pre: torch.Tensor) -> torch.Tensor:
@@ -351,7 +339,7 @@ class CLTTopK(CrossLayerTranscoder):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         if self.cfg.select == "batch" and not self.training:
-            return pre * (pre > self.threshold).to(pre.dtype)
+            return pre * (self.selection_scores(pre) > self.threshold.clamp_min(0)).to(pre.dtype)
         shape = pre.shape
         pre = pre.reshape(-1, shape[-1])
         return (torch.relu(pre) * self.select(pre)).reshape(shape)
@@ -389,21 +377,11 @@ class CLTTopK(CrossLayerTranscoder):
         if kept.numel() == 0:
             return
         smallest = kept.min()
-        if self.score_threshold < 0:
-            self.score_threshold.copy_(smallest)
+        if self.threshold < 0:
+            self.threshold.copy_(smallest)
         else:
             m = self.cfg.threshold_momentum
-            self.score_threshold.mul_(m).add_((1 - m) * smallest)
-        self.threshold.copy_(self.score_threshold.clamp_min(0) / self.decoder_norms().clamp_min(1e-12))
-
-    def saved_architecture(self) -> str:
-        """BatchTopK selection is, at inference, a JumpReLU CLT (per-latent `threshold`)."""
-        return "clt_jumprelu" if self.cfg.select == "batch" else self.architecture
-
-    def saved_state(self) -> dict[str, torch.Tensor]:
-        state = super().saved_state()
-        state.pop("score_threshold", None)  # training state only (checkpoints keep it)
-        return state
+            self.threshold.mul_(m).add_((1 - m) * smallest)
 
 
 # ---------------------------------------------------------------------------- JumpReLU
@@ -462,14 +440,3 @@ class CLTJumpReLU(CrossLayerTranscoder):
         if c.preact_coefficient > 0:
             losses["preact"] = c.preact_coefficient * (torch.relu(theta - pre) * norms).sum(-1).mean()
         return TrainOutput(y_hat, f.detach(), losses)
-
-    def saved_state(self) -> dict[str, torch.Tensor]:
-        state = super().saved_state()
-        state["threshold"] = state.pop("log_threshold").exp()
-        return state
-
-    def load_saved_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        tensors = dict(tensors)
-        threshold = tensors.pop("threshold")
-        tensors["log_threshold"] = threshold.clamp_min(torch.finfo(threshold.dtype).tiny).log()
-        super().load_saved_state(tensors)
