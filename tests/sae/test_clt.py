@@ -334,3 +334,11 @@ def test_a_larger_sweep_multiplier_gives_more_active_latents(arch):
         l0[m] = evaluate(sae, held_out).as_dict()["l0"]
     # jumprelu, measured: L0 6.7 vs 4.5 (the world's sparse code, true L0 3.6, pulls both towards it)
     assert l0[2.0] > 1.25 * l0[0.5], l0
+
+
+def test_a_one_layer_clt_is_a_transcoder_that_round_trips(tmp_path):
+    sae = saelab.create(clt_config("clt_jumprelu", layers=1)).eval()
+    x = torch.randn(16, D)
+    loaded = saelab.load(saelab.save(sae, tmp_path / "one"))
+    assert loaded.cfg.site == ["in_0"] and loaded.cfg.write_site == ["out_0"]
+    torch.testing.assert_close(loaded(x), sae(x), rtol=0, atol=0)
