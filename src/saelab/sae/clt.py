@@ -8,8 +8,9 @@ With L layers, per-layer input width d, per-layer output width e and F latents p
 
 The config names the L input sites (`site: [in_0, ..., in_{L-1}]`) and the L output sites
 (`write_site: [out_0, ..., out_{L-1}]`), in layer order; the dictionary reads their concatenation
-and writes theirs, so the trainer's per-site scales, the evaluation's per-site FVU and the
-SAELens folder work as for any transcoder. `d_in` = L*d and `d_out` = L*e are totals, and so is
+and writes theirs, so the trainer's per-site scales and the evaluation's per-site FVU work as for
+any transcoder, and `saelab.save` writes saelab's dictionary layout (its tensors by name; the
+SAELens layout cannot hold several sites). `d_in` = L*d and `d_out` = L*e are totals, and so is
 `d_sae` = L*F: latent `l*F + i` is latent i of layer l (so dead-latent statistics, sparsity files
 and metrics see one latent axis).
 
