@@ -401,3 +401,25 @@ def test_a_read_site_that_runs_after_its_write_site_is_named(setup):
     with pytest.raises(ConfigError, match=r"read site\(s\) \['transformer\.h\.1\.mlp:input'\] did not run before"):
         splice_fidelity(tc, model, batches)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("select", "causal"), [("token", False), ("layer", True), ("batch", True)])
+def test_a_clt_that_selects_over_every_layer_per_token_has_no_closed_loop(setup, select, causal):
+    """A per-token top-k over every layer's latents makes layer l's output depend on later layers'
+    inputs; per-layer top-k, and BatchTopK's inference threshold, do not."""
+    pytest.importorskip("saelab.sae.clt")
+    model, tok, batches = setup
+    clt = saelab.create(
+        {
+            "architecture": "clt_topk",
+            "k": 8,
+            "select": select,
+            "d_in": 128,
+            "d_sae": 128,
+            "site": [MLP.format(i) + ":input" for i in range(2)],
+            "write_site": [MLP.format(i) for i in range(2)],
+        }
+    )
+    m = splice_fidelity(clt, model, batches, special_ids(tok), per_site=False)
+    assert (m.spliced is not None) == causal and bool(m.replacement_note) != causal
+    assert m.open_loop is not None and m.max_abs_logit_diff_with_error == 0.0 and not m.per_site
