@@ -130,3 +130,21 @@ def test_run_splices_a_transcoder_trained_on_a_two_site_source(tmp_path, model_d
     assert main(["fidelity", record["path"], "--rows", "8", "--skip-docs", "40", "--out", str(tmp_path / "f")]) == 0
     again = json.loads((tmp_path / "f" / "results.json").read_text())
     assert again["spliced"]["kl_clean_spliced"] == pytest.approx(d["spliced"]["kl_clean_spliced"], rel=1e-5)
+
+
+def test_fidelity_command_scores_a_saved_clt_as_a_replacement_model(tmp_path, model_dir):
+    clt = saelab.create(
+        {
+            "architecture": "clt_jumprelu",
+            "d_in": 128,
+            "d_sae": 128,
+            "init_threshold": 0.1,
+            "site": [f"transformer.h.{i}.mlp:input" for i in range(2)],
+            "write_site": [f"transformer.h.{i}.mlp" for i in range(2)],
+        }
+    )
+    save(clt, tmp_path / "clt", metadata={"saelab_source": _source(model_dir)})
+    assert main(["fidelity", str(tmp_path / "clt"), "--rows", "6", "--out", str(tmp_path / "f")]) == 0
+    rec = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert rec["kind"] == "cross_layer_transcoder" and {"spliced", "open_loop", "per_site"} <= set(rec)
+    assert rec["spliced"]["sites"] == ["transformer.h.0.mlp", "transformer.h.1.mlp"]
