@@ -1,7 +1,7 @@
 """Local vs e2e vs e2e+ds TopK SAEs of the same k (same L0) at one hookpoint of a real model.
 
 Trains the three on the same text for the same steps, then splices each into the model on
-held-out rows and prints the `saelab.evals.e2e` table (CE increase, KL(p_clean || p_sae), L0, alive
+held-out rows and prints the `saelab.evals.e2e` table (CE increase, KL(p_clean || p_spliced), L0, alive
 latents, explained variance at the hookpoint and downstream) with wall times; writes
 OUT/results.json and OUT/report.md.
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PositiveInt, ValidationError, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
 from saelab.activations.factory import SourceConfig, held_out, parse_source
 from saelab.config import StrictModel, describe_validation_error
@@ -25,10 +25,36 @@ from saelab.errors import ConfigError
 from saelab.train.trainer import TrainConfig, TrainResult
 
 
+class DownstreamEvalConfig(StrictModel):
+    """Splice each trained dictionary into its model (model and cache sources): CE loss recovered,
+    KL(p_clean || p_spliced) and top-1 agreement, under `downstream` in results.json."""
+
+    rows: PositiveInt = Field(32, description="Text rows (context_size tokens each) of the spliced forwards.")
+    skip_docs: NonNegativeInt = Field(
+        0, description="Start this many documents into the held-out source's text (text it did not train on)."
+    )
+    per_site: bool = Field(True, description="Crosscoders and CLTs: also splice each site alone.")
+
+
 class EvalConfig(StrictModel):
     """How a trained dictionary is scored."""
 
     batches: PositiveInt = Field(8, description="Held-out batches behind every metric in results.json.")
+    downstream: DownstreamEvalConfig | None = Field(
+        None,
+        description="Downstream (spliced) evaluation on a real model: a mapping of settings, or true for the defaults.",
+    )
+
+    @field_validator("downstream", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        if v is True:
+            return DownstreamEvalConfig()
+        if v is False:
+            return None
+        if isinstance(v, dict):  # its own errors name its own keys
+            return DownstreamEvalConfig.parse(v)
+        return v
 
 
 class RunConfig(StrictModel):
@@ -76,6 +102,13 @@ class RunConfig(StrictModel):
             for i, entry in enumerate(values["saes"]):
                 if not isinstance(entry, dict):
                     raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`, got {entry!r:.40}")
+        if values["eval"].downstream is not None:
+            kind = (values.get("eval_source") or values["source"]).type
+            if kind not in ("model", "cache"):
+                raise ConfigError(
+                    f"eval: downstream splices the dictionary into a model, but the held-out source is a "
+                    f"{kind!r} source; use a model or cache source, or drop eval.downstream"
+                )
         if values.get("out") is not None and not isinstance(values["out"], str):
             raise ConfigError(f"`out` must be a folder path, got {values['out']!r}")
         try:
@@ -168,7 +201,7 @@ def _train_e2e(cfg: RunConfig, out: Path, described: dict[str, Any]) -> dict[str
 
 def e2e_record(cfg: RunConfig, sae: Any) -> dict[str, Any]:
     """The end-to-end row (saelab.evals.e2e) of a trained dictionary on `eval.batches` held-out
-    batches of `model_batch_size` rows: CE increase, KL(p_clean || p_sae), L0, alive latents and
+    batches of `model_batch_size` rows: CE increase, KL(p_clean || p_spliced), L0, alive latents and
     explained variance at the hookpoint and downstream. Without an `eval_source` the rows come
     after those training read, when the text is long enough (else from its start)."""
     from saelab.evals.e2e import e2e_report
@@ -234,6 +267,8 @@ def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
         record = evaluate_and_save(result, seconds, batches, world, cfg.source.spec(), folder)
         if cfg.train.objective is not None:
             record.update(e2e_record(cfg, result.sae))
+        if cfg.eval.downstream is not None:
+            record["downstream"] = downstream_record(result.sae, cfg)
         records.append(record if name is None else {"name": name, **record})
     return records
 
@@ -268,6 +303,17 @@ def held_out_batches(cfg: RunConfig) -> tuple[list, Any]:
                 "lower it or give more held-out data"
             ) from None
     return batches, getattr(source, "world", None)
+
+
+def downstream_record(sae, cfg: RunConfig) -> dict[str, Any]:
+    """`eval.downstream`: the dictionary spliced into the held-out source's model(s), on its text."""
+    from saelab.evals.splice import fidelity_from_spec, model_source_spec
+
+    d = cfg.eval.downstream
+    spec = model_source_spec(held_out(cfg.source, cfg.eval_source).spec())
+    if not spec:
+        raise ConfigError("eval: downstream needs a model or cache source, which names the model to splice into")
+    return fidelity_from_spec(sae, spec, d.rows, d.skip_docs, d.per_site)
 
 
 def evaluate_and_save(

@@ -12,7 +12,7 @@ from saelab.evals.e2e import e2e_report, to_markdown
 from saelab.models import ModelSource, hooks
 from saelab.models.text import TokenRows, load_texts, special_ids
 from saelab.sae.base import StepContext
-from saelab.train.e2e import DOWNSTREAM_TERM, KL_TERM, E2EObjective, E2ESource, kl_clean_to_sae
+from saelab.train.e2e import DOWNSTREAM_TERM, KL_TERM, E2EObjective, E2ESource, kl_clean_to_spliced
 from saelab.train.trainer import Trainer
 from tests.models import tiny
 
@@ -106,9 +106,9 @@ def test_kl_is_clean_to_sae_by_hand_on_one_position():
     p = torch.tensor([[0.90, 0.08, 0.02]])
     q_logits = torch.tensor([[0.0, 0.5, 3.0]])
     q = torch.softmax(q_logits, -1)
-    by_hand = sum(float(p[0, v] * torch.log(p[0, v] / q[0, v])) for v in range(3))  # KL(p_clean || p_sae)
+    by_hand = sum(float(p[0, v] * torch.log(p[0, v] / q[0, v])) for v in range(3))  # KL(p_clean || p_spliced)
     reverse = sum(float(q[0, v] * torch.log(q[0, v] / p[0, v])) for v in range(3))
-    got = float(kl_clean_to_sae(p.log(), q_logits))
+    got = float(kl_clean_to_spliced(p.log(), q_logits))
     assert got == pytest.approx(by_hand, rel=1e-6)
     assert abs(got - reverse) > 0.1  # the two directions differ here, so the test tells them apart
 
@@ -154,7 +154,7 @@ def test_e2e_lowers_the_spliced_kl_below_a_local_sae_of_equal_l0(model, tok):
         e, loc = e2e_report({"e2e": e2e, "local": local}, model, HP, batches, [DS], specials)
         assert e.l0 == loc.l0 == 2.0
         assert loc.explained_variance > e.explained_variance
-        ratios.append(e.kl_clean_sae / loc.kl_clean_sae)
+        ratios.append(e.kl_clean_spliced / loc.kl_clean_spliced)
     assert max(ratios) < 1.0 and sum(ratios) / len(ratios) < 0.7, ratios
 
 
@@ -218,10 +218,10 @@ def test_the_report_table_has_every_column(model, tok):
     rows = e2e_report({"e2e": sae}, model, HP, eval_rows(tok, 2), [DS], special_ids(tok))
     (row,) = rows
     assert row.l0 == 4.0 and 0 < row.alive_fraction <= 1 and row.positions > 0
-    assert row.ce_increase == pytest.approx(row.ce_sae - row.ce_clean) and row.kl_clean_sae > 0
+    assert row.ce_increase == pytest.approx(row.ce_sae - row.ce_clean) and row.kl_clean_spliced > 0
     assert set(row.downstream_explained_variance) == {DS}
     table = to_markdown(rows)
-    assert "KL(clean‖SAE)" in table and f"EV {DS}" in table and table.count("\n") == 3
+    assert "KL(clean‖spliced)" in table and f"EV {DS}" in table and table.count("\n") == 3
 
 
 @pytest.mark.slow
@@ -249,7 +249,7 @@ def test_saelab_train_config_runs_e2e(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "run")]) == 0
     (record,) = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert record["e2e_l0"] == 4.0 and record["e2e_kl_clean_sae"] > 0
+    assert record["e2e_l0"] == 4.0 and record["e2e_kl_clean_spliced"] > 0
     assert f"e2e_explained_variance.{DS}" in record
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert KL_TERM in log[-1]["losses"] and DOWNSTREAM_TERM in log[-1]["losses"]

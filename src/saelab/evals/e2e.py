@@ -4,7 +4,7 @@ For each dictionary spliced at one hookpoint (at the positions it was trained on
 BOS/pad/specials), over the same token rows:
 - CE loss of the clean and the spliced model, and its increase (spliced - clean), on the
   next-token predictions (as `downstream_fidelity` scores them);
-- KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae), mean per scored position;
+- KL(p_clean || p_spliced) = sum_v p_clean (log p_clean - log p_spliced), mean per scored position;
 - L0 (mean active latents per spliced position) and alive latents (fraction that fired at least
   once over these rows);
 - explained variance 1 - FVU of the SAE's output at its hookpoint, and of the spliced forward's
@@ -35,7 +35,7 @@ class E2ERow:
     ce_clean: float
     ce_sae: float
     ce_increase: float  # ce_sae - ce_clean, nats
-    kl_clean_sae: float  # mean KL(p_clean || p_sae) per scored position, nats
+    kl_clean_spliced: float  # mean KL(p_clean || p_spliced) per scored position, nats
     l0: float
     alive_fraction: float
     explained_variance: float  # at the hookpoint
@@ -111,7 +111,7 @@ def e2e_report(
                 ce_clean=c,
                 ce_sae=s,
                 ce_increase=s - c,
-                kl_clean_sae=float(torch.cat(kls).mean()),
+                kl_clean_spliced=float(torch.cat(kls).mean()),
                 l0=l0_sum / max(n, 1),
                 alive_fraction=float(fired.float().mean()),
                 explained_variance=_ev(*sums[hp.name]),
@@ -125,14 +125,14 @@ def e2e_report(
 def to_markdown(rows: list[E2ERow]) -> str:
     """The comparison as a Markdown table (one column per downstream hookpoint)."""
     ds = list(rows[0].downstream_explained_variance) if rows else []
-    head = ["SAE", "CE increase", "KL(clean‖SAE)", "L0", "alive", f"EV {rows[0].hookpoint}" if rows else "EV"]
+    head = ["SAE", "CE increase", "KL(clean‖spliced)", "L0", "alive", f"EV {rows[0].hookpoint}" if rows else "EV"]
     head += [f"EV {d}" for d in ds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             r.name,
             f"{r.ce_increase:.4f}",
-            f"{r.kl_clean_sae:.4f}",
+            f"{r.kl_clean_spliced:.4f}",
             f"{r.l0:.1f}",
             f"{r.alive_fraction:.2f}",
             f"{r.explained_variance:.3f}",

@@ -226,6 +226,10 @@ class SAE(torch.nn.Module):
     # Declared by each class itself, never inherited: a subclass that changes the step opts in.
     transcodes: ClassVar[bool] = False
     crosscodes: ClassVar[bool] = False
+    # True when the architecture only exists over named sites of several layers (a cross-layer
+    # transcoder): it cannot train on one activation stream, so plans that train every architecture
+    # on a toy world (demo, toy bench) take `list_architectures(one_stream=True)`.
+    needs_sites: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

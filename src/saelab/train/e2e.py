@@ -3,12 +3,12 @@
 The SAE's output replaces the activation at its hookpoint, the rest of the (frozen) model runs on
 it, and the loss is
 
-    kl_coefficient * KL(p_clean || p_sae)                                   ("kl_clean_sae")
+    kl_coefficient * KL(p_clean || p_spliced)                                   ("kl_clean_spliced")
   + the SAE's own sparsity / auxiliary terms (its local "mse" is dropped)   ("l1", "l0", "auxk", ...)
   + downstream_coefficient * mean_k FVU_k   (e2e+ds only)                   ("downstream_fvu")
 
-where KL(p_clean || p_sae) = sum_v p_clean(v) (log p_clean(v) - log p_sae(v)), averaged over every
-attended position's next-token distribution (`kl_clean_to_sae`), and FVU_k is the fraction of the
+where KL(p_clean || p_spliced) = sum_v p_clean(v) (log p_clean(v) - log p_spliced(v)), averaged over every
+attended position's next-token distribution (`kl_clean_to_spliced`), and FVU_k is the fraction of the
 clean activation's variance at downstream hookpoint k that the spliced forward leaves unexplained,
 sum ||a_k^sae - a_k^clean||^2 / sum ||a_k^clean - mean(a_k^clean)||^2 over the spliced positions of
 the batch (scale-free, so one coefficient suits every layer; 1 - FVU_k is the report's downstream
@@ -46,7 +46,7 @@ from saelab.errors import ConfigError
 from saelab.models import hooks
 from saelab.models.text import TokenRows, keep_mask, load_texts, special_ids
 
-KL_TERM = "kl_clean_sae"  # KL(p_clean || p_sae), the loss term's name in logs and TrainOutput.losses
+KL_TERM = "kl_clean_spliced"  # KL(p_clean || p_spliced), the loss term's name in logs and TrainOutput.losses
 DOWNSTREAM_TERM = "downstream_fvu"
 
 
@@ -58,7 +58,7 @@ class E2EConfig(StrictModel):
         description="Hookpoints after the SAE's whose clean activations the spliced forward must keep "
         "(e2e+ds); empty: pure e2e.",
     )
-    kl_coefficient: PositiveFloat = Field(1.0, description="Weight of KL(p_clean || p_sae), nats per position.")
+    kl_coefficient: PositiveFloat = Field(1.0, description="Weight of KL(p_clean || p_spliced), nats per position.")
     downstream_coefficient: NonNegativeFloat = Field(
         1.0, description="Weight of the mean downstream FVU (e2e+ds only; 0 logs it without training on it)."
     )
@@ -76,8 +76,8 @@ class E2ERows:
     clean_sites: dict[str, torch.Tensor]  # downstream hookpoint -> clean activations at `keep` [N, d]
 
 
-def kl_clean_to_sae(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p_clean || p_sae) = sum_v p_clean (log p_clean - log p_sae), in nats.
+def kl_clean_to_spliced(clean_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_clean || p_spliced) = sum_v p_clean (log p_clean - log p_spliced), in nats.
 
     `clean_logp` [n, V] are clean log-probabilities, `logits` [n, V] the spliced model's logits."""
     logq = torch.log_softmax(logits.float(), -1)
@@ -309,7 +309,7 @@ class E2EObjective:
         raw = out.x_hat / ctx.input_factor  # the model reads raw-unit activations
         with spliced(self.model, self.hookpoint, rows.keep, raw, self.downstream) as store:
             logits = _forward(self.model, rows.input_ids, rows.attention_mask)
-        losses = {KL_TERM: self.cfg.kl_coefficient * kl_clean_to_sae(rows.clean_logp, logits[rows.score])}
+        losses = {KL_TERM: self.cfg.kl_coefficient * kl_clean_to_spliced(rows.clean_logp, logits[rows.score])}
         losses.update({k: v for k, v in out.losses.items() if k != "mse"})
         if self.downstream:
             fvus = [fvu_rows(store[d.name][rows.keep], rows.clean_sites[d.name]) for d in self.downstream]

@@ -100,7 +100,7 @@ class TrainConfig(StrictModel):
         None,
         description="What the dictionary is trained to do: None (or 'local'): reconstruct its activations; "
         "'e2e' or a mapping {downstream: [...], kl_coefficient, downstream_coefficient}: end-to-end, "
-        "KL(p_clean || p_sae) through the frozen model after the hookpoint (e2e+ds with `downstream`). "
+        "KL(p_clean || p_spliced) through the frozen model after the hookpoint (e2e+ds with `downstream`). "
         "Needs a model source (saelab train) or saelab.train_e2e.",
     )
 
