@@ -3,12 +3,12 @@
 The SAE's output replaces the activation at its hookpoint, the rest of the (frozen) model runs on
 it, and the loss is
 
-    kl_coefficient * KL(p_clean || p_spliced)                                   ("kl_clean_spliced")
+    kl_coefficient * KL(p_clean || p_spliced)                              ("kl_clean_spliced")
   + the SAE's own sparsity / auxiliary terms (its local "mse" is dropped)   ("l1", "l0", "auxk", ...)
   + downstream_coefficient * mean_k FVU_k   (e2e+ds only)                   ("downstream_fvu")
 
-where KL(p_clean || p_spliced) = sum_v p_clean(v) (log p_clean(v) - log p_spliced(v)), averaged over every
-attended position's next-token distribution (`kl_clean_to_spliced`), and FVU_k is the fraction of the
+where KL(p_clean || p_spliced) = sum_v p_clean(v) (log p_clean(v) - log p_spliced(v)), averaged
+over every attended position's next-token distribution (`kl_clean_to_spliced`), and FVU_k is the fraction of the
 clean activation's variance at downstream hookpoint k that the spliced forward leaves unexplained,
 sum ||a_k^sae - a_k^clean||^2 / sum ||a_k^clean - mean(a_k^clean)||^2 over the spliced positions of
 the batch (scale-free, so one coefficient suits every layer; 1 - FVU_k is the report's downstream
