@@ -19,12 +19,12 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_a_leaderboard_for_every_architecture(demo_dir):
     records = json.loads((demo_dir / "results.json").read_text())
-    assert sorted(r["architecture"] for r in records) == saelab.list_architectures()
+    assert sorted(r["architecture"] for r in records) == saelab.list_architectures(one_stream=True)
     for r in records:
         assert REQUIRED <= set(r)
     assert (demo_dir / "frontier.png").stat().st_size > 1000
     md = (demo_dir / "leaderboard.md").read_text()
-    assert all(a in md for a in saelab.list_architectures())
+    assert all(a in md for a in saelab.list_architectures(one_stream=True))
 
 
 def test_eval_reads_a_saved_sae_and_its_source(demo_dir, tmp_path, capsys):

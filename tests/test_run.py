@@ -33,7 +33,10 @@ def config(**change):
         ({"source": {"seed": "x"}}, r"'seed': Input should be a valid integer"),
         ({"source": [{"type": "world"}]}, r"`source` must be a mapping with a `type`"),
         ({"source": {"world": [1]}}, r"'world': Input should be a valid dictionary"),
-        ({"source": {"type": "wrold"}}, r"unknown source type 'wrold'; valid types: cache, diff_world, model"),
+        (
+            {"source": {"type": "wrold"}},
+            r"unknown source type 'wrold'; valid types: cache, crosscoder_world, diff_world, model",
+        ),
         ({"source": {"batch_sise": 3}}, r"unknown key 'batch_sise'"),
         ({"train": {"steps": True}}, r"train: 'steps': Input should be a valid integer \(got True\)"),
         ({"train": [1]}, r"`train` must be a mapping"),

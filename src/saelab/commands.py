@@ -144,7 +144,7 @@ def demo_plan(steps: int, quick: bool, seed: int) -> tuple[dict, dict, list[dict
         "seed": seed,
     }
     runs = []
-    for arch in list_architectures():
+    for arch in list_architectures(one_stream=True):
         base = {"architecture": arch, "d_in": world["d"], "d_sae": world["n_features"], "seed": seed}
         multipliers = (1.0,) if quick or get_class(arch).sweep_parameter is None else DEMO_MULTIPLIERS
         for m in multipliers:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PositiveInt, ValidationError, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
 
 from saelab.activations.factory import SourceConfig, held_out, parse_source
 from saelab.config import StrictModel, describe_validation_error
@@ -25,10 +25,36 @@ from saelab.errors import ConfigError
 from saelab.train.trainer import TrainConfig, TrainResult
 
 
+class DownstreamEvalConfig(StrictModel):
+    """Splice each trained dictionary into its model (model and cache sources): CE loss recovered,
+    KL(p_clean || p_spliced) and top-1 agreement, under `downstream` in results.json."""
+
+    rows: PositiveInt = Field(32, description="Text rows (context_size tokens each) of the spliced forwards.")
+    skip_docs: NonNegativeInt = Field(
+        0, description="Start this many documents into the held-out source's text (text it did not train on)."
+    )
+    per_site: bool = Field(True, description="Crosscoders and CLTs: also splice each site alone.")
+
+
 class EvalConfig(StrictModel):
     """How a trained dictionary is scored."""
 
     batches: PositiveInt = Field(8, description="Held-out batches behind every metric in results.json.")
+    downstream: DownstreamEvalConfig | None = Field(
+        None,
+        description="Downstream (spliced) evaluation on a real model: a mapping of settings, or true for the defaults.",
+    )
+
+    @field_validator("downstream", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        if v is True:
+            return DownstreamEvalConfig()
+        if v is False:
+            return None
+        if isinstance(v, dict):  # its own errors name its own keys
+            return DownstreamEvalConfig.parse(v)
+        return v
 
 
 class RunConfig(StrictModel):
@@ -76,6 +102,13 @@ class RunConfig(StrictModel):
             for i, entry in enumerate(values["saes"]):
                 if not isinstance(entry, dict):
                     raise ConfigError(f"saes[{i}] must be a mapping with at least `architecture`, got {entry!r:.40}")
+        if values["eval"].downstream is not None:
+            kind = (values.get("eval_source") or values["source"]).type
+            if kind not in ("model", "cache"):
+                raise ConfigError(
+                    f"eval: downstream splices the dictionary into a model, but the held-out source is a "
+                    f"{kind!r} source; use a model or cache source, or drop eval.downstream"
+                )
         if values.get("out") is not None and not isinstance(values["out"], str):
             raise ConfigError(f"`out` must be a folder path, got {values['out']!r}")
         try:
@@ -112,10 +145,88 @@ def _train(cfg: RunConfig, out: Path, source: Any = None) -> dict[str | None, Tr
     from saelab.train.trainer import train, train_many
 
     spec = {"source": cfg.source.spec(), "eval_source": held_out(cfg.source, cfg.eval_source).spec()}
+    if cfg.train.objective is not None:
+        return _train_e2e(cfg, out, spec)
     source = source if source is not None else cfg.source.build()
     if cfg.sae is not None:
         return {None: train(with_widths(cfg.sae, source), source, cfg.train, out, source_config=spec)}
     return train_many([with_widths(e, source) for e in cfg.saes], source, cfg.train, out, source_config=spec)
+
+
+def e2e_spec(cfg: RunConfig) -> dict[str, Any]:
+    """The model-source settings an end-to-end run reads (one model, one hookpoint), checked."""
+    spec = cfg.source.model_dump(exclude_none=True)
+    if spec.get("type") != "model" or spec.get("model") is None:
+        raise ConfigError(
+            "train.objective e2e runs the model itself: the source must be `type: model` with one `model` "
+            "(not `models`) and one `hookpoint`"
+        )
+    if not isinstance(spec.get("hookpoint"), str) or spec.get("target_hookpoint"):
+        raise ConfigError("train.objective e2e: give the source one `hookpoint` (the SAE's), no target_hookpoint")
+    if spec.get("cache_dir"):
+        raise ConfigError("train.objective e2e needs the model's outputs on every step; drop source.cache_dir")
+    return spec
+
+
+def _train_e2e(cfg: RunConfig, out: Path, described: dict[str, Any]) -> dict[str | None, TrainResult]:
+    """End-to-end training (train.objective): each step takes `model_batch_size` rows (default 8) of
+    `context_size` tokens (default 128) of the source's text, in order (see saelab.train.e2e)."""
+    from saelab.models.source import _load_all
+    from saelab.train.e2e import E2EObjective, E2ESource
+    from saelab.train.trainer import train, train_many
+
+    spec = e2e_spec(cfg)
+    model, tokenizer, _ = _load_all(spec)
+    objective = E2EObjective(model, spec["hookpoint"], cfg.train.objective)
+    try:
+        source = E2ESource(
+            model,
+            tokenizer,
+            spec.get("data", "pydoc"),
+            spec["hookpoint"],
+            cfg.train.objective.downstream,
+            rows_per_batch=spec.get("model_batch_size", 8),
+            repeat=spec.get("repeat", False),
+            **{
+                k: spec[k] for k in ("context_size", "column", "packing", "prepend_bos", "exclude_special") if k in spec
+            },
+        )
+        if cfg.sae is not None:
+            return {None: train(with_widths(cfg.sae, source), source, cfg.train, out, described, objective)}
+        saes = [with_widths(e, source) for e in cfg.saes]
+        return train_many(saes, source, cfg.train, out, described, objective)
+    finally:
+        objective.release()
+
+
+def e2e_record(cfg: RunConfig, sae: Any) -> dict[str, Any]:
+    """The end-to-end row (saelab.evals.e2e) of a trained dictionary on `eval.batches` held-out
+    batches of `model_batch_size` rows: CE increase, KL(p_clean || p_spliced), L0, alive latents and
+    explained variance at the hookpoint and downstream. Without an `eval_source` the rows come
+    after those training read, when the text is long enough (else from its start)."""
+    from saelab.evals.e2e import e2e_report
+    from saelab.models.source import _load_all
+    from saelab.models.text import TokenRows, load_texts, special_ids
+
+    spec = e2e_spec(cfg)
+    held = held_out(cfg.source, cfg.eval_source).model_dump(exclude_none=True)
+    model, tokenizer, _ = _load_all(spec)
+    rows = TokenRows(
+        load_texts(held.get("data", "pydoc"), held.get("column") or "text"), tokenizer, held.get("context_size") or 128
+    )
+    n = spec.get("model_batch_size", 8)
+    if cfg.eval_source is None:  # the same text: start after the rows training read (if the text has more)
+        for _ in range(cfg.train.steps):
+            if rows.next_rows(n) is None:
+                rows.restart()  # a short text: the evaluation reads rows training saw
+                break
+    batches = [b for b in (rows.next_rows(n) for _ in range(cfg.eval.batches)) if b]
+    specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
+    row = e2e_report({"sae": sae}, model, spec["hookpoint"], batches, cfg.train.objective.downstream, specials)[0]
+    record = {f"e2e_{k}": v for k, v in row.to_dict().items() if k not in ("name", "hookpoint")}
+    for site, ev in record.pop("e2e_downstream_explained_variance").items():
+        record[f"e2e_explained_variance.{site}"] = ev
+    return record
 
 
 def with_widths(entry: dict[str, Any], source: Any) -> dict[str, Any]:
@@ -154,6 +265,10 @@ def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
     for name, result in results.items():
         folder = out if name is None else out / name
         record = evaluate_and_save(result, seconds, batches, world, cfg.source.spec(), folder)
+        if cfg.train.objective is not None:
+            record.update(e2e_record(cfg, result.sae))
+        if cfg.eval.downstream is not None:
+            record["downstream"] = downstream_record(result.sae, cfg)
         records.append(record if name is None else {"name": name, **record})
     return records
 
@@ -188,6 +303,17 @@ def held_out_batches(cfg: RunConfig) -> tuple[list, Any]:
                 "lower it or give more held-out data"
             ) from None
     return batches, getattr(source, "world", None)
+
+
+def downstream_record(sae, cfg: RunConfig) -> dict[str, Any]:
+    """`eval.downstream`: the dictionary spliced into the held-out source's model(s), on its text."""
+    from saelab.evals.splice import fidelity_from_spec, model_source_spec
+
+    d = cfg.eval.downstream
+    spec = model_source_spec(held_out(cfg.source, cfg.eval_source).spec())
+    if not spec:
+        raise ConfigError("eval: downstream needs a model or cache source, which names the model to splice into")
+    return fidelity_from_spec(sae, spec, d.rows, d.skip_docs, d.per_site)
 
 
 def evaluate_and_save(

@@ -14,7 +14,7 @@ from saelab.errors import ConfigError
 def test_world_truth():
     w = DiffWorld({"d": 16, "n_shared": 8, "n_base_only": 3, "n_ft_only": 3, "n_rescaled": 2, "n_recombined": 2})
     assert w.categories == ["shared"] * 8 + ["base_only"] * 3 + ["ft_only"] * 3 + ["rescaled"] * 2 + ["recombined"] * 2
-    r = w.relative_norms
+    r = w.true_relative_norms
     assert torch.allclose(r[:8], torch.tensor(0.5)) and (r[8:11] == 0).all() and (r[11:14] == 1).all()
     assert torch.allclose(r[14:16], torch.tensor(1 / 1.3))
     assert torch.allclose(r[16:], torch.tensor(0.5))

@@ -10,7 +10,9 @@ from saelab.sae.registry import get_class, register, sweep_setting
 from saelab.sae.relu import ReLUSAE
 from saelab.toys import ToySource, World
 
-SWEPT = [a for a in saelab.list_architectures() if get_class(a).sweep_parameter is not None]
+SWEPT = [
+    a for a in saelab.list_architectures(one_stream=True) if get_class(a).sweep_parameter is not None
+]  # toy worlds: one stream
 WORLD = {"n_features": 32, "d": 16, "firing_prob": 0.1, "magnitude_std": 0.2, "seed": 0}
 
 

@@ -25,7 +25,7 @@ def assert_same_weights(a, b, name):
 def members():
     """Every architecture, plus two that draw from torch's global RNG at every step (so a shared
     stream would change both) and per-member widths, seeds and learning rates."""
-    saes = {arch: small_config(arch, d_in=16, d_sae=48) for arch in saelab.list_architectures()}
+    saes = {arch: small_config(arch, d_in=16, d_sae=48) for arch in saelab.list_architectures(one_stream=True)}
     saes["matryoshka_random"] = small_config("matryoshka", d_in=16, d_sae=32, random_prefixes=True)
     saes["matryoshka_random3"] = {
         **small_config("matryoshka", d_in=16, d_sae=40, random_prefixes=True, n_random_prefixes=3),

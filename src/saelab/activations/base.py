@@ -34,6 +34,9 @@ class Batch:
     tokens: torch.Tensor | None = None  # [B] token ids (model sources)
     target: torch.Tensor | None = None  # [B, d_out] what the decoder must reproduce (None: x itself)
     sites: dict[str, torch.Tensor] | None = None  # every named site of this batch, [B, d_site] each
+    # What an objective beyond reconstruction needs from the rows behind x (end-to-end training:
+    # token ids, masks and clean next-token distributions; see saelab.train.e2e). Carried by `view`.
+    context: Any = None
 
     def __post_init__(self):
         if self.target is None:
@@ -45,7 +48,9 @@ class Batch:
         sites is their concatenation along the last dimension, in that order."""
         x = self.x if read is None else self._sites(read)
         target = x if write is None or write == read else self._sites(write)
-        return Batch(x=x, features=self.features, tokens=self.tokens, target=target, sites=self.sites)
+        return Batch(
+            x=x, features=self.features, tokens=self.tokens, target=target, sites=self.sites, context=self.context
+        )
 
     def _sites(self, names: str | list[str]) -> torch.Tensor:
         if isinstance(names, str):

@@ -60,6 +60,34 @@ class TokenWorldSource(WorldSource):
         return TokenMeanSource(base, self.vocab_size, self.mean_norm, self.zipf_exponent, self.seed, self.token_seed)
 
 
+class TranscoderWorldSource(_Source):
+    """A transcoder's ground-truth world (saelab.toys.circuits): sparse input features through a known
+    sparse map to output features; batches read site `mlp_in` and write `mlp_out`."""
+
+    type: Literal["transcoder_world"] = "transcoder_world"
+    world: dict[str, Any] = Field(default_factory=dict, description="TranscoderSpec settings (n_in, d_in, ...).")
+
+    def build(self):
+        from saelab.toys.circuits import TranscoderWorld
+        from saelab.toys.features import ToySource
+
+        return ToySource(TranscoderWorld(self.world), self.batch_size, self.seed)
+
+
+class CrosscoderWorldSource(_Source):
+    """A crosscoder's ground-truth world (saelab.toys.circuits): features shared by sites `a` and `b`,
+    only in one, or rescaled between them; `x` is [x_a | x_b]."""
+
+    type: Literal["crosscoder_world"] = "crosscoder_world"
+    world: dict[str, Any] = Field(default_factory=dict, description="CrosscoderSpec settings (d, n_shared, ...).")
+
+    def build(self):
+        from saelab.toys.circuits import CrosscoderWorld
+        from saelab.toys.features import ToySource
+
+        return ToySource(CrosscoderWorld(self.world), self.batch_size, self.seed)
+
+
 class TMSSource(_Source):
     """The hidden layer of a toy model of superposition, trained when the source is built."""
 
@@ -233,7 +261,15 @@ class TensorFileSource(_Source):
 
 
 SourceConfig = Annotated[
-    WorldSource | TokenWorldSource | TMSSource | DiffWorldSource | ModelSource | CacheSource | TensorFileSource,
+    WorldSource
+    | TokenWorldSource
+    | TranscoderWorldSource
+    | CrosscoderWorldSource
+    | DiffWorldSource
+    | TMSSource
+    | ModelSource
+    | CacheSource
+    | TensorFileSource,
     Field(discriminator="type"),
 ]
 _ADAPTER = TypeAdapter(SourceConfig)
@@ -241,6 +277,8 @@ _BY_TYPE = {
     "world": WorldSource,
     "toy": WorldSource,
     "toy_tokens": TokenWorldSource,
+    "transcoder_world": TranscoderWorldSource,
+    "crosscoder_world": CrosscoderWorldSource,
     "tms": TMSSource,
     "diff_world": DiffWorldSource,
     "model": ModelSource,

@@ -111,7 +111,9 @@ class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     worlds: list[str] = Field(default_factory=lambda: list(WORLDS), description="Named worlds to run.")
-    architectures: list[str] | None = Field(None, description="Architectures (default: every registered one).")
+    architectures: list[str] | None = Field(
+        None, description="Architectures (default: every registered one that trains on one activation stream)."
+    )
     multipliers: list[float] = Field([0.5, 1.0, 2.0], description="Sparsity sweep, as multiples of the true L0.")
     steps: PositiveInt = Field(800, description="Training steps per SAE.")
     batch_size: PositiveInt = Field(512, description="Training batch size.")
@@ -167,7 +169,7 @@ def plan(cfg: BenchConfig) -> list[dict]:
     from saelab.sae.registry import get_class, list_architectures, sweep_setting
     from saelab.toys.worlds import World
 
-    archs = cfg.architectures or list_architectures()
+    archs = cfg.architectures or list_architectures(one_stream=True)
     for a in archs:
         get_class(a)  # unknown names fail before anything runs
     jobs = []

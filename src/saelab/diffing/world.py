@@ -77,8 +77,11 @@ class DiffWorldSpec(StrictModel):
 class DiffWorld:
     """Features written into sites `base` and `ft`; `sample` gives `Batch(x=[base | ft], sites, features)`.
 
+    (`true_relative_norms`, not `relative_norms`: the generic evaluation scores worlds with the
+    latter by their a/b categories, which these are not.)
+
     Ground truth: `categories` (per feature, in TRUE_CATEGORIES order), `parts["base"|"ft"]`
-    [N, d] (what a unit activation writes into each model), `relative_norms` [N] and
+    [N, d] (what a unit activation writes into each model), `true_relative_norms` [N] and
     `cosines` [N] (between the two parts; 0 where one is absent).
     """
 
@@ -110,7 +113,7 @@ class DiffWorld:
                 ft[i] = unit_rows(c * u[i] + math.sqrt(max(0.0, 1 - c * c)) * u[p])
         self.parts = {"base": base.contiguous(), "ft": ft.contiguous()}
         nb, nf = base.norm(dim=1), ft.norm(dim=1)
-        self.relative_norms = nf / (nb + nf)
+        self.true_relative_norms = nf / (nb + nf)
         den = nb * nf
         self.cosines = torch.where(den > 0, (base * ft).sum(1) / den.clamp_min(1e-30), torch.zeros_like(den))
 
@@ -123,6 +126,15 @@ class DiffWorld:
         """[N, 2d] what a unit activation writes into [base | ft] (the generic ground-truth metrics
         of `saelab.evals` match a crosscoder's decoder rows against these)."""
         return torch.cat([self.parts["base"], self.parts["ft"]], 1)
+
+    def directions_for(self, sites: list[str] | None) -> torch.Tensor:
+        """What each feature writes into `sites` (None or [base, ft]: the joint directions; one site: its part)."""
+        if sites is None:
+            return self.directions
+        unknown = [s for s in sites if s not in self.parts]
+        if unknown:
+            raise ConfigError(f"a diffing world has sites 'base' and 'ft', not {unknown}")
+        return torch.cat([self.parts[s] for s in sites], 1).contiguous()
 
     def parent_child_pairs(self) -> list[tuple[int, int]]:
         return []  # flat: no hierarchy
@@ -154,7 +166,7 @@ class DiffWorld:
 
     def expected_categories(self, thresholds: Thresholds = Thresholds()) -> list[str]:
         """The category (of CATEGORIES) each feature's true relative norm gives."""
-        return categorize(self.relative_norms, thresholds)
+        return categorize(self.true_relative_norms, thresholds)
 
 
 @dataclass

@@ -47,8 +47,9 @@ def encoded(sae: SAE, batches: Iterable) -> Iterator[tuple[Batch, torch.Tensor, 
     """
     cfg, device = sae.cfg, sae.W_enc.device
     for batch in _batches(batches):
-        if cfg.read_sites is not None:
-            batch = batch.view(cfg.read_sites, cfg.write_sites if cfg.is_transcoder else None)
+        # as the trainer sees it: without sites an SAE reproduces the batch's own x, even when the
+        # source pairs it with a distinct target (a transcoder world, a model source's target_hookpoint)
+        batch = batch.view(cfg.read_sites, cfg.write_sites if cfg.is_transcoder else None)
         same = batch.target is batch.x
         x = batch.x.to(device, torch.float32)
         batch = Batch(
@@ -196,19 +197,22 @@ class Matching:
     """True features matched one-to-one to latents by decoder cosine: computed once per SAE and
     passed (in place of the directions) to every metric that needs it."""
 
-    directions: torch.Tensor  # [n_features, d_in] unit true directions
+    directions: torch.Tensor  # [n_features, d_out] unit true directions (in the space the decoder writes)
     cosines: torch.Tensor  # [n_features, d_sae] cos(true direction, decoder row)
     latents: torch.Tensor  # [n_features] the matched latent of each feature (-1: none)
 
 
 def match_features(sae: SAE, directions: torch.Tensor | Matching) -> Matching:
-    """Match the SAE's decoder rows to known directions `[n_features, d_in]` (a `Matching` passes through)."""
+    """Match the SAE's decoder rows to known directions `[n_features, d_out]` in the space the decoder
+    writes (d_in for an SAE; a transcoder world's output directions), a `Matching` passes through."""
     if isinstance(directions, Matching):
         return directions
-    if directions.dim() != 2 or directions.shape[1] != sae.cfg.d_in:
+    width = sae.cfg.output_width
+    if directions.dim() != 2 or directions.shape[1] != width:
         raise ConfigError(
-            f"true directions must be [n_features, d_in={sae.cfg.d_in}] (got {tuple(directions.shape)}); "
-            "pass world.directions of the world the SAE was trained on"
+            f"true directions must be [n_features, {'d_out' if sae.cfg.is_transcoder else 'd_in'}={width}], the "
+            f"width the decoder writes (got {tuple(directions.shape)}); pass the directions of the world the SAE "
+            "was trained on (world.directions_for(sae.cfg.write_sites))"
         )
     u = unit_rows(directions.detach().float().cpu())
     cos = u @ unit_rows(sae.W_dec.detach().float().cpu()).t()
@@ -218,7 +222,7 @@ def match_features(sae: SAE, directions: torch.Tensor | Matching) -> Matching:
 @dataclass
 class RecoveryMetrics:
     mmcs_decoder: float  # mean over true features of the max cosine with any decoder row
-    mmcs_encoder: float  # the same with encoder directions (columns of W_enc)
+    mmcs_encoder: float  # the same with encoder directions (columns of W_enc); NaN for a transcoder
     recovered_fraction: float  # true features matched one-to-one to a latent with decoder cosine >= threshold
     mean_matched_cosine: float  # mean over true features of their match's cosine (-1 where none)
     threshold: float
@@ -233,16 +237,23 @@ class RecoveryMetrics:
 def ground_truth_recovery(
     sae: SAE, true_directions: torch.Tensor | Matching, threshold: float = 0.9
 ) -> RecoveryMetrics:
-    """Compare the SAE's dictionary with known feature directions `[n_features, d_in]` (or their `Matching`)."""
+    """Compare the SAE's dictionary with known feature directions `[n_features, d_out]` (or their `Matching`).
+
+    `mmcs_encoder` compares the same directions with encoder columns, so it is NaN for a transcoder,
+    whose encoder reads another space (`saelab.evals.circuits.transcoder_recovery` scores it)."""
     m = match_features(sae, true_directions)
-    cos_enc = m.directions @ unit_rows(sae.W_enc.detach().float().cpu().t()).t()
+    if sae.cfg.is_transcoder:
+        mmcs_encoder = float("nan")
+    else:
+        cos_enc = m.directions @ unit_rows(sae.W_enc.detach().float().cpu().t()).t()
+        mmcs_encoder = float(cos_enc.max(1).values.mean())
     have = m.latents >= 0
     matched = torch.full((m.directions.shape[0],), float("nan"))
     matched[have] = m.cosines[have, m.latents[have]]
     scored = matched.nan_to_num(-1.0)
     return RecoveryMetrics(
         mmcs_decoder=float(m.cosines.max(1).values.mean()),
-        mmcs_encoder=float(cos_enc.max(1).values.mean()),
+        mmcs_encoder=mmcs_encoder,
         recovered_fraction=float((scored >= threshold).float().mean()),
         mean_matched_cosine=float(scored.mean()),
         threshold=threshold,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saelab.evals import pathology as P
+from saelab.evals.circuits import CrosscoderRecovery, TranscoderRecovery, crosscoder_recovery, transcoder_recovery
 from saelab.evals.core import (
     DensityMetrics,
     ReconstructionMetrics,
@@ -29,7 +30,8 @@ from saelab.toys.features import LinearWorld
 @dataclass
 class GroundTruthMetrics:
     """What a world's known features add: recovery, MCC, per-feature shrinkage, splitting and
-    merging; absorption and hedging for a hierarchy; entities versus attributes for a bundle world."""
+    merging; absorption and hedging for a hierarchy; entities versus attributes for a bundle world;
+    encoder/output recovery for a transcoder world; per-category recovery for a crosscoder world."""
 
     recovery: RecoveryMetrics
     correlation: P.CorrelationMetrics
@@ -39,6 +41,8 @@ class GroundTruthMetrics:
     absorption: P.AbsorptionMetrics | None = None
     hedging: P.HedgingMetrics | None = None
     bundle: P.BundleMetrics | None = None
+    transcoder: TranscoderRecovery | None = None
+    crosscoder: CrosscoderRecovery | None = None
 
     def as_dict(self) -> dict[str, Any]:
         rec = self.recovery
@@ -66,6 +70,17 @@ class GroundTruthMetrics:
                 attribute_recovered=self.bundle.attribute_recovered,
                 label_recovered=self.bundle.label_recovered,
             )
+        if self.transcoder is not None:
+            out.update(
+                transcoder_encoder_recovered=self.transcoder.encoder_recovered,
+                transcoder_output_recovered=self.transcoder.output_recovered,
+                transcoder_both_recovered=self.transcoder.both_recovered,
+            )
+        if self.crosscoder is not None:
+            for cat, v in self.crosscoder.recovered.items():
+                out[f"crosscoder_recovered_{cat}"] = v
+            for cat, v in self.crosscoder.category_accuracy.items():
+                out[f"crosscoder_category_accuracy_{cat}"] = v
         return out
 
 
@@ -180,7 +195,7 @@ def evaluate(
 
 
 def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: float) -> GroundTruthMetrics:
-    match = match_features(sae, world.directions)
+    match = match_features(sae, world.directions_for(sae.cfg.write_sites))
     gt = GroundTruthMetrics(
         recovery=ground_truth_recovery(sae, match, threshold),
         correlation=P.mean_correlation(sae, data),
@@ -194,4 +209,8 @@ def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: fl
         gt.hedging = P.hedging(sae, match, pairs)
     if getattr(world, "bundles", None) is not None:
         gt.bundle = P.bundle_decomposition(sae, world)
+    if sae.cfg.is_transcoder and hasattr(world, "output_directions"):  # a transcoder on a transcoder world
+        gt.transcoder = transcoder_recovery(sae, world, threshold)
+    if hasattr(world, "relative_norms") and sae.cfg.write_sites in (None, list(world.sites)):  # writes [a, b]
+        gt.crosscoder = crosscoder_recovery(sae, world, threshold)
     return gt

@@ -26,9 +26,11 @@ A folder holds two files, each written atomically:
     [d_in]` and `W_skip [d_out, d_in]`, and the architecture's own (JumpReLU's `log_threshold`,
     BatchTopK's scalar `threshold`, ...).
 
-A cross-layer transcoder (one site read, several written) is described the same way, with
-`"kind": "cross_layer_transcoder"`; this saelab has no class for one yet, so loading it is refused
-by name.
+A cross-layer transcoder (`clt_topk`, `clt_jumprelu`: one MLP input read and one MLP output written
+per layer, in layer order) is described the same way, with `"kind": "cross_layer_transcoder"`; its
+tensors are `W_enc [L, d, F]`, one `W_dec_l [F, L - l, d_out]` per source layer, and flat `b_enc
+[L*F]`, `b_in [L*d]`, `b_dec [L*d_out]` (see saelab.sae.clt). A cross-layer file of another
+architecture is refused by name.
 
 `load` checks the JSON's types, that every site is named and the widths add up to the config's, and
 every tensor's name and shape, before building anything; a bad file fails naming the file and what
@@ -48,7 +50,7 @@ from saelab.io.atomic import read_json, write_json, write_safetensors
 from saelab.io.formats.base import read_safetensors
 from saelab.io.saelens import write_sparsity
 from saelab.sae.base import SAE
-from saelab.sae.registry import get_class, make_config
+from saelab.sae.registry import get_class, list_architectures, make_config
 
 CONFIG_FILE = "dictionary.json"
 WEIGHTS_FILE = "dictionary.safetensors"
@@ -180,11 +182,13 @@ def _config_values(cfg: dict[str, Any], reads: list, writes: list, path: Path) -
         )
     read_sites, write_sites = [r["site"] for r in reads], [w["site"] for w in writes]
     found = kind(reads, writes)
-    if found == "cross_layer_transcoder":
+    cross_layer = get_class(cfg["architecture"]).needs_sites  # a CLT class (of one layer too)
+    if found == "cross_layer_transcoder" and not cross_layer:
+        clts = ", ".join(a for a in list_architectures() if get_class(a).needs_sites)
         raise _fail(
             path,
-            f"a cross-layer transcoder (reads {read_sites}, writes {write_sites}); this saelab has no "
-            "cross-layer transcoder class to load it into (a dictionary writes one site, or the sites it reads)",
+            f"a cross-layer transcoder (reads {read_sites}, writes {write_sites}) but '{cfg['architecture']}' is "
+            f"not a cross-layer architecture ({clts} are)",
         )
     for key, entries in (("reads", reads), ("writes", writes)):
         if len({e["width"] for e in entries}) > 1:
@@ -196,8 +200,8 @@ def _config_values(cfg: dict[str, Any], reads: list, writes: list, path: Path) -
         raise _fail(path, f"config.d_in is {have_in!r} but the widths in 'reads' add up to {d_in}")
     if have_out != d_out:
         raise _fail(path, f"config's output width is {have_out!r} but the widths in 'writes' add up to {d_out}")
-    site = read_sites[0] if len(read_sites) == 1 else read_sites
-    write_site = write_sites[0] if found == "transcoder" else None
+    site = read_sites[0] if len(read_sites) == 1 and not cross_layer else read_sites
+    write_site = write_sites if cross_layer else write_sites[0] if found == "transcoder" else None
     for key, want, listed in (("site", site, "reads"), ("write_site", write_site, "writes")):
         if values.get(key) != want:
             raise _fail(path, f"config.{key} is {values.get(key)!r} but '{listed}' says {want!r}")

@@ -56,17 +56,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_harvest)
 
     for name, func, help_ in [
-        ("fidelity", run_fidelity, "Splice an SAE into its model: CE loss recovered, KL, error-term check."),
+        ("fidelity", run_fidelity, "Splice a dictionary into its model: CE loss recovered, KL, top-1 agreement."),
         ("inspect", run_inspect, "Top-activating contexts, density and logit lens of an SAE's latents."),
     ]:
         p = subparsers.add_parser(name, help=help_)
-        p.add_argument("sae", help="SAE folder (SAELens layout, e.g. RUN/sae).")
+        p.add_argument("sae", help="SAE, transcoder or crosscoder folder (SAELens layout, e.g. RUN/sae).")
         _model_flags(p)
         p.add_argument("--rows", type=int, default=64, help="Text rows to evaluate on (default: 64).")
         p.add_argument(
             "--skip-docs", type=int, default=0, help="Start this many documents into the data (held-out text)."
         )
         p.add_argument("--out", required=True, help="Folder for results.json (and the reports).")
+        if name == "fidelity":
+            p.add_argument(
+                "--no-per-site",
+                action="store_true",
+                help="Crosscoders and CLTs: skip splicing each site alone (one set of forwards per site).",
+            )
         if name == "inspect":
             p.add_argument("--latents", help="Comma-separated latent ids (default: the most frequent ones).")
             p.add_argument("--n-latents", type=int, default=20, help="How many latents when --latents is not given.")
@@ -88,7 +94,9 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------- shared
-def _spec_from(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+def _spec_from(
+    args: argparse.Namespace, saved: dict[str, Any] | None = None, need_hookpoint: bool = True
+) -> dict[str, Any]:
     """Model/hookpoint/data from flags, falling back to the SAE's recorded training source."""
     spec: dict[str, Any] = {}
     if saved:
@@ -99,8 +107,10 @@ def _spec_from(args: argparse.Namespace, saved: dict[str, Any] | None = None) ->
                 if k
                 in (
                     "model",
+                    "models",
                     "gguf_file",
                     "hookpoint",
+                    "hookpoints",
                     "data",
                     "column",
                     "context_size",
@@ -125,59 +135,36 @@ def _spec_from(args: argparse.Namespace, saved: dict[str, Any] | None = None) ->
         value = getattr(args, flag, None)
         if value is not None:
             spec[key] = value
-    if "model" not in spec:
+    if getattr(args, "model", None) is not None:
+        spec.pop("models", None)  # --model replaces the recorded model(s)
+    if "model" not in spec and "models" not in spec:
         raise ConfigError("which model? pass --model (the SAE does not record a model source)")
-    if "hookpoint" not in spec:
+    if need_hookpoint and "hookpoint" not in spec:
         raise ConfigError("which hookpoint? pass --hookpoint (the SAE does not record one)")
     spec.setdefault("data", "pydoc")
     return spec
 
 
-def _sae_and_spec(args: argparse.Namespace):
-    from saelab.io.saelens import load, read_config
+def _sae_and_spec(args: argparse.Namespace, need_hookpoint: bool = True):
+    """The dictionary and its model source; `need_hookpoint=False` for dictionaries that name their sites."""
+    from saelab.evals.splice import model_source_spec
+    from saelab.io.formats import load, read_metadata
 
-    sae = load(args.sae)
-    saved = (read_config(args.sae).get("metadata") or {}).get("saelab_source") or {}
-    if saved.get("type") == "cache":
-        from saelab.activations.cache import read_manifest
-
-        manifest = read_manifest(saved["path"])
-        saved = {
-            "model": manifest["model"],
-            "hookpoint": saved.get("hookpoint") or next(iter(manifest["hookpoints"])),
-            "data": manifest.get("data"),
-            "context_size": manifest.get("context_size"),
-        }
-    elif saved.get("type") not in (None, "model"):
-        saved = {}
-    return sae, _spec_from(args, saved)
+    sae = load(args.sae)  # either saelab layout: SAELens v6, or saelab's for crosscoders and TopK transcoders
+    saved = model_source_spec(read_metadata(args.sae).get("saelab_source"))
+    return sae, _spec_from(args, saved, need_hookpoint and sae.cfg.read_sites is None)
 
 
 def _eval_stream(spec: dict[str, Any], n_rows: int, skip_docs: int, batch_rows: int = 8):
     """Model, tokenizer, hookpoint name, specials and a generator of up to `n_rows` rows of
     text (batches of `batch_rows`), `skip_docs` documents into the data."""
     from saelab.models.source import _load
-    from saelab.models.text import TokenRows, load_texts, special_ids
+    from saelab.models.text import eval_batches, special_ids
 
     model, tokenizer = _load(spec)
     hookpoint = spec["hookpoint"][0] if isinstance(spec["hookpoint"], list) else spec["hookpoint"]
-    ds = load_texts(spec["data"], spec.get("column", "text"))
-    if skip_docs:
-        if skip_docs >= len(ds):
-            raise ConfigError(f"--skip-docs {skip_docs} skips all {len(ds)} documents")
-        ds = ds.select(range(skip_docs, len(ds)))
-    rows = TokenRows(
-        ds, tokenizer, int(spec.get("context_size", 128)), spec.get("packing", True), spec.get("prepend_bos", True)
-    )
-
-    def batches():
-        n = 0
-        while n < n_rows and (b := rows.next_rows(min(batch_rows, n_rows - n))) is not None:
-            yield b
-            n += b[0].shape[0]
-
     specials = special_ids(tokenizer) if spec.get("exclude_special", True) else None
-    return model, tokenizer, hookpoint, specials, batches()
+    return model, tokenizer, hookpoint, specials, eval_batches(tokenizer, spec, n_rows, skip_docs, batch_rows)
 
 
 def _eval_rows(spec: dict[str, Any], n_rows: int, skip_docs: int):
@@ -233,16 +220,23 @@ def run_harvest(args: argparse.Namespace) -> int:
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
-    from saelab.evals.downstream import downstream_fidelity
+    """Any dictionary: an SAE at its hookpoint, a transcoder, crosscoder or CLT at the sites it names."""
+    from saelab.evals.splice import fidelity_from_spec
 
-    sae, spec = _sae_and_spec(args)
-    model, _, hookpoint, specials, batches = _eval_rows(spec, args.rows, args.skip_docs)
-    m = downstream_fidelity(sae, model, hookpoint, batches, specials, model_name=str(spec["model"]))
-    record = {"sae": str(args.sae), "model": spec["model"], **m.to_dict()}
+    sae, spec = _sae_and_spec(args, need_hookpoint=True)
+    record = {"sae": str(args.sae), **fidelity_from_spec(sae, spec, args.rows, args.skip_docs, not args.no_per_site)}
     write_json(Path(args.out) / "results.json", record)
-    for k, v in record.items():
-        print(f"  {k:32s} {v:.4g}" if isinstance(v, float) else f"  {k:32s} {v}")
+    _print_record(record)
     return 0
+
+
+def _print_record(record: dict[str, Any], indent: str = "  ") -> None:
+    for k, v in record.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            _print_record(v, indent + "  ")
+        else:
+            print(f"{indent}{k:32s} {v:.4g}" if isinstance(v, float) else f"{indent}{k:32s} {v}")
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -222,3 +222,25 @@ def keep_mask(ids: torch.Tensor, attention_mask: torch.Tensor, specials: torch.T
     if specials is not None and specials.numel():
         keep &= ~torch.isin(ids, specials.to(ids.device))
     return keep
+
+
+def eval_batches(tokenizer, spec: dict[str, Any], n_rows: int, skip_docs: int = 0, batch_rows: int = 8):
+    """Up to `n_rows` rows of (input_ids, attention_mask) from the text of a model-source `spec`
+    (its data, column, context_size, packing, prepend_bos), in batches of `batch_rows`, starting
+    `skip_docs` documents into the data (held-out text)."""
+    ds = load_texts(spec.get("data", "pydoc"), spec.get("column") or "text")
+    if skip_docs:
+        if skip_docs >= len(ds):
+            raise ConfigError(f"skipping {skip_docs} documents skips all {len(ds)} of the data")
+        ds = ds.select(range(skip_docs, len(ds)))
+    rows = TokenRows(
+        ds,
+        tokenizer,
+        int(spec.get("context_size") or 128),
+        spec.get("packing", True) if spec.get("packing") is not None else True,
+        spec.get("prepend_bos", True) if spec.get("prepend_bos") is not None else True,
+    )
+    n = 0
+    while n < n_rows and (b := rows.next_rows(min(batch_rows, n_rows - n))) is not None:
+        yield b
+        n += b[0].shape[0]

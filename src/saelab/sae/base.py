@@ -136,6 +136,7 @@ class StepContext:
     total_steps: int = 1  # steps the run will take (for schedules owned by an architecture)
     batch: Any = None  # the source's Batch (token ids, targets, true features) for variants that need it
     target: torch.Tensor | None = None  # what the decoder must reproduce, scaled (an SAE's: x itself)
+    input_factor: float | torch.Tensor = 1.0  # what the trainer multiplied the raw input by (x = raw * this)
 
     def target_for(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction goal of a step whose input is `x` (x itself unless a target was given)."""
@@ -225,6 +226,10 @@ class SAE(torch.nn.Module):
     # Declared by each class itself, never inherited: a subclass that changes the step opts in.
     transcodes: ClassVar[bool] = False
     crosscodes: ClassVar[bool] = False
+    # True when the architecture only exists over named sites of several layers (a cross-layer
+    # transcoder): it cannot train on one activation stream, so plans that train every architecture
+    # on a toy world (demo, toy bench) take `list_architectures(one_stream=True)`.
+    needs_sites: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

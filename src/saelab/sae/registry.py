@@ -55,8 +55,10 @@ def sweep_setting(architecture: str, multiplier: float, true_l0: float) -> dict[
     return {knob: float(cls.Config.model_fields[knob].default) / multiplier}
 
 
-def list_architectures() -> list[str]:
-    return sorted(_REGISTRY)
+def list_architectures(one_stream: bool = False) -> list[str]:
+    """Every registered architecture; with `one_stream`, only those that can train on a single
+    activation stream (all but those that need named sites of several layers, `SAE.needs_sites`)."""
+    return sorted(name for name, cls in _REGISTRY.items() if not (one_stream and cls.needs_sites))
 
 
 def capable_architectures(kind: str) -> list[str]:

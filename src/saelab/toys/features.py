@@ -82,6 +82,12 @@ class LinearWorld:
     def interference(self) -> dict[str, float]:
         return interference(self.directions)
 
+    def directions_for(self, sites: list[str] | None) -> torch.Tensor:
+        """The true directions [N, width] in the space a dictionary that writes `sites` writes (None:
+        the batch's own x). A one-site world has only `directions`; worlds with several sites
+        (saelab.toys.circuits) say what each feature writes where."""
+        return self.directions
+
     def parent_child_pairs(self) -> list[tuple[int, int]]:
         """(parent, child) index pairs of the hierarchy (empty for flat worlds)."""
         return [(p, c) for c, p in enumerate(self.parents) if p is not None]
@@ -112,6 +118,12 @@ class ToySource:
     @property
     def d_in(self) -> int:
         return self.world.d_in
+
+    @property
+    def site_widths(self) -> dict[str, int] | None:
+        """Each named site's width for worlds whose batches carry several (saelab.toys.circuits)."""
+        widths = getattr(self.world, "site_widths", None)
+        return None if widths is None else dict(widths)
 
     def __iter__(self) -> ToySource:
         return self

@@ -60,6 +60,7 @@ from saelab.progress import bar as progress_bar
 from saelab.sae.base import SAE, SAEConfig, StepContext, mse_per_token
 from saelab.train import checkpoint as ckpt
 from saelab.train.distributed import DataParallel
+from saelab.train.e2e import E2EConfig
 from saelab.train.sinks import MetricSinks
 from saelab.train.stats import LatentStats
 
@@ -95,6 +96,20 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, description="Seed for torch's global RNG during training.")
     progress: bool = Field(True, description="Show a progress bar.")
     device: str = Field("cpu", description="torch device ('cpu', 'cuda', ...).")
+    objective: E2EConfig | None = Field(
+        None,
+        description="What the dictionary is trained to do: None (or 'local'): reconstruct its activations; "
+        "'e2e' or a mapping {downstream: [...], kl_coefficient, downstream_coefficient}: end-to-end, "
+        "KL(p_clean || p_spliced) through the frozen model after the hookpoint (e2e+ds with `downstream`). "
+        "Needs a model source (saelab train) or saelab.train_e2e.",
+    )
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, v):
+        if v == "local":
+            return None
+        return {} if v == "e2e" else v
 
     @field_validator("device")
     @classmethod
@@ -349,8 +364,10 @@ class Member:
         out_dir: Path | None,
         dist: DataParallel,
         source_config: dict[str, Any] | None = None,
+        objective: Any = None,
     ):
         self.name = name
+        self.objective = objective  # None: the SAE's own train_forward; else objective(sae, x, ctx)
         self.source_config = source_config
         self.cfg = cfg
         self.sae = sae.to(cfg.device)
@@ -364,6 +381,7 @@ class Member:
         self.history: list[dict[str, Any]] = []
         self._loss_terms = self.sae.train_forward  # through DDP once `start` knows the starting weights
         self.rng: tuple | None = None  # this member's global-RNG states between its turns
+        self._input_factor: float | torch.Tensor = 1.0  # SiteView.factors(scales)[0], once scales are known
 
     def start(self, checkpoint: Path | None, init: DataInit | None, source: ActivationSource) -> None:
         """Resume from `checkpoint` (the source position too), or initialise from the data;
@@ -378,7 +396,12 @@ class Member:
                     self.sae.b_in.copy_(init.b_in)
                 self.sae.init_from_data(init.sample)
             self.scales = self.dist.sync_from_main(self.sae, dict(init.scales))  # every rank starts from rank 0's
-        self._loss_terms = self.dist.loss_fn(self.sae)
+        if self.objective is None:
+            self._loss_terms = self.dist.loss_fn(self.sae)
+        else:  # an objective beyond reconstruction (end-to-end): one rank only, checked by the Trainer
+            self._loss_terms = lambda x, ctx: self.objective(self.sae, x, ctx)
+        factor = SiteView.of(self.sae.cfg).factors(self.scales)[0]
+        self._input_factor = factor.to(self.cfg.device) if isinstance(factor, torch.Tensor) else factor
         log_path = self.out_dir / "metrics.jsonl" if self.out_dir and self.dist.is_main else None
         if log_path is not None:
             self.history = _read_log(log_path, up_to_step=self.step) if checkpoint is not None else []
@@ -423,6 +446,7 @@ class Member:
             total_steps=self.cfg.steps,
             batch=batch,
             target=x if target is None else target,
+            input_factor=self._input_factor,
         )
         out = self._loss_terms(x, ctx)
         loss = out.loss
@@ -541,6 +565,7 @@ SHARED = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "progress",
+        "objective",
     }
 )
 MEMBERS_FILE = "members.json"
@@ -570,10 +595,11 @@ class Trainer:
         train_config: TrainConfig | dict | None = None,
         out_dir: str | Path | None = None,
         source_config: dict[str, Any] | None = None,
+        objective: Any = None,
     ):
         cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
         single = isinstance(saes, SAE) or (isinstance(saes, Mapping) and "architecture" in saes)
-        self._setup(_members([saes] if single else saes, cfg), data, cfg, out_dir, single, source_config)
+        self._setup(_members([saes] if single else saes, cfg), data, cfg, out_dir, single, source_config, objective)
 
     @classmethod
     def of_members(
@@ -583,14 +609,24 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: str | Path | None,
         source_config: dict[str, Any] | None = None,
+        objective: Any = None,
     ) -> Trainer:
         """A run of members already named and configured (see `_members`)."""
         trainer = cls.__new__(cls)
-        trainer._setup(members, data, cfg, out_dir, False, source_config)
+        trainer._setup(members, data, cfg, out_dir, False, source_config, objective)
         return trainer
 
-    def _setup(self, members, data, cfg: TrainConfig, out_dir, single: bool, source_config=None) -> None:
+    def _setup(
+        self, members, data, cfg: TrainConfig, out_dir, single: bool, source_config=None, objective=None
+    ) -> None:
         self.cfg, self.single = cfg, single
+        if (cfg.objective is None) != (objective is None):
+            raise ConfigError(
+                "train.objective is 'e2e' but no model was given to run it: use saelab.train_e2e, or saelab train "
+                "with a model source"
+                if objective is None
+                else "an objective was passed but train.objective is not set; set train.objective (e.g. 'e2e')"
+            )
         if source_config is not None:
             try:
                 source_config = json.loads(json.dumps(source_config))
@@ -609,6 +645,8 @@ class Trainer:
             raise ConfigError(f"every SAE in one run reads and writes the same sites, but theirs differ ({names})")
         self.view = next(iter(views.values()))
         self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
+        if objective is not None and self.dist.active:
+            raise ConfigError("end-to-end training runs on one process; launch it without torchrun")
         self.source: ActivationSource = self.dist.shard(as_source(data, self.d_in))
         check_view_against_source(self.view, self.source)
         for name, sae, _ in members:
@@ -621,7 +659,7 @@ class Trainer:
         self.members: dict[str, Member] = {}
         for name, sae, member_cfg in members:
             folder = self.out_dir if self.single or self.out_dir is None else self.out_dir / name
-            self.members[name] = Member(name, sae, member_cfg, folder, self.dist, source_config)
+            self.members[name] = Member(name, sae, member_cfg, folder, self.dist, source_config, objective)
         self.step = 0
         self._saved_step: int | None = None  # the step of the newest checkpoint on disk, once known
         self._stop: int | None = None  # the signal that asked the loop to stop
@@ -956,7 +994,9 @@ def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: se
     """An exact resume needs the settings it was started with; say which ones changed."""
     saved = _flat(json.loads(json.dumps(saved)))  # tuples became lists in the JSON file
     now = _flat(json.loads(json.dumps(now)))
-    changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    # a setting added after the checkpoint was written, left unset now, changes nothing
+    added_unset = {k for k in set(now) - set(saved) if now[k] is None}
+    changed = sorted(k for k in set(saved) | set(now) if k not in ignore | added_unset and saved.get(k) != now.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(
@@ -1029,16 +1069,20 @@ def train(
     train_config: TrainConfig | dict | None = None,
     out_dir: str | Path | None = None,
     source_config: dict[str, Any] | None = None,
+    objective: Any = None,
 ) -> TrainResult:
     """Train (or, for a fitted baseline, fit) any registered architecture on any source or
     iterable of [B, d_in] tensors. The returned SAE takes raw activations (input scale folded in).
-    `source_config` describes the data for the resume check (see `Trainer`)."""
+    `source_config` describes the data for the resume check (see `Trainer`); `objective` replaces
+    the SAE's own loss (an end-to-end objective, see `saelab.train.e2e`)."""
     from saelab.sae.registry import create
 
     sae = sae_or_config if isinstance(sae_or_config, SAE) else create(sae_or_config)
     if sae.fitted:
+        if objective is not None:
+            raise ConfigError(f"'{sae.architecture}' is fitted in closed form; it cannot train end to end")
         return fit_dictionary(sae, data, train_config)
-    return Trainer(sae, data, train_config, out_dir, source_config).fit()
+    return Trainer(sae, data, train_config, out_dir, source_config, objective).fit()
 
 
 def train_many(
@@ -1047,14 +1091,17 @@ def train_many(
     train_config: TrainConfig | dict | None = None,
     out_dir: str | Path | None = None,
     source_config: dict[str, Any] | None = None,
+    objective: Any = None,
 ) -> dict[str, TrainResult]:
     """Train several SAEs from one pass over `data` (see `Trainer` for `saes`); each result is what
     `saelab.train` would return for that SAE alone. Fitted baselines among them are fitted on the
     first batches, the rest trained together. Resumes from `out_dir`."""
     cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
     members = _members(saes, cfg)
+    if objective is not None and any(sae.fitted for _, sae, _ in members):
+        raise ConfigError("fitted baselines (PCA, ICA, ...) cannot train end to end; drop them from the sweep")
     results = {name: fit_dictionary(sae, data, mcfg) for name, sae, mcfg in members if sae.fitted}
     trained = [m for m in members if not m[1].fitted]
     if trained:
-        results.update(Trainer.of_members(trained, data, cfg, out_dir, source_config).fit())
+        results.update(Trainer.of_members(trained, data, cfg, out_dir, source_config, objective).fit())
     return {name: results[name] for name, _, _ in members}
