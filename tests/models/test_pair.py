@@ -55,17 +55,23 @@ def test_the_fine_tune_has_the_planted_behaviour_and_the_base_does_not(tmp_path)
 
 
 @pytest.mark.slow
-def test_crosscoder_diff_of_the_pair(tmp_path):
-    """A BatchTopK crosscoder on both models' `model.layers.1`, diffed on held-out text.
+def test_crosscoder_diff_of_the_pair_finds_the_planted_latents(tmp_path):
+    """L1 and BatchTopK crosscoders on both models' `model.layers.1`, diffed on held-out text
+    (planted positions: each trigger to the end of its document, ~26% of tokens).
 
-    What holds (seed 0): dedicated latents fire on the planted positions (the trigger to the end of
-    its document, ~26% of tokens): asserted, one with precision >= 0.9 at recall >= 0.1 (1500-step
-    runs measured precision 1.0 at recall 0.19-0.29; chance precision is 0.26). What does NOT hold yet: none of them is fine-tune-only. Their r is 0.4-0.75:
-    the crosscoder writes each (token, after-trigger) pair with one latent that has a base part
-    (the base model's activation there), instead of shared token latents plus a fine-tune-only
-    "trigger seen" latent; the same with zero-initialised new tokens, a fixed reply right after
-    the trigger, an attention-output site, layer 0, or d_sae 64-256 and k 4-8. An L1 crosscoder (lambda 3)
-    does label many latents fine-tune-only, but Latent Scaling flags most of them (nu_r up to 1.2).
+    L1 (lambda 3, the recipe of Minder et al.: L1, then Latent Scaling to drop artefacts) finds
+    the planted behaviour among its fine-tune-only latents: latents with r > 0.99 whose firings
+    are 85-100% on planted positions (chance: 26%) and whose nu_r, nu_eps are below 0.2, so
+    Latent Scaling says they are no artefact. Measured at 800 steps, seed 0: latents with
+    precision 1.0, 1.0, 0.89, 0.85; seed 1: 1.0, 0.98 (each fires on ~5% of planted positions).
+    Asserted: at least one with precision >= 0.8 and both nu below 0.2. L1 also makes artefacts:
+    a fine-tune-only latent at precision 0.85 with nu_r 1.6 (Latent Decoupling, flagged).
+
+    BatchTopK (k 8) does NOT put the planted behaviour in fine-tune-only latents: it has latents
+    dedicated to planted positions (asserted: precision >= 0.9 at recall >= 0.1), but their r is
+    0.4-0.75: it writes each (token, after-trigger) pair with one latent that keeps a base part,
+    the same with a fixed reply right after the trigger, an attention-output site, layer 0, or
+    d_sae 64-256 and k 4-8.
     """
     import saelab
     from saelab.activations.base import Batch
@@ -78,24 +84,39 @@ def test_crosscoder_diff_of_the_pair(tmp_path):
     hp = "model.layers.1"
     sites = [f"base/{hp}", f"ft/{hp}"]
     models = {"base": pair.base, "ft": pair.ft}
-    source = ModelSource(
-        models, pair.tokenizer, pair.texts(400, 0.3, seed=1), hookpoint=hp, batch_size=256, buffer_tokens=4096,
-        repeat=True, context_size=32,
-    )  # fmt: skip
-    cfg = {"architecture": "batchtopk", "d_in": 128, "d_sae": 256, "k": 8, "site": sites}
-    sae = saelab.train(cfg, source, {"steps": 800, "progress": False, "lr": 3e-3}).sae
     ids, mask = pair.encode(pair.texts(200, 0.3, seed=99))
     keep = keep_mask(ids, mask, special_ids(pair.tokenizer))
     planted = pair.planted_mask(ids)[keep]
+    assert 0.1 < planted.float().mean() < 0.4
     acts = Harvester(models, pair.tokenizer, ["x"], hp).harvest_rows(ids, mask)
     batch = Batch(x=acts[sites[0]], tokens=acts["tokens"], sites={s: acts[s] for s in sites})
-    diff = diff_crosscoder(sae, [batch])
-    assert sum(diff.counts.values()) + diff.dead == 256
-    with torch.no_grad():
-        fires = sae.encode(batch.view(sites).x) > 0
-    precision = (fires & planted[:, None]).sum(0) / fires.sum(0).clamp_min(1)
-    recall = (fires & planted[:, None]).sum(0) / planted.sum()
-    assert 0.1 < planted.float().mean() < 0.4
-    assert bool(((precision >= 0.9) & (recall >= 0.1)).any())  # a latent of the planted positions exists
-    paths = write_report(diff, tmp_path / "diff", title="tiny pair")
-    assert all(p.stat().st_size > 0 for p in paths.values())
+    knobs = {"relu": {"l1_coefficient": 3.0}, "batchtopk": {"k": 8}}
+    for arch, knob in knobs.items():
+        source = ModelSource(
+            models, pair.tokenizer, pair.texts(400, 0.3, seed=1), hookpoint=hp, batch_size=256, buffer_tokens=4096,
+            repeat=True, context_size=32,
+        )  # fmt: skip
+        cfg = {"architecture": arch, "d_in": 128, "d_sae": 256, "site": sites, **knob}
+        sae = saelab.train(cfg, source, {"steps": 800, "progress": False, "lr": 3e-3}).sae
+        diff = diff_crosscoder(sae, [batch])
+        assert sum(diff.counts.values()) + diff.dead == 256
+        with torch.no_grad():
+            fires = sae.encode(batch.view(sites).x) > 0
+        precision = (fires & planted[:, None]).sum(0) / fires.sum(0).clamp_min(1)
+        recall = (fires & planted[:, None]).sum(0) / planted.sum()
+        if arch == "relu":
+            found = [
+                row
+                for row in diff.exclusive()
+                if row["category"] == "ft_only"
+                and precision[row["latent"]] >= 0.8
+                and row["nu_r"] < 0.2
+                and row["nu_eps"] < 0.2
+            ]
+            assert found, [
+                (r["latent"], float(precision[r["latent"]]), r["nu_r"], r["nu_eps"]) for r in diff.exclusive()
+            ]
+        else:
+            assert bool(((precision >= 0.9) & (recall >= 0.1)).any())  # dedicated, yet not ft-only
+        paths = write_report(diff, tmp_path / arch, title=f"tiny pair, {arch}")
+        assert all(p.stat().st_size > 0 for p in paths.values())
