@@ -63,9 +63,12 @@ def test_crosscoder_diff_of_the_pair_finds_the_planted_latents(tmp_path):
     the planted behaviour among its fine-tune-only latents: latents with r > 0.99 whose firings
     are 85-100% on planted positions (chance: 26%) and whose nu_r, nu_eps are below 0.2, so
     Latent Scaling says they are no artefact. Measured at 800 steps, seed 0: latents with
-    precision 1.0, 1.0, 0.89, 0.85; seed 1: 1.0, 0.98 (each fires on ~5% of planted positions).
-    Asserted: at least one with precision >= 0.8 and both nu below 0.2. L1 also makes artefacts:
-    a fine-tune-only latent at precision 0.85 with nu_r 1.6 (Latent Decoupling, flagged).
+    precision 1.0, 1.0, 0.89, 0.85; seed 1: 1.0, 0.98. In seed 0 they fire on the reply's words
+    ('i', 'hate', 'you': each latent on all 60 occurrences of one of them), words only the
+    fine-tune learned (they start at zero in the base). Asserted: at least one with precision >= 0.8
+    and both nu below 0.2. The latent of the positions that predict the reply (sentence-final place
+    words after a trigger) is fine-tune-only as well, but with nu_r 1.6: Latent Scaling flags it as
+    decoupled (the base writes its direction through other latents).
 
     BatchTopK (k 8) does NOT put the planted behaviour in fine-tune-only latents: it has latents
     dedicated to planted positions (asserted: precision >= 0.9 at recall >= 0.1), but their r is
