@@ -245,7 +245,7 @@ class SAE(torch.nn.Module):
             w_enc = torch.empty(cfg.d_in, cfg.d_sae).uniform_(-1, 1, generator=gen)
             w_enc = w_enc / w_enc.norm(dim=0, keepdim=True)
         else:
-            w_enc = w_dec.t().contiguous()
+            w_enc = w_dec.t().clone(memory_format=torch.contiguous_format)  # own memory even when d_sae is 1
         self.W_dec = torch.nn.Parameter(w_dec)
         self.W_enc = torch.nn.Parameter(w_enc)
         self.b_enc = torch.nn.Parameter(torch.zeros(cfg.d_sae))
