@@ -17,6 +17,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
 from saelab.sae.sparse import SparseActs, sparse_selection
+from saelab.sae.target_l0 import TargetL0
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,11 @@ class JumpReLUConfig(SAEConfig):
         description="Width eps of the rectangle kernel in the threshold's pseudo-derivative "
         "(paper: 1e-3 with long training; wider learns thresholds in fewer steps).",
     )
+    target_l0: PositiveFloat | None = Field(
+        None,
+        description="Train to this L0: l0_coefficient is then only the starting value, adapted every "
+        "step after the sparsity warm-up (logged as l0_coefficient).",
+    )
     init_threshold: PositiveFloat = Field(
         1.0,
         description="Initial threshold for every latent (inputs are scaled to E||x|| = sqrt(d_in), "
@@ -83,17 +89,37 @@ class JumpReLUConfig(SAEConfig):
 
 
 @register
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(TargetL0, SAE):
     architecture = "jumprelu"
     Config = JumpReLUConfig
     sweep_parameter = "l0_coefficient"
     sweep_kind = "coefficient"
     transcodes = True
     crosscodes = True
+    resamples_dead = True
+    coefficient_field = "l0_coefficient"
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+        self.init_target_l0()
+
+    def latent_parameters(self) -> list[tuple[torch.nn.Parameter, int]]:
+        return super().latent_parameters() + [(self.log_threshold, 0)]
+
+    @torch.no_grad()
+    def coefficient_changed(self, factor: float) -> None:
+        """Thresholds follow the L0 coefficient at once, by its square root: firing a latent whose
+        decoder row has norm n with value z lowers the summed squared error by about (z n)^2 and
+        costs lambda, so its break-even threshold is sqrt(lambda) / n. Left to Adam, log-thresholds
+        move by at most about lr per step, and a controller on lambda alone winds up while they lag."""
+        self.log_threshold.add_(0.5 * math.log(factor))
+
+    @torch.no_grad()
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+        """A resampled latent fires on its row and rows like it: its threshold is half its
+        pre-activation there."""
+        self.log_threshold[latents] = (0.5 * preact_on_row).clamp_min(1e-6).log()
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -120,10 +146,11 @@ class JumpReLUSAE(SAE):
             x_hat = self.decode(f)
             acts = f
         l0 = step(z, threshold, self.cfg.bandwidth).sum() / x.shape[0]
+        coefficient = self.sparsity_coefficient(ctx, l0)
         return TrainOutput(
             x_hat,
             acts,
-            {"mse": mse_per_token(x_hat, ctx.target_for(x)), "l0": self.cfg.l0_coefficient * ctx.sparsity_scale * l0},
+            {"mse": mse_per_token(x_hat, ctx.target_for(x)), "l0": coefficient * l0},
         )
 
     def saved_state(self) -> dict[str, torch.Tensor]:
