@@ -23,6 +23,11 @@ class TopKConfig(SAEConfig):
     k: PositiveInt = Field(8, description="Active latents per token.")
     k_aux: PositiveInt | None = Field(None, description="Dead latents used by AuxK (default d_in // 2, at most 512).")
     aux_coefficient: NonNegativeFloat = Field(1 / 32, description="alpha on the AuxK loss.")
+    resample_dead: bool = Field(
+        False,
+        description="Also resample dead latents towards badly reconstructed rows (as the threshold "
+        "families do; see TrainConfig.revive_every_tokens), on top of AuxK.",
+    )
 
     @model_validator(mode="after")
     def _k_fits(self):
@@ -33,6 +38,21 @@ class TopKConfig(SAEConfig):
     @property
     def effective_k_aux(self) -> int:
         return self.k_aux if self.k_aux is not None else max(1, min(512, self.d_in // 2))
+
+
+class ResampleOption:
+    """Mixin: the TopK family resamples dead latents only when its config asks (`resample_dead`),
+    and only a class that declares `resamples_dead` itself can (an archetypal dictionary, whose
+    rows are tied to the data's hull, cannot)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.resample_dead and not vars(type(self)).get("resamples_dead", False):
+            raise ConfigError(f"architecture '{self.architecture}' cannot resample dead latents; drop resample_dead")
+
+    @property
+    def revives_by_resampling(self) -> bool:
+        return self.cfg.resample_dead
 
 
 def scatter_topk(values: torch.Tensor, k: int, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,13 +124,14 @@ def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, 
 
 
 @register
-class TopKSAE(SAE):
+class TopKSAE(ResampleOption, SAE):
     architecture = "topk"
     Config = TopKConfig
     sweep_parameter = "k"
     sweep_kind = "count"
     transcodes = True
     crosscodes = True
+    resamples_dead = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         scores = selection_scores(self, pre) if scores_by_contribution(self) else None
@@ -136,13 +157,14 @@ class BatchTopKConfig(TopKConfig):
 
 
 @register
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(ResampleOption, SAE):
     architecture = "batchtopk"
     Config = BatchTopKConfig
     sweep_parameter = "k"
     sweep_kind = "count"
     transcodes = True
     crosscodes = True
+    resamples_dead = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
