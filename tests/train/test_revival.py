@@ -185,3 +185,12 @@ def test_resume_is_exact_with_revivals_and_the_controller(tmp_path):
     keys = ("step", "revived", "revived_total", "l0_coefficient", "dead_fraction")
     assert [[r[k] for k in keys] for r in logs[0]] == [[r[k] for k in keys] for r in logs[1]]
     assert logs[0][-1]["revived_total"] > 0
+
+
+def test_jumprelu_thresholds_start_at_their_break_even_point():
+    sae = saelab.create(small_config("jumprelu", d_in=16, d_sae=32, l0_coefficient=4.0))
+    assert torch.allclose(sae.threshold, torch.full((32,), 2.0))
+    default = saelab.create(small_config("jumprelu", d_in=16, d_sae=32))
+    assert torch.equal(default.log_threshold, torch.zeros(32))  # sqrt(1) = 1, as before
+    fixed = saelab.create(small_config("jumprelu", d_in=16, d_sae=32, l0_coefficient=4.0, init_threshold=0.5))
+    assert torch.allclose(fixed.threshold, torch.full((32,), 0.5))

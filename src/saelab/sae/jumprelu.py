@@ -81,11 +81,19 @@ class JumpReLUConfig(SAEConfig):
         description="Train to this L0: l0_coefficient is then only the starting value, adapted every "
         "step after the sparsity warm-up (logged as l0_coefficient).",
     )
-    init_threshold: PositiveFloat = Field(
-        1.0,
-        description="Initial threshold for every latent (inputs are scaled to E||x|| = sqrt(d_in), "
-        "so pre-activations of random directions are about unit size).",
+    init_threshold: PositiveFloat | None = Field(
+        None,
+        description="Initial threshold for every latent (None: sqrt(l0_coefficient), the break-even "
+        "point where firing a unit-decoder latent saves as much squared error as its L0 costs; 1.0 "
+        "without an L0 coefficient). Inputs are scaled to E||x|| = sqrt(d_in), so pre-activations "
+        "are about unit size.",
     )
+
+    @property
+    def resolved_init_threshold(self) -> float:
+        if self.init_threshold is not None:
+            return self.init_threshold
+        return math.sqrt(self.l0_coefficient) if self.l0_coefficient > 0 else 1.0
 
 
 @register
@@ -101,7 +109,7 @@ class JumpReLUSAE(TargetL0, SAE):
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+        self.log_threshold = torch.nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.resolved_init_threshold)))
         self.init_target_l0()
 
     def latent_parameters(self) -> list[tuple[torch.nn.Parameter, int]]:

@@ -5,8 +5,9 @@ the sparsity warm-up, every step multiplies it by `(L0 / target_l0) ** TARGET_L0
 the batch's mean number of active latents. That is integral control on log(coefficient): while
 L0 is above the target the penalty keeps growing, below it keeps shrinking, and it stops moving
 once L0 sits at the target. The gain is small because L0 follows the coefficient with a lag (the
-encoder and thresholds move at Adam's pace); with gain 0.02 an L0 twice the target doubles the
-coefficient in about 50 steps. The multiplier is a buffer (`coefficient_scale`), checkpointed
+encoder and biases move at Adam's pace); with gain 0.05 an L0 twice the target doubles the
+coefficient in about 20 steps (JumpReLU's thresholds follow the coefficient at once, see
+`JumpReLUSAE.coefficient_changed`). The multiplier is a buffer (`target_l0_scale`), checkpointed
 with the weights so a resumed run continues exactly, logged as the effective coefficient, and
 left out of saved files (inference does not use it).
 """
@@ -20,7 +21,7 @@ import torch
 from saelab.errors import ConfigError
 from saelab.sae.base import StepContext
 
-TARGET_L0_GAIN = 0.02
+TARGET_L0_GAIN = 0.05
 _SCALE_RANGE = (1e-6, 1e6)
 
 
@@ -38,10 +39,10 @@ class TargetL0:
                     f"architecture '{self.architecture}' cannot train to a target_l0 (its loss does not use "
                     f"{self.coefficient_field}); drop target_l0"
                 )
-            self.register_buffer("coefficient_scale", torch.tensor(1.0, dtype=torch.float64))
+            self.register_buffer("target_l0_scale", torch.tensor(1.0, dtype=torch.float64))
 
     def effective_coefficient(self) -> float:
-        scale = float(self.coefficient_scale) if self.cfg.target_l0 is not None else 1.0
+        scale = float(self.target_l0_scale) if self.cfg.target_l0 is not None else 1.0
         return getattr(self.cfg, self.coefficient_field) * scale
 
     @torch.no_grad()
@@ -50,9 +51,9 @@ class TargetL0:
         multiplier by this batch's L0 (once the warm-up is over, so it does not fight it)."""
         if self.cfg.target_l0 is not None and ctx.sparsity_scale >= 1.0 and self.training:
             ratio = max(float(l0), 1e-3) / self.cfg.target_l0
-            old = float(self.coefficient_scale)
+            old = float(self.target_l0_scale)
             new = min(max(old * math.exp(TARGET_L0_GAIN * math.log(ratio)), _SCALE_RANGE[0]), _SCALE_RANGE[1])
-            self.coefficient_scale.fill_(new)
+            self.target_l0_scale.fill_(new)
             self.coefficient_changed(new / old)
         return self.effective_coefficient() * ctx.sparsity_scale
 
@@ -68,10 +69,10 @@ class TargetL0:
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         state = super().saved_state()
-        state.pop("coefficient_scale", None)
+        state.pop("target_l0_scale", None)
         return state
 
     def load_saved_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self.cfg.target_l0 is not None and "coefficient_scale" not in tensors:
-            tensors = {**tensors, "coefficient_scale": torch.tensor(1.0, dtype=torch.float64)}
+        if self.cfg.target_l0 is not None and "target_l0_scale" not in tensors:
+            tensors = {**tensors, "target_l0_scale": torch.tensor(1.0, dtype=torch.float64)}
         super().load_saved_state(tensors)
