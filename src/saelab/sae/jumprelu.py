@@ -125,9 +125,15 @@ class JumpReLUSAE(TargetL0, SAE):
 
     @torch.no_grad()
     def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
-        """A resampled latent fires on its row and rows like it: its threshold is half its
-        pre-activation there."""
-        self.log_threshold[latents] = (0.5 * preact_on_row).clamp_min(1e-6).log()
+        """A resampled latent takes the median alive threshold, and its encoder column is rescaled
+        so its pre-activation on its own row is 1.5 times that: it fires there and on rows within
+        about 48 degrees of it, not on everything (a low threshold would make it dense, and with
+        `target_l0` the L0 jump would drive the coefficient up and every threshold with it)."""
+        alive = torch.ones_like(self.log_threshold, dtype=torch.bool)
+        alive[latents] = False
+        theta = self.threshold[alive].median() if alive.any() else self.threshold.new_tensor(1.0)
+        self.W_enc[:, latents] *= (1.5 * theta / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
+        self.log_threshold[latents] = theta.log()
 
     @property
     def threshold(self) -> torch.Tensor:

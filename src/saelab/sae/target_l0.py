@@ -50,7 +50,9 @@ class TargetL0:
         """The coefficient times the warm-up factor for this step; with a target, first move the
         multiplier by this batch's L0 (once the warm-up is over, so it does not fight it)."""
         if self.cfg.target_l0 is not None and ctx.sparsity_scale >= 1.0 and self.training:
-            ratio = max(float(l0), 1e-3) / self.cfg.target_l0
+            # one batch moves the coefficient by at most 2^gain (3.5%): an L0 spike (a revival)
+            # must not wind it up
+            ratio = min(max(max(float(l0), 1e-3) / self.cfg.target_l0, 0.5), 2.0)
             old = float(self.target_l0_scale)
             new = min(max(old * math.exp(TARGET_L0_GAIN * math.log(ratio)), _SCALE_RANGE[0]), _SCALE_RANGE[1])
             self.target_l0_scale.fill_(new)
