@@ -116,7 +116,9 @@ def test_auxk_revives_latents_that_are_merely_dead():
     # for those). A block made dead by a bias just below the live latents' top-k (it rarely
     # makes the cut, so it dies, but its pre-activations stay positive) comes back with AuxK.
     trainer = Trainer(
-        saelab.create(small_config("topk", d_in=16, d_sae=32, k=3, aux_coefficient=0.25)), source(), TRAIN
+        saelab.create(small_config("topk", d_in=16, d_sae=32, k=3, aux_coefficient=0.25, resample_dead=False)),
+        source(),
+        TRAIN,
     )
     trainer.start(resume=False)
     member = next(iter(trainer.members.values()))

@@ -24,9 +24,10 @@ class TopKConfig(SAEConfig):
     k_aux: PositiveInt | None = Field(None, description="Dead latents used by AuxK (default d_in // 2, at most 512).")
     aux_coefficient: NonNegativeFloat = Field(1 / 32, description="alpha on the AuxK loss.")
     resample_dead: bool = Field(
-        False,
+        True,
         description="Also resample dead latents towards badly reconstructed rows (as the threshold "
-        "families do; see TrainConfig.revive_every_tokens), on top of AuxK.",
+        "families do; see TrainConfig.revive_every_tokens), on top of AuxK, which alone does not "
+        "bring them back on toy worlds (benchmarks/revival.py).",
     )
 
     @model_validator(mode="after")
@@ -170,6 +171,14 @@ class BatchTopKSAE(ResampleOption, SAE):
         super().__init__(cfg)
         # Global inference threshold; negative means "not yet estimated" (inference is then plain ReLU).
         self.register_buffer("threshold", torch.tensor(-1.0))
+
+    @torch.no_grad()
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+        """With a threshold estimated, a resampled latent's pre-activation on its own row is set to
+        1.5 times it, so it clears the batch's top-B*k cut there (the obstacle AuxK's small
+        reconstructions of the residual rarely get over)."""
+        if self.threshold > 0 and not scores_by_contribution(self):
+            self.W_enc[:, latents] *= (1.5 * self.threshold / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
 
     def select(self, pre: torch.Tensor) -> Selection:
         """The top B*k pre-activations of the batch (by `selection_scores`)."""

@@ -484,7 +484,9 @@ class Member:
         if dead.numel() == 0:
             return 0
         idx = dead.to(x.device)
-        self.sae.resample(idx, x, target, x_hat.detach())
+        # rows drawn from the combined batch (every rank's, in rank order), as one process would
+        x, target, x_hat = (self.dist.all_rows(t.detach().contiguous()) for t in (x, target, x_hat))
+        self.sae.resample(idx, x, target, x_hat)
         self.dist.sync_from_main(self.sae, None)  # every rank keeps rank 0's resampled weights
         for param, axis in self.sae.latent_parameters():
             for value in self.optimizer.state.get(param, {}).values():
