@@ -196,3 +196,15 @@ def test_jumprelu_thresholds_start_at_their_break_even_point():
     assert torch.equal(default.log_threshold, torch.zeros(32))  # sqrt(1) = 1, as before
     fixed = saelab.create(small_config("jumprelu", d_in=16, d_sae=32, l0_coefficient=4.0, init_threshold=0.5))
     assert torch.allclose(fixed.threshold, torch.full((32,), 0.5))
+
+
+def test_a_checkpoint_from_before_the_new_settings_is_refused_clearly(tmp_path):
+    from saelab.train import checkpoint as ckpt
+    from saelab.train.trainer import _check_same_config
+
+    cfg = small_config("topk", d_in=16, d_sae=32, k=3)
+    Trainer(saelab.create(cfg), source(), {**TRAIN, "steps": 5}, tmp_path).fit()
+    state = ckpt.read_state(ckpt.latest(tmp_path))
+    old = {k: v for k, v in state["train_config"].items() if k != "dead_below_relative"}
+    with pytest.raises(ConfigError, match="older saelab.*dead_below_relative"):
+        _check_same_config("training", old, state["train_config"], tmp_path)

@@ -1025,6 +1025,13 @@ def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: se
     saved = _flat(json.loads(json.dumps(saved)))  # tuples became lists in the JSON file
     now = _flat(json.loads(json.dumps(now)))
     changed = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    newer = [k for k in changed if k not in saved]
+    if changed and len(newer) == len(changed):
+        raise ConfigError(
+            f"checkpoint {path} was written by an older saelab, before the {kind} setting(s) "
+            f"{', '.join(newer)} existed; it cannot resume exactly under them: finish it with the saelab "
+            "that started it, or use a new --out folder"
+        )
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(
