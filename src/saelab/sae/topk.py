@@ -4,7 +4,10 @@ TopK keeps the k largest pre-activations per token, so L0 = k with no sparsity p
 keeps the top B*k over the whole batch during training (L0 = k on average) and, at inference,
 a single global threshold estimated during training, which makes it a JumpReLU with a shared
 threshold; it is saved as one. Both use AuxK: the top k_aux *dead* latents reconstruct the
-residual x - x_hat, so dead latents get a gradient.
+residual x - x_hat, so dead latents get a gradient. On top of it they resample dead latents
+(`resample_dead`, see `SAE.resample`): AuxK's gradient reaches only dead latents with positive
+pre-activations, and the small values it trains rarely clear BatchTopK's batch-wide cut, so on
+toy worlds it alone leaves a third of the latents dead (benchmarks/revival.py).
 """
 
 from __future__ import annotations
