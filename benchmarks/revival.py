@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sae", default="{}", help="JSON overrides for every SAE config")
     p.add_argument("--train", default="{}", help="JSON overrides for the training config")
-    p.add_argument("--resample", action="store_true", help="also resample dead latents of TopK-style SAEs")
+    p.add_argument("--no-resample", action="store_true", help="TopK-style SAEs revive by AuxK alone")
     args = p.parse_args()
     world = zipf_world(seed=args.seed)
     held = ToySource(world, batch_size=1024, seed=10_000 + args.seed)
@@ -45,7 +45,7 @@ def main() -> None:
         cfg = {"architecture": arch, "d_in": 96, "d_sae": 512, "seed": args.seed, **json.loads(args.sae)}
         if arch in ("topk", "batchtopk", "matryoshka"):
             cfg.setdefault("k", 5)
-            cfg.setdefault("resample_dead", args.resample)
+            cfg.setdefault("resample_dead", not args.no_resample)
         t0 = time.perf_counter()
         tcfg = {"steps": args.steps, "progress": False, "seed": args.seed, "log_every": 100, **json.loads(args.train)}
         res = train(cfg, ToySource(world, batch_size=1024, seed=args.seed), tcfg)
