@@ -25,6 +25,7 @@ from saelab.sae.topk import TopKConfig, TopKSAE, auxk_loss
 
 class ArchetypalConfig(TopKConfig):
     architecture: str = "archetypal"
+    resample_dead: Literal[False] = Field(False, description="Not available here (no resampling).")
     n_candidates: PositiveInt | None = Field(None, description="k-means candidate points (default 2 * d_sae).")
     relaxation: NonNegativeFloat = Field(
         0.0, description="delta: max norm of each atom's offset from the hull (0: A-SAE)."

@@ -230,6 +230,9 @@ class SAE(torch.nn.Module):
     # transcoder): it cannot train on one activation stream, so plans that train every architecture
     # on a toy world (demo, toy bench) take `list_architectures(one_stream=True)`.
     needs_sites: ClassVar[bool] = False
+    # Whether the trainer revives this architecture's dead latents by `resample` (the threshold
+    # families: ReLU, Gated, JumpReLU). The TopK family revives through AuxK in its loss instead.
+    resamples_dead: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -404,6 +407,63 @@ class SAE(torch.nn.Module):
         f = self.encode(x)
         x_hat = self.decode(f)
         return TrainOutput(x_hat, f, {"mse": mse_per_token(x_hat, ctx.target_for(x))})
+
+    @property
+    def revives_by_resampling(self) -> bool:
+        """`resamples_dead` as the class itself declares it (never inherited: a subclass that ties or
+        constrains weights, like a tied-encoder ReLU, would be broken by a resample)."""
+        return bool(vars(type(self)).get("resamples_dead", False))
+
+    def training_metrics(self) -> dict[str, float]:
+        """Scalars the architecture adds to each metrics record (e.g. an adapted coefficient)."""
+        return {}
+
+    def latent_parameters(self) -> list[tuple[torch.nn.Parameter, int]]:
+        """(parameter, axis) for every parameter with one slice per latent: what a revived latent
+        owns (the trainer resets its Adam moments there)."""
+        out = [(self.W_enc, 1), (self.W_dec, 0)]
+        bias = self.encoder_bias()
+        return out + ([(bias, 0)] if isinstance(bias, torch.nn.Parameter) else [])
+
+    # Encoder norm of a resampled latent, relative to the mean alive latent's (Bricken et al. 2023).
+    RESAMPLE_ENCODER_SCALE: ClassVar[float] = 0.2
+
+    @torch.no_grad()
+    def resample(self, latents: torch.Tensor, x: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Re-initialise `latents` (indices) towards badly reconstructed rows (Bricken et al. 2023).
+
+        Rows of the batch are drawn with probability proportional to their squared loss squared;
+        each latent's decoder row becomes its row's residual `target - x_hat` (the output space,
+        so a transcoder's d_out is respected), at unit norm (or the mean alive row norm with free
+        rows), and its encoder column the row's encoder input `x - input_b_dec` (the input space),
+        at `RESAMPLE_ENCODER_SCALE` times the mean alive encoder norm, with a zero bias, so it
+        starts small and must earn its place. `after_resample` sets what else a latent owns.
+        Uses torch's global RNG (seeded and checkpointed by the trainer).
+        """
+        n = latents.numel()
+        resid = target - x_hat
+        weight = resid.pow(2).sum(-1).pow(2).double()
+        if not torch.isfinite(weight).all() or float(weight.sum()) <= 0:
+            weight = torch.ones_like(weight)
+        rows = torch.multinomial(weight.cpu(), n, replacement=n > weight.numel()).to(x.device)
+        alive = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        alive[latents] = False
+        r = resid[rows]
+        r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.cfg.decoder_norm != "unit" and alive.any():
+            r = r * self.W_dec[alive].norm(dim=1).mean()
+        u = x[rows] - (self.input_b_dec if self.input_b_dec is not None else 0)
+        u_norm = u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else self.W_enc.new_tensor(1.0)
+        scale = self.RESAMPLE_ENCODER_SCALE * enc_norm
+        self.W_dec[latents] = r.to(self.W_dec.dtype)
+        self.W_enc[:, latents] = (u / u_norm * scale).t().to(self.W_enc.dtype)
+        self.encoder_bias()[latents] = 0.0
+        self.after_resample(latents, (scale * u_norm.squeeze(1)).to(self.W_enc.dtype))
+
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+        """Set a resampled latent's own parameters (thresholds, gates); `preact_on_row` is its new
+        pre-activation on the row it was drawn towards. Default: nothing."""
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, NonNegativeFloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.registry import register
 from saelab.sae.sparse import SparseActs, gather_weights, sparse_decode, sparse_selection
+from saelab.sae.target_l0 import TargetL0
 
 
 class GatedConfig(SAEConfig):
@@ -24,14 +25,21 @@ class GatedConfig(SAEConfig):
     # r_mag grows to compensate (seen on toy worlds as L0 in the hundreds).
     decoder_norm: Literal["unit", "penalty"] = Field("unit", description="See SAEConfig.decoder_norm.")
     l1_coefficient: NonNegativeFloat = Field(5.0, description="lambda on the L1 of ReLU(pi_gate).")
+    target_l0: PositiveFloat | None = Field(
+        None,
+        description="Train to this L0: l1_coefficient is then only the starting value, adapted every "
+        "step after the sparsity warm-up (logged as l1_coefficient).",
+    )
 
 
 @register
-class GatedSAE(SAE):
+class GatedSAE(TargetL0, SAE):
     architecture = "gated"
     Config = GatedConfig
     sweep_parameter = "l1_coefficient"
     sweep_kind = "coefficient"
+    resamples_dead = True
+    coefficient_field = "l1_coefficient"
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
@@ -39,12 +47,22 @@ class GatedSAE(SAE):
         self.b_gate = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = torch.nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = torch.nn.Parameter(torch.zeros(cfg.d_sae))
+        self.init_target_l0()
 
     def _paths(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pi_gate = self.pre_acts(x)
         # W_mag = exp(r_mag) * W_gate column-wise, so the magnitude path reuses the gate's matmul
         pi_mag = (pi_gate - self.b_gate) * self.r_mag.exp() + self.b_mag
         return pi_gate, pi_mag
+
+    def latent_parameters(self) -> list[tuple[torch.nn.Parameter, int]]:
+        return super().latent_parameters() + [(self.b_mag, 0), (self.r_mag, 0)]
+
+    @torch.no_grad()
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+        """The magnitude path starts as the gate's (W_mag = W_gate, same zero bias)."""
+        self.b_mag[latents] = 0.0
+        self.r_mag[latents] = 0.0
 
     def encoder_bias(self) -> torch.Tensor:
         """The gate pre-activations decide firing, so they play the role of pre-activations."""
@@ -72,6 +90,7 @@ class GatedSAE(SAE):
             l1 = (gate_acts * gather_weights(self.sparsity_weights(), sel)).sum() / x.shape[0]
             x_hat_frozen = sparse_decode(sel, gate_acts, self.W_dec.detach()) + self.b_dec.detach()
             acts = SparseActs(sel, f.detach())
+            l0 = sel.cols.numel() / x.shape[0]
         else:
             f = (pi_gate > 0).to(pi_mag.dtype) * torch.relu(pi_mag)
             x_hat = self.decode(f)
@@ -79,12 +98,13 @@ class GatedSAE(SAE):
             l1 = (gate_acts * self.sparsity_weights()).sum(-1).mean()
             x_hat_frozen = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
             acts = f
+            l0 = (pi_gate > 0).sum() / x.shape[0]
         return TrainOutput(
             x_hat,
             acts,
             {
                 "mse": mse_per_token(x_hat, ctx.target_for(x)),
-                "l1": self.cfg.l1_coefficient * ctx.sparsity_scale * l1,
+                "l1": self.sparsity_coefficient(ctx, l0) * l1,
                 "aux": mse_per_token(x_hat_frozen, ctx.target_for(x)),
             },
         )

@@ -11,6 +11,8 @@ to the decoder, so `W_enc` is W_dec^T (a view, not a parameter).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
@@ -23,6 +25,7 @@ class MatchingPursuitConfig(TopKConfig):
     """TopK's settings (k, AuxK), with k read as the number of pursuit steps."""
 
     architecture: str = "matching_pursuit"
+    resample_dead: Literal[False] = Field(False, description="Not available here (no resampling).")
     k: PositiveInt = Field(8, description="Pursuit steps per token (at most k active latents).")
     residual_threshold: NonNegativeFloat = Field(
         0.0, description="Stop a token's pursuit once its residual norm is below this (0: never)."

@@ -77,6 +77,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     sweep_kind = "count"
     transcodes = True
     crosscodes = True
+    resamples_dead = True
 
     def sample_prefixes(self) -> list[int]:
         """Nabeshima's random prefixes: n-1 distinct lengths in [1, d_sae) from a power law, plus d_sae.

@@ -20,6 +20,8 @@ router scale, so decode is the ordinary f @ W_dec + b_dec and every metric appli
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
@@ -30,6 +32,7 @@ from saelab.sae.topk import TopKConfig, auxk_loss
 
 class SwitchConfig(TopKConfig):
     architecture: str = "switch"
+    resample_dead: Literal[False] = Field(False, description="Not available here (no resampling).")
     n_experts: PositiveInt = Field(4, description="Number of experts N; must divide d_sae.")
     load_balance_coefficient: NonNegativeFloat = Field(
         0.1,

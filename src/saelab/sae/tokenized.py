@@ -12,6 +12,8 @@ then behaves as TopK with a learned output bias, so it still trains, evaluates a
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, PositiveInt
 
@@ -24,6 +26,7 @@ from saelab.sae.topk import TopKConfig, scatter_topk, selected_step
 
 class TokenizedConfig(TopKConfig):
     architecture: str = "tokenized"
+    resample_dead: Literal[False] = Field(False, description="Not available here (no resampling).")
     vocab_size: PositiveInt = Field(1024, description="Rows of the per-token bias table (token ids 0..vocab_size-1).")
 
 

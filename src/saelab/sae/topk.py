@@ -4,7 +4,10 @@ TopK keeps the k largest pre-activations per token, so L0 = k with no sparsity p
 keeps the top B*k over the whole batch during training (L0 = k on average) and, at inference,
 a single global threshold estimated during training, which makes it a JumpReLU with a shared
 threshold; it is saved as one. Both use AuxK: the top k_aux *dead* latents reconstruct the
-residual x - x_hat, so dead latents get a gradient.
+residual x - x_hat, so dead latents get a gradient. On top of it they resample dead latents
+(`resample_dead`, see `SAE.resample`): AuxK's gradient reaches only dead latents with positive
+pre-activations, and the small values it trains rarely clear BatchTopK's batch-wide cut, so on
+toy worlds it alone leaves a third of the latents dead (benchmarks/revival.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ class TopKConfig(SAEConfig):
     k: PositiveInt = Field(8, description="Active latents per token.")
     k_aux: PositiveInt | None = Field(None, description="Dead latents used by AuxK (default d_in // 2, at most 512).")
     aux_coefficient: NonNegativeFloat = Field(1 / 32, description="alpha on the AuxK loss.")
+    resample_dead: bool = Field(
+        True,
+        description="Also resample dead latents towards badly reconstructed rows (as the threshold "
+        "families do; see TrainConfig.revive_every_tokens), on top of AuxK, which alone does not "
+        "bring them back on toy worlds (benchmarks/revival.py).",
+    )
 
     @model_validator(mode="after")
     def _k_fits(self):
@@ -33,6 +42,21 @@ class TopKConfig(SAEConfig):
     @property
     def effective_k_aux(self) -> int:
         return self.k_aux if self.k_aux is not None else max(1, min(512, self.d_in // 2))
+
+
+class ResampleOption:
+    """Mixin: the TopK family resamples dead latents only when its config asks (`resample_dead`),
+    and only a class that declares `resamples_dead` itself can (an archetypal dictionary, whose
+    rows are tied to the data's hull, cannot)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.resample_dead and not vars(type(self)).get("resamples_dead", False):
+            raise ConfigError(f"architecture '{self.architecture}' cannot resample dead latents; drop resample_dead")
+
+    @property
+    def revives_by_resampling(self) -> bool:
+        return self.cfg.resample_dead
 
 
 def scatter_topk(values: torch.Tensor, k: int, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,13 +128,14 @@ def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, 
 
 
 @register
-class TopKSAE(SAE):
+class TopKSAE(ResampleOption, SAE):
     architecture = "topk"
     Config = TopKConfig
     sweep_parameter = "k"
     sweep_kind = "count"
     transcodes = True
     crosscodes = True
+    resamples_dead = True
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         scores = selection_scores(self, pre) if scores_by_contribution(self) else None
@@ -136,18 +161,27 @@ class BatchTopKConfig(TopKConfig):
 
 
 @register
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(ResampleOption, SAE):
     architecture = "batchtopk"
     Config = BatchTopKConfig
     sweep_parameter = "k"
     sweep_kind = "count"
     transcodes = True
     crosscodes = True
+    resamples_dead = True
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
         # Global inference threshold; negative means "not yet estimated" (inference is then plain ReLU).
         self.register_buffer("threshold", torch.tensor(-1.0))
+
+    @torch.no_grad()
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+        """With a threshold estimated, a resampled latent's pre-activation on its own row is set to
+        1.5 times it, so it clears the batch's top-B*k cut there (the obstacle AuxK's small
+        reconstructions of the residual rarely get over)."""
+        if self.threshold > 0 and not scores_by_contribution(self):
+            self.W_enc[:, latents] *= (1.5 * self.threshold / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
 
     def select(self, pre: torch.Tensor) -> Selection:
         """The top B*k pre-activations of the batch (by `selection_scores`)."""

@@ -83,7 +83,22 @@ class TrainConfig(StrictModel):
         "geometric_median", description="Initial b_dec (computed on the first batches)."
     )
     dead_after_tokens: PositiveInt = Field(
-        200_000, description="A latent is dead after this many tokens without firing."
+        200_000,
+        description="A latent is dead after this many tokens without firing, or when over a window of "
+        "this many tokens it fired less than `dead_below_relative` times as often as the mean latent.",
+    )
+    dead_below_relative: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="Zombie rule: dead when its firing frequency over the dead window is below this "
+        "fraction of the mean latent's (L0 / d_sae); 0 keeps only 'no firing for dead_after_tokens'.",
+    )
+    revive_every_tokens: NonNegativeInt | None = Field(
+        None,
+        description="Tokens between revivals of dead latents by resampling, for architectures that "
+        "resample (the threshold families; TopK-style ones use AuxK every step instead). None: "
+        "dead_after_tokens; 0: never. No revival during the final learning-rate decay.",
     )
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent is dense above this firing frequency.")
     log_every: PositiveInt = Field(50, description="Steps between metrics-log records.")
@@ -374,7 +389,11 @@ class Member:
         self.dist = dist
         self.out_dir = out_dir
         self.optimizer = make_adam(self.sae, cfg)
-        self.stats = LatentStats(sae.cfg.d_sae, cfg.dead_after_tokens, cfg.dense_threshold, dist.sum)
+        self.stats = LatentStats(
+            sae.cfg.d_sae, cfg.dead_after_tokens, cfg.dense_threshold, dist.sum, cfg.dead_below_relative
+        )
+        self.revived_total = 0  # latents revived by resampling so far
+        self._revived_since_record = 0
         self.step = 0
         self.tokens = 0
         self.scales: dict[str, float] = {}  # per site, the multiplier the SAE is trained on
@@ -448,6 +467,7 @@ class Member:
             target=x if target is None else target,
             input_factor=self._input_factor,
         )
+        goal = ctx.target  # the full target (a skip transcoder's step takes its skip part off ctx's)
         out = self._loss_terms(x, ctx)
         loss = out.loss
         if not torch.isfinite(loss):
@@ -464,7 +484,42 @@ class Member:
         self.optimizer.step()
         self.sae.after_optimizer_step(out)
         self.stats.update(out.fired_counts(), x.shape[0])
+        if self._revival_due(x.shape[0] * self.dist.world_size):
+            self.revive(x, goal, out.x_hat)
         return out
+
+    def _revival_due(self, batch_tokens: int) -> bool:
+        """Whether this step crosses a multiple of `revive_every_tokens` (a pure function of the
+        tokens seen, so a resumed run revives at the same steps), outside the final lr decay."""
+        every = self.cfg.revive_every_tokens
+        every = self.cfg.dead_after_tokens if every is None else every
+        if not every or not self.sae.revives_by_resampling:
+            return False
+        if self.step >= self.cfg.steps - int(self.cfg.steps * self.cfg.lr_decay_fraction):
+            return False
+        before = self.tokens
+        return (before + batch_tokens) // every > before // every
+
+    @torch.no_grad()
+    def revive(self, x: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> int:
+        """Resample the dead latents towards this batch's worst-reconstructed rows (`SAE.resample`),
+        give them fresh Adam moments and a fresh dead-window; returns how many were revived."""
+        dead = self.stats.dead_mask().nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        idx = dead.to(x.device)
+        # rows drawn from the combined batch (every rank's, in rank order), as one process would
+        x, target, x_hat = (self.dist.all_rows(t.detach().contiguous()) for t in (x, target, x_hat))
+        self.sae.resample(idx, x, target, x_hat)
+        self.dist.sync_from_main(self.sae, None)  # every rank keeps rank 0's resampled weights
+        for param, axis in self.sae.latent_parameters():
+            for value in self.optimizer.state.get(param, {}).values():
+                if value.shape == param.shape:
+                    value.index_fill_(axis, idx, 0.0)
+        self.stats.reset(dead)
+        self.revived_total += dead.numel()
+        self._revived_since_record += dead.numel()
+        return dead.numel()
 
     def _record(self, out, target: torch.Tensor, tokens_per_s: float) -> dict[str, Any]:
         with torch.no_grad():
@@ -482,7 +537,16 @@ class Member:
                 "dense_fraction": self.stats.dense_fraction(),
                 "tokens_per_s": tokens_per_s,
                 "eta_s": remaining,
+                **self._revival_record(),
+                **self.sae.training_metrics(),
             }
+
+    def _revival_record(self) -> dict[str, int]:
+        """Latents revived by resampling since the last record and in all (architectures that resample)."""
+        if not self.sae.revives_by_resampling:
+            return {}
+        revived, self._revived_since_record = self._revived_since_record, 0
+        return {"revived": revived, "revived_total": self.revived_total}
 
     def result(self) -> TrainResult:
         """The trained dictionary with the input scale folded in (it takes raw activations)."""
@@ -518,6 +582,8 @@ class Member:
             "sae_config": self.sae.cfg.model_dump(),
             "train_config": self.cfg.model_dump(),
             "source_config": self.source_config,
+            "revived_total": self.revived_total,
+            "revived_since_record": self._revived_since_record,
         }
         path = ckpt.save(self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, ranks=ranks)
         self.dist.barrier()
@@ -537,6 +603,8 @@ class Member:
             _check_same_config("data source", saved.get("source_config") or {}, self.source_config or {}, path)
         state = ckpt.load(path, self.sae, self.optimizer, self.stats, source, rank=self.dist.rank)
         self.step, self.tokens = state["step"], state["tokens"]
+        self.revived_total = state.get("revived_total", 0)
+        self._revived_since_record = state.get("revived_since_record", 0)
         keys = SiteView.of(self.sae.cfg).keys
         self.scales = state.get("site_scales") or {keys[0]: state["input_scale"]}
         if sorted(self.scales) != sorted(set(keys)):
@@ -997,6 +1065,13 @@ def _check_same_config(kind: str, saved: dict, now: dict, path: Path, ignore: se
     # a setting added after the checkpoint was written, left unset now, changes nothing
     added_unset = {k for k in set(now) - set(saved) if now[k] is None}
     changed = sorted(k for k in set(saved) | set(now) if k not in ignore | added_unset and saved.get(k) != now.get(k))
+    newer = [k for k in changed if k not in saved]
+    if changed and len(newer) == len(changed):
+        raise ConfigError(
+            f"checkpoint {path} was written by an older saelab, before the {kind} setting(s) "
+            f"{', '.join(newer)} existed; it cannot resume exactly under them: finish it with the saelab "
+            "that started it, or use a new --out folder"
+        )
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigError(
