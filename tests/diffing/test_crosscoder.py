@@ -159,7 +159,8 @@ def test_diff_and_report_files(tmp_path):
         assert paths[name].exists() and paths[name].stat().st_size > 0, name
         if name.endswith(".png"):
             assert paths[name].read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads(paths["results.json"].read_text())
+    text = paths["results.json"].read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds bare {c}, not JSON"))
     assert saved["counts"] == res.counts and len(saved["relative_norms"]) == 4
     md = paths["report.md"].read_text()
     assert "Latent Scaling" in md and "| 1 | ft_only |" in md

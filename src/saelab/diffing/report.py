@@ -188,10 +188,22 @@ def write_report(result: DiffResult, out: str | Path, title: str = "Crosscoder d
     """Write results.json, report.md, report.html and the plots into `out`; returns their paths."""
     out = ensure_folder(out, "report folder")
     paths = {name: out / name for name in ("results.json", "report.md", "report.html", *PLOTS)}
-    write_json(paths["results.json"], result.as_dict())
+    write_json(paths["results.json"], _finite_or_null(result.as_dict()))
     write_text(paths["report.md"], report_markdown(result, title))
     write_text(paths["report.html"], report_html(result, title))
     plot_relative_norms(result, paths["relative_norms.png"])
     plot_shared_cosines(result, paths["shared_cosines.png"])
     plot_nu(result, paths["nu_scatter.png"])
     return paths
+
+
+def _finite_or_null(value):
+    """NaN and infinities as JSON null (bare NaN is not JSON): an undefined ratio, e.g. a nu whose
+    latent never fires in one model, reads as missing rather than breaking strict parsers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
