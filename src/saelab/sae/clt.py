@@ -46,6 +46,7 @@ from saelab.errors import ConfigError
 from saelab.sae.base import SAE, SAEConfig, StepContext, TrainOutput, mse_per_token
 from saelab.sae.jumprelu import jumprelu, step
 from saelab.sae.registry import register
+from saelab.sae.topk import track_threshold
 
 
 class CLTConfig(SAEConfig):
@@ -373,16 +374,7 @@ class CLTTopK(CrossLayerTranscoder):
     def after_optimizer_step(self, out: TrainOutput) -> None:
         if self.cfg.select != "batch":
             return
-        acts = out.feature_acts * self.decoder_norms()
-        kept = acts[acts > 0]
-        if kept.numel() == 0:
-            return
-        smallest = kept.min()
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            m = self.cfg.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * smallest)
+        track_threshold(self.threshold, out.feature_acts * self.decoder_norms(), self.cfg.threshold_momentum)
 
 
 # ---------------------------------------------------------------------------- JumpReLU

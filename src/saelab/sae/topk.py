@@ -127,6 +127,20 @@ def selected_step(sae: SAE, x: torch.Tensor, pre: torch.Tensor, sel: Selection, 
     )
 
 
+@torch.no_grad()
+def track_threshold(threshold: torch.Tensor, scores: torch.Tensor, momentum: float) -> None:
+    """BatchTopK's inference threshold: an EMA of the smallest score kept in each batch (the
+    first batch's value outright while `threshold` is still negative, i.e. not estimated)."""
+    kept = scores[scores > 0]
+    if kept.numel() == 0:
+        return
+    smallest = kept.min()
+    if threshold < 0:
+        threshold.copy_(smallest)
+    else:
+        threshold.mul_(momentum).add_((1 - momentum) * smallest)
+
+
 @register
 class TopKSAE(ResampleOption, SAE):
     architecture = "topk"
@@ -209,15 +223,7 @@ class BatchTopKSAE(ResampleOption, SAE):
         else:  # the threshold is on the scores latents were selected by
             norms = self.decoder_norms()
             acts = f.values * norms[f.selection.flat_cols] if isinstance(f, SparseActs) else f * norms
-        kept = acts[acts > 0]
-        if kept.numel() == 0:
-            return
-        smallest = kept.min()
-        if self.threshold < 0:
-            self.threshold.copy_(smallest)
-        else:
-            m = self.cfg.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * smallest)
+        track_threshold(self.threshold, acts, self.cfg.threshold_momentum)
 
     def saved_architecture(self) -> str:
         return "jumprelu"
