@@ -250,12 +250,14 @@ def with_widths(entry: dict[str, Any], source: Any) -> dict[str, Any]:
 def _run(cfg: RunConfig, out: Path) -> list[dict[str, Any]]:
     from saelab.sae.registry import make_config
 
-    source = cfg.source.build()
+    # An end-to-end run builds its own source from the model (`_train_e2e`); the generic one would
+    # cost a probe forward for nothing.
+    source = cfg.source.build() if cfg.train.objective is None else None
     early = None
     if cfg.eval_source is not None:  # separate data: check its widths before hours of training
         early = held_out_batches(cfg)
         for entry in [cfg.sae] if cfg.sae is not None else cfg.saes:
-            if early[0]:
+            if early[0] and source is not None:
                 check_fits(make_config(_without_run_keys(with_widths(entry, source))), early[0][0], "eval_source")
     t0 = time.perf_counter()
     results = _train(cfg, out, source)
