@@ -96,7 +96,7 @@ def test_sparsify_sae_matches_sparsify(tmp_path):
     round_trip(sae, x, tmp_path, "sparsify")
 
 
-def test_sparsify_root_folder_and_transcoders(tmp_path):
+def test_sparsify_root_folder_and_transcode_flag(tmp_path):
     coder = _sparsify_coder()
     coder.save_to_disk(tmp_path / "root" / "layers.1")
     assert saelab.load(tmp_path / "root").provenance["hook_name"] == "layers.1"  # one hookpoint: that one
@@ -105,10 +105,9 @@ def test_sparsify_root_folder_and_transcoders(tmp_path):
         saelab.load(tmp_path / "root")
     cfg_path = tmp_path / "root" / "layers.2" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["transcode"] = True
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(FileFormatError, match="transcoder"):
-        saelab.load(tmp_path / "root" / "layers.2")
+    cfg["transcode"] = True  # the same tensors read as a transcoder of the module's input (tests in
+    cfg_path.write_text(json.dumps(cfg))  # test_transcoder_formats.py compare it with sparsify)
+    assert saelab.load(tmp_path / "root" / "layers.2").cfg.write_site == "layers.2"
 
 
 def test_saelab_topk_written_as_sparsify_loads_in_sparsify(tmp_path):
@@ -376,16 +375,16 @@ def test_gemma_scope_2_matches_numpy(tmp_path):
     assert torch.equal(again.encode(x), sae.encode(x)) and again.provenance["hook_name"] == "model.layers.2.output"
 
 
-def test_gemma_scope_2_transcoder_is_refused(tmp_path):
+def test_gemma_scope_2_transcoder_config_makes_a_transcoder(tmp_path):
     cfg = {
         "architecture": "jump_relu",
         "type": "transcoder",
         "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
         "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output",
     }
-    _write_gemma_scope_2(tmp_path / "tc", cfg)
-    with pytest.raises(FileFormatError, match="transcoder"):
-        saelab.load(tmp_path / "tc")
+    _write_gemma_scope_2(tmp_path / "tc", cfg)  # test_transcoder_formats.py checks its forward
+    sae = saelab.load(tmp_path / "tc")
+    assert (sae.cfg.site, sae.cfg.write_site) == (cfg["hf_hook_point_in"], cfg["hf_hook_point_out"])
 
 
 # -------------------------------------------------------------------------------------- Llama Scope
@@ -481,9 +480,8 @@ def test_llama_scope_topk_and_transcoder(tmp_path):
     pre = (np64(x) * s_in) @ np64(t["encoder.weight"]).T + np64(t["encoder.bias"])
     kth = np.sort(pre, axis=1)[:, -4][:, None]
     assert_matches(sae.encode(x), np.maximum(pre, 0) * (pre >= kth), "llama scope topk encode")
-    _write_llama_scope(tmp_path / "tc", hook_point_out="blocks.3.hook_mlp_out")
-    with pytest.raises(FileFormatError, match="transcoder"):
-        saelab.load(tmp_path / "tc")
+    _write_llama_scope(tmp_path / "tc", hook_point_out="blocks.3.hook_mlp_out")  # see test_transcoder_formats.py
+    assert saelab.load(tmp_path / "tc").cfg.write_site == "blocks.3.hook_mlp_out"
 
 
 # --------------------------------------------------------------------------------- every format: bad files
