@@ -497,6 +497,16 @@ def _one_of_each(tmp_path: Path) -> dict[str, Path]:
     _write_gemma_scope_2(tmp_path / "gs2")
     _write_llama_scope(tmp_path / "ls")
     saelab.save(saelab.create({"architecture": "relu", "d_in": D_IN, "d_sae": D_SAE}), tmp_path / "saelens")
+    ct = tmp_path / "ct"  # a circuit-tracer cross-layer transcoder of one layer
+    ct.mkdir()
+    (ct / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: a\nfeature_output_hook: b\n"
+    )
+    save_file(
+        {"W_enc_0": _randn(D_SAE, D_IN), "b_enc_0": _randn(D_SAE), "b_dec_0": _randn(D_IN)},
+        str(ct / "W_enc_0.safetensors"),
+    )
+    save_file({"W_dec_0": _randn(D_SAE, 1, D_IN)}, str(ct / "W_dec_0.safetensors"))
     crosscoder = {"architecture": "relu", "d_in": 2 * D_IN, "d_sae": D_SAE, "site": ["layers.0", "layers.1"]}
     saelab.save(saelab.create(crosscoder), tmp_path / "crosscoder")
     return {
@@ -507,6 +517,7 @@ def _one_of_each(tmp_path: Path) -> dict[str, Path]:
         "gemma_scope_2": tmp_path / "gs2" / "params.safetensors",
         "llama_scope": tmp_path / "ls" / "checkpoints" / "final.safetensors",
         "saelens": tmp_path / "saelens" / "sae_weights.safetensors",
+        "circuit_tracer": ct / "W_enc_0.safetensors",
     }
 
 

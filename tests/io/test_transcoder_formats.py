@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 import saelab
@@ -351,3 +354,221 @@ def test_convert_writes_transcoders_to_saelens(tmp_path, capsys):
     assert (cfg["metadata"]["hook_name"], cfg["metadata"]["hook_name_out"]) == (GS2_IN, GS2_OUT)
     x = inputs(64)
     assert_matches(saelab.load(tmp_path / "out")(x), _gemma_numpy(t, x)[1], "converted skip transcoder")
+
+
+# ------------------------------------------------------------------------------------ circuit-tracer
+
+CT_LAYERS, CT_D = 3, 5  # circuit-tracer's transcoders write the width they read
+CT_HOOKS = {"feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out"}
+
+
+def _ct_config(folder: Path, kind: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": kind, **CT_HOOKS, "model_name": "tiny"}))
+
+
+def _write_ct_set(folder: Path, jump: bool, skip: bool, seed: int = 5) -> list[dict[str, torch.Tensor]]:
+    """A circuit-tracer transcoder set: layer_L.safetensors per layer, as its to_safetensors writes them."""
+    _ct_config(folder, "transcoder_set")
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for layer in range(CT_LAYERS):
+        t = {
+            "W_enc": torch.randn(D_SAE, CT_D, generator=gen),
+            "W_dec": torch.randn(D_SAE, CT_D, generator=gen),
+            "b_enc": torch.randn(D_SAE, generator=gen),
+            "b_dec": torch.randn(CT_D, generator=gen),
+        }
+        if jump:
+            t["activation_function.threshold"] = 0.2 + 2 * torch.rand(D_SAE, generator=gen)
+        if skip:
+            t["W_skip"] = torch.randn(CT_D, CT_D, generator=gen)
+        save_file(t, str(folder / f"layer_{layer}.safetensors"))
+        layers.append(t)
+    return layers
+
+
+def _ct_layer_numpy(t: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """circuit-tracer's PLT: pre = x W_enc^T + b_enc, f = pre * (pre > threshold) (else ReLU),
+    y = f W_dec + b_dec (+ x W_skip^T)."""
+    n = {k: np64(v) for k, v in t.items()}
+    pre = np64(x) @ n["W_enc"].T + n["b_enc"]
+    theta = n.get("activation_function.threshold")
+    f = pre * (pre > theta) if theta is not None else np.maximum(pre, 0)
+    y = f @ n["W_dec"] + n["b_dec"]
+    return f, (y + np64(x) @ n["W_skip"].T if "W_skip" in n else y)
+
+
+def _write_ct_clt(folder: Path, jump: bool, seed: int = 6) -> list[dict[str, torch.Tensor]]:
+    """A circuit-tracer CLT: W_enc_i.safetensors (W_enc_i [F, d], b_enc_i, b_dec_i, threshold_i) and
+    W_dec_i.safetensors (W_dec_i [F, L - i, d])."""
+    _ct_config(folder, "cross_layer_transcoder")
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(CT_LAYERS):
+        enc = {
+            f"W_enc_{i}": torch.randn(D_SAE, CT_D, generator=gen),
+            f"b_enc_{i}": torch.randn(D_SAE, generator=gen),
+            f"b_dec_{i}": torch.randn(CT_D, generator=gen),
+        }
+        if jump:
+            enc[f"threshold_{i}"] = 0.2 + 2 * torch.rand(D_SAE, generator=gen)
+        dec = {f"W_dec_{i}": torch.randn(D_SAE, CT_LAYERS - i, CT_D, generator=gen)}
+        save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+        save_file(dec, str(folder / f"W_dec_{i}.safetensors"))
+        layers.append({**enc, **dec})
+    return layers
+
+
+def _ct_clt_numpy(layers: list[dict[str, torch.Tensor]], x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """circuit-tracer's CLT on x [L, B, d]: f_l = act(x_l W_enc_l^T + b_enc_l); layer l' receives
+    b_dec_l' + sum over l <= l' of f_l W_dec_l[:, l' - l]. Returns f [L, B, F] and y [L, B, d]."""
+    n = [{k.rsplit("_", 1)[0]: np64(v) for k, v in t.items()} for t in layers]
+    xs = np64(x)
+    f = []
+    for i, t in enumerate(n):
+        pre = xs[i] @ t["W_enc"].T + t["b_enc"]
+        f.append(pre * (pre > t["threshold"]) if "threshold" in t else np.maximum(pre, 0))
+    y = [n[j]["b_dec"] + sum(f[i] @ n[i]["W_dec"][:, j - i] for i in range(j + 1)) for j in range(len(n))]
+    return np.stack(f), np.stack(y)
+
+
+def _layer_inputs(n: int = 256) -> torch.Tensor:
+    return torch.randn(CT_LAYERS, n, CT_D) * 2.0
+
+
+def _flat(t: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[L, B, w] -> [B, L*w]: saelab's CLT reads and writes the layers' concatenation."""
+    t = torch.as_tensor(np.asarray(t))
+    return t.permute(1, 0, 2).reshape(t.shape[1], -1)
+
+
+@pytest.mark.parametrize("jump,skip", [(True, True), (False, False)])
+def test_circuit_tracer_transcoder_matches_numpy(jump, skip, tmp_path):
+    layers = _write_ct_set(tmp_path / "set", jump, skip)
+    with pytest.raises(FileFormatError, match=r"layers \[0, 1, 2\]; load one layer"):
+        saelab.load(tmp_path / "set")
+    x = _layer_inputs()
+    for layer in (0, 2):
+        sae = saelab.load(tmp_path / "set" / f"layer_{layer}.safetensors")
+        assert sae.architecture == ("jumprelu" if jump else "relu") and sae.cfg.skip == skip
+        assert (sae.cfg.site, sae.cfg.write_site) == (f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out")
+        f_ref, y_ref = _ct_layer_numpy(layers[layer], x[layer])
+        assert 0.05 < fired_fraction(torch.from_numpy(f_ref)) < 0.95
+        assert_matches(sae.encode(x[layer]), f_ref, f"circuit-tracer layer {layer} encode")
+        assert_matches(sae(x[layer]), y_ref, f"circuit-tracer layer {layer} forward")
+    assert sae.provenance["layer"] == 2 and sae.provenance["model_name"] == "tiny"
+    back = saved_and_loaded(sae, tmp_path, x[2], "circuit_tracer", "saelens")
+    formats.get_format("circuit_tracer").write(back, tmp_path / "again")  # saelab -> circuit-tracer
+    again = saelab.load(tmp_path / "again")  # the folder holds one layer, so no choice is needed
+    assert_matches(again(x[2]), _ct_layer_numpy(layers[2], x[2])[1], "circuit-tracer file written by saelab")
+    assert again.cfg.write_site == "blocks.2.hook_mlp_out"
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_circuit_tracer_clt_matches_numpy(jump, tmp_path):
+    layers = _write_ct_clt(tmp_path / "clt", jump)
+    clt = saelab.load(tmp_path / "clt")
+    assert clt.architecture == "clt_jumprelu" and clt.cfg.n_layers == CT_LAYERS and clt.cfg.layer_d_sae == D_SAE
+    assert clt.cfg.site == [f"blocks.{i}.hook_resid_mid" for i in range(CT_LAYERS)]
+    x = _layer_inputs()
+    f_ref, y_ref = _ct_clt_numpy(layers, x)
+    assert 0.05 < fired_fraction(torch.from_numpy(f_ref)) < 0.95
+    assert_matches(clt.encode(_flat(x)), _flat(f_ref), "circuit-tracer CLT encode")
+    assert_matches(clt(_flat(x)), _flat(y_ref), "circuit-tracer CLT forward")
+    out = saelab.save(clt, tmp_path / "saved")  # SAELens cannot hold several sites
+    assert formats.detect(out).name == "saelab-dictionary"
+    assert torch.equal(saelab.load(out)(_flat(x)), clt(_flat(x)))
+    with torch.no_grad():
+        clt.b_in.add_(torch.randn_like(clt.b_in))  # a saelab CLT with an input bias: folded when written
+    formats.get_format("circuit_tracer").write(clt, tmp_path / "written")
+    assert_matches(saelab.load(tmp_path / "written")(_flat(x)), clt(_flat(x)).detach(), "CLT written by saelab")
+
+
+def test_circuit_tracer_bad_files(tmp_path):
+    layers = _write_ct_clt(tmp_path / "clt", jump=True)
+    (tmp_path / "clt" / "W_dec_1.safetensors").unlink()
+    with pytest.raises(FileFormatError, match=r"W_dec_1\.safetensors is missing"):
+        saelab.load(tmp_path / "clt")
+    save_file({"W_dec_1": layers[1]["W_dec_1"][:, :1].contiguous()}, str(tmp_path / "clt" / "W_dec_1.safetensors"))
+    with pytest.raises(FileFormatError, match=r"W_dec_1\.safetensors: 'W_dec_1' has shape \(15, 1, 5\)"):
+        saelab.load(tmp_path / "clt")
+    path = tmp_path / "clt" / "W_enc_2.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(FileFormatError, match=r"W_enc_2\.safetensors.*truncated"):
+        saelab.load(tmp_path / "clt")
+    _write_ct_set(tmp_path / "set", jump=True, skip=False)
+    (tmp_path / "set" / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"model_kind": "transcoder_set", **CT_HOOKS, "transcoders": ["hf://org/repo/layer_0.safetensors"]}
+        )
+    )
+    with pytest.raises(FileFormatError, match="never downloads"):
+        saelab.load(tmp_path / "set")
+    (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump({"model_kind": "sparse_thing", **CT_HOOKS}))
+    with pytest.raises(FileFormatError, match="model_kind 'sparse_thing'"):
+        saelab.load(tmp_path / "set")
+    topk = saelab.create(
+        {"architecture": "topk", "d_in": 5, "d_sae": 15, "site": "blocks.0.a", "write_site": "blocks.0.b"}
+    )
+    with pytest.raises(FileFormatError, match="'topk' transcoder"):
+        formats.get_format("circuit_tracer").write(topk, tmp_path / "topk")
+
+
+def test_convert_refuses_a_clt_to_saelens_and_names_the_layout(tmp_path, capsys):
+    _write_ct_clt(tmp_path / "clt", jump=True)
+    assert main(["convert", str(tmp_path / "clt"), "--out", str(tmp_path / "out")]) == 2
+    assert "--to saelab-dictionary" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "clt"), "--out", str(tmp_path / "out"), "--to", "saelab-dictionary"]) == 0
+    assert saelab.load(tmp_path / "out").architecture == "clt_jumprelu"
+
+
+CT_PYTHON = Path(os.environ.get("SAELAB_CIRCUIT_TRACER_PYTHON", "/tmp/ct-venv/bin/python"))
+
+
+@pytest.mark.slow
+def test_circuit_tracer_matches_the_library(tmp_path):
+    """circuit-tracer 0.5.0 pins transformers <= 4.57.3 and huggingface-hub < 1, so it runs in its own
+    environment: python3 -m venv /tmp/ct-venv && /tmp/ct-venv/bin/pip install -c constraints.txt
+    circuit-tracer==0.5.0. Files written by hand and by saelab's writer are both checked."""
+    if not CT_PYTHON.exists():
+        pytest.skip(f"no circuit-tracer environment at {CT_PYTHON} (see this test's docstring to make one)")
+    _write_ct_set(tmp_path / "set_jump_skip", jump=True, skip=True)
+    _write_ct_set(tmp_path / "set_relu", jump=False, skip=False)
+    _write_ct_clt(tmp_path / "clt_jump", jump=True)
+    _write_ct_clt(tmp_path / "clt_relu", jump=False)
+    theirs = saelab.load(tmp_path / "clt_jump")  # saelab's writers: a CLT and a set, with input biases
+    with torch.no_grad():
+        theirs.b_in.add_(torch.randn_like(theirs.b_in))
+    formats.get_format("circuit_tracer").write(theirs, tmp_path / "clt_saelab")
+    for layer in range(CT_LAYERS):
+        tc = saelab.load(tmp_path / "set_jump_skip" / f"layer_{layer}.safetensors")
+        with torch.no_grad():
+            tc.b_in.add_(torch.randn_like(tc.b_in))
+        formats.get_format("circuit_tracer").write(tc, tmp_path / "set_saelab")
+    x = _layer_inputs()
+    np.save(tmp_path / "x.npy", x.numpy())
+    folders = ["set_jump_skip", "set_relu", "clt_jump", "clt_relu", "clt_saelab", "set_saelab"]
+    script = Path(__file__).with_name("circuit_tracer_reference.py")
+    done = subprocess.run(
+        [str(CT_PYTHON), "-W", "ignore", str(script), str(tmp_path / "x.npy"), str(tmp_path / "ref.npz")]
+        + [str(tmp_path / f) for f in folders],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(tmp_path / "ref.npz") as ref:
+        for name in folders:
+            f_ref, y_ref = ref[f"{name}/f"], ref[f"{name}/y"]
+            assert 0.05 < fired_fraction(torch.from_numpy(f_ref)) < 0.95, name
+            if name.startswith("clt"):
+                clt = saelab.load(tmp_path / name)
+                assert_matches(clt.encode(_flat(x)), _flat(f_ref), f"{name} encode vs circuit-tracer")
+                assert_matches(clt(_flat(x)), _flat(y_ref), f"{name} forward vs circuit-tracer")
+                continue
+            for layer in range(CT_LAYERS):
+                sae = saelab.load(tmp_path / name / f"layer_{layer}.safetensors")
+                assert_matches(sae.encode(x[layer]), f_ref[layer], f"{name} layer {layer} encode vs circuit-tracer")
+                assert_matches(sae(x[layer]), y_ref[layer], f"{name} layer {layer} forward vs circuit-tracer")

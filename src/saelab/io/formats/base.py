@@ -37,6 +37,7 @@ class Format:
     detect: Callable[[Path], bool]
     read: Callable[[Path], SAE]
     write: Callable[[SAE, Path], Path] | None = None
+    reads_file: bool = False  # `read` gets a file path as given (one file of a folder picks what to load)
 
 
 _FORMATS: dict[str, Format] = {}
@@ -91,7 +92,7 @@ def read(path: str | Path, format: str | None = None) -> SAE:
     fmt = get_format(format) if format else detect(path)
     if not path.exists():
         raise FileFormatError(f"{path} does not exist; give the folder (or a file) of a saved {fmt.name} SAE")
-    return fmt.read(_folder(path))
+    return fmt.read(path if fmt.reads_file and path.is_file() else _folder(path))
 
 
 # ---------------------------------------------------------------------------- helpers for readers
