@@ -38,6 +38,9 @@ def assert_matches(ours: torch.Tensor, ref, what: str) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
     scale = ref.abs().max().clamp_min(1e-12)
     err = (ours - ref).abs().max() / scale
+    if os.environ.get("SAELAB_INTEROP_ERRORS"):  # where the measured errors go (docs/results/interop.md)
+        with open(os.environ["SAELAB_INTEROP_ERRORS"], "a") as log:
+            log.write(json.dumps({"check": what, "max_rel_error": float(err)}) + "\n")
     assert err <= 1e-5, f"{what}: max error {err:.3g} relative to the largest entry"
 
 

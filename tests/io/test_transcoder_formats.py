@@ -515,12 +515,15 @@ def test_circuit_tracer_bad_files(tmp_path):
         formats.get_format("circuit_tracer").write(topk, tmp_path / "topk")
 
 
-def test_convert_refuses_a_clt_to_saelens_and_names_the_layout(tmp_path, capsys):
+def test_convert_refuses_a_clt_and_a_topk_transcoder_to_saelens_and_names_the_layout(tmp_path, capsys):
     _write_ct_clt(tmp_path / "clt", jump=True)
     assert main(["convert", str(tmp_path / "clt"), "--out", str(tmp_path / "out")]) == 2
     assert "--to saelab-dictionary" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "clt"), "--out", str(tmp_path / "out"), "--to", "saelab-dictionary"]) == 0
     assert saelab.load(tmp_path / "out").architecture == "clt_jumprelu"
+    _sparsify_transcoder(skip=False).save_to_disk(tmp_path / "layers.1.mlp")  # SAELens has no TopK transcoder
+    assert main(["convert", str(tmp_path / "layers.1.mlp"), "--out", str(tmp_path / "out2")]) == 2
+    assert "--to saelab-dictionary" in capsys.readouterr().err
 
 
 CT_PYTHON = Path(os.environ.get("SAELAB_CIRCUIT_TRACER_PYTHON", "/tmp/ct-venv/bin/python"))
