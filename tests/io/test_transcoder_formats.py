@@ -485,6 +485,27 @@ def test_circuit_tracer_clt_matches_numpy(jump, tmp_path):
     assert_matches(saelab.load(tmp_path / "written")(_flat(x)), clt(_flat(x)).detach(), "CLT written by saelab")
 
 
+@pytest.mark.parametrize("fmt", ["circuit_tracer", "gemma_scope_2"])
+def test_batchtopk_transcoders_are_written_in_their_inference_form(fmt, tmp_path):
+    for architecture in ("batchtopk", "matryoshka"):
+        cfg = {"architecture": architecture, "d_in": CT_D, "d_sae": D_SAE, "k": 3, "seed": 7}
+        cfg.update(site="blocks.1.hook_resid_mid", write_site="blocks.1.hook_mlp_out", skip=True)
+        if architecture == "matryoshka":
+            cfg["prefixes"] = [5, D_SAE]
+        sae = saelab.create(cfg)
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(torch.randn_like(p))
+            sae.threshold.fill_(1.0)
+        sae.eval()
+        x = inputs(256, CT_D)
+        assert 0.05 < fired_fraction(sae.encode(x)) < 0.95
+        formats.get_format(fmt).write(sae, tmp_path / architecture)
+        back = saelab.load(tmp_path / architecture)
+        assert back.architecture == "jumprelu" and back.cfg.skip
+        assert_matches(back(x), sae(x).detach(), f"{architecture} transcoder written as {fmt}")
+
+
 def test_circuit_tracer_bad_files(tmp_path):
     layers = _write_ct_clt(tmp_path / "clt", jump=True)
     (tmp_path / "clt" / "W_dec_1.safetensors").unlink()

@@ -21,8 +21,9 @@ in the layout circuit-tracer's own `to_safetensors` (and its local cache) writes
   config.yaml takes circuit-tracer's defaults, `hook_resid_mid` -> `hook_mlp_out` (noted in provenance).
 
 Negative thresholds (which circuit-tracer's JumpReLU would let through) have no saelab form and are
-refused. The writers produce these layouts from saelab's ReLU/JumpReLU transcoders (one
-`layer_L.safetensors` per call, L read from the site `blocks.L.<hook>`) and `clt_jumprelu`.
+refused. The writers produce these layouts from saelab's ReLU/JumpReLU transcoders (BatchTopK and
+Matryoshka in their JumpReLU inference form; one `layer_L.safetensors` per call, L read from the site
+`blocks.L.<hook>`) and `clt_jumprelu`.
 """
 
 from __future__ import annotations
@@ -312,8 +313,8 @@ def _write(sae: SAE, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if sae.architecture == "clt_jumprelu":
         return _write_clt(sae, folder)
-    cfg = sae.cfg
-    if sae.architecture not in ("relu", "jumprelu") or not cfg.is_transcoder or len(cfg.read_sites) > 1:
+    cfg, saved = sae.cfg, sae.saved_architecture()  # BatchTopK and Matryoshka in their JumpReLU inference form
+    if saved not in ("relu", "jumprelu") or not cfg.is_transcoder or len(cfg.read_sites) > 1:
         raise FileFormatError(
             f"circuit-tracer holds ReLU/JumpReLU transcoders and JumpReLU cross-layer transcoders (clt_jumprelu); "
             f"this is a '{sae.architecture}' {'transcoder' if cfg.is_transcoder else 'SAE or crosscoder'}"
@@ -333,7 +334,7 @@ def _write(sae: SAE, folder: Path) -> Path:
         "b_enc": state["b_enc"] - state["b_in"] @ state["W_enc"],
         "b_dec": state["b_dec"],
     }
-    if sae.architecture == "jumprelu":
+    if saved == "jumprelu":
         tensors["activation_function.threshold"] = state["threshold"]
     if cfg.skip:
         tensors["W_skip"] = state["W_skip"]

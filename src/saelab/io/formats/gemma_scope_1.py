@@ -67,7 +67,7 @@ def _read(folder: Path) -> SAE:
         raise FileFormatError(f"{path}: 'W_enc' must be a [d_in, d_sae] matrix (got shape {tuple(t['W_enc'].shape)})")
     d_in, d_sae = t["W_enc"].shape
     text = folder.resolve().as_posix()
-    transcoder = "-transcoders" in text
+    transcoder = any(part.endswith("-transcoders") for part in folder.resolve().parts)
     d_out = t["W_dec"].shape[-1] if transcoder else d_in
     width = _width(text)
     if width is not None and width != d_sae:

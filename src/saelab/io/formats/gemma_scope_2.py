@@ -115,10 +115,12 @@ def _read(folder: Path) -> SAE:
 
 
 def _write(sae: SAE, folder: Path) -> Path:
-    """A saelab JumpReLU SAE (no b_dec subtracted) or JumpReLU (skip) transcoder as a Gemma Scope 2
-    folder; a transcoder's input bias is folded into b_enc (Gemma Scope has none)."""
+    """A saelab JumpReLU SAE (no b_dec subtracted) or JumpReLU (skip) transcoder (BatchTopK and
+    Matryoshka ones in their JumpReLU inference form) as a Gemma Scope 2 folder; a transcoder's input
+    bias is folded into b_enc (Gemma Scope has none)."""
     transcoder = sae.cfg.is_transcoder
-    if sae.architecture != "jumprelu" or (sae.cfg.apply_b_dec_to_input and not transcoder):
+    saved = sae.saved_architecture()  # BatchTopK and Matryoshka in their JumpReLU inference form
+    if saved != "jumprelu" or (sae.cfg.apply_b_dec_to_input and not transcoder):
         raise FileFormatError(
             "Gemma Scope 2 stores JumpReLU SAEs that do not subtract b_dec, and JumpReLU transcoders; this "
             f"{'transcoder' if transcoder else 'SAE'} is '{sae.architecture}'"
