@@ -519,12 +519,15 @@ def test_circuit_tracer_bad_files(tmp_path):
     with pytest.raises(FileFormatError, match=r"W_enc_2\.safetensors.*truncated"):
         saelab.load(tmp_path / "clt")
     _write_ct_set(tmp_path / "set", jump=True, skip=False)
-    (tmp_path / "set" / "config.yaml").write_text(
-        yaml.safe_dump(
-            {"model_kind": "transcoder_set", **CT_HOOKS, "transcoders": ["hf://org/repo/layer_0.safetensors"]}
-        )
-    )
-    with pytest.raises(FileFormatError, match="never downloads"):
+    hub = ["hf://org/repo/layer_0.safetensors", "hf://org/repo/layer_1.safetensors?revision=main"]
+    config = {"model_kind": "transcoder_set", **CT_HOOKS, "transcoders": hub}
+    (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert saelab.load(tmp_path / "set" / "layer_1.safetensors").cfg.site == "blocks.1.hook_resid_mid"  # a snapshot
+    with pytest.raises(FileFormatError, match="not one of the layer files"):
+        saelab.load(tmp_path / "set" / "layer_2.safetensors")  # not listed in this config
+    hub[1] = "hf://org/repo/sub/layer_7.safetensors"
+    (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(FileFormatError, match="layer_7.safetensors, which is not in .* never downloads"):
         saelab.load(tmp_path / "set")
     (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump({"model_kind": "sparse_thing", **CT_HOOKS}))
     with pytest.raises(FileFormatError, match="model_kind 'sparse_thing'"):

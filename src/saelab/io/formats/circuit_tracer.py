@@ -11,7 +11,8 @@ in the layout circuit-tracer's own `to_safetensors` (and its local cache) writes
   x @ W_skip^T, saelab's orientation). The encoder subtracts nothing: f = act(x W_enc^T + b_enc), with
   act = JumpReLU z * (z > threshold) when the file has thresholds, else ReLU. One layer becomes saelab's
   ReLU or JumpReLU (skip) transcoder with a zero input bias: give the path of its `layer_L.safetensors`
-  (a folder of one layer needs no choice). Hub paths (`hf://...`) are refused: saelab never downloads.
+  (a folder of one layer needs no choice). A listed hub path `hf://org/repo/FILE` is read from FILE in
+  the folder (a downloaded snapshot) and refused when it is not there: saelab never downloads.
 - **cross-layer transcoder**: `W_enc_i.safetensors` (`W_enc_i [F, d]`, `b_enc_i`, `b_dec_i [d]`,
   optionally `threshold_i [F]`) and `W_dec_i.safetensors` (`W_dec_i [F, L - i, d]`: layer i's latents
   write layers i..L-1) for i = 0..L-1. It becomes saelab's `clt_jumprelu` with W_enc [L, d, F] the
@@ -116,13 +117,22 @@ def _layer_files(folder: Path, cfg: dict[str, Any]) -> dict[int, Path]:
         return found
     if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
         raise FileFormatError(f"{folder / CONFIG}: 'transcoders' must be a list of file paths, one per layer")
-    remote = [p for p in listed if "://" in p]
-    if remote:
+    return {i: _local(folder, p) for i, p in enumerate(listed)}
+
+
+def _local(folder: Path, listed: str) -> Path:
+    """A listed layer file on disk: a local path as it is (relative to the folder), a hub path
+    `hf://org/repo/FILE` as FILE inside this folder when a downloaded snapshot has it there."""
+    if "://" not in listed:
+        return folder / listed
+    in_repo = listed.split("://", 1)[1].split("?", 1)[0].split("/", 2)
+    local = folder / in_repo[2] if len(in_repo) == 3 else None
+    if local is None or not local.is_file():
         raise FileFormatError(
-            f"{folder / CONFIG} lists hub files ({remote[0]}, ...); saelab never downloads: fetch them and list "
-            "local paths, or load the folder circuit-tracer's cache writes (layer_L.safetensors)"
+            f"{folder / CONFIG} lists the hub file {listed}, which is not in {folder}; saelab never downloads: "
+            "fetch the repository's files into this folder, or load the folder circuit-tracer's cache writes"
         )
-    return {i: (folder / p) for i, p in enumerate(listed)}
+    return local
 
 
 def _read_layer(path: Path, folder: Path, cfg: dict[str, Any]) -> SAE:
