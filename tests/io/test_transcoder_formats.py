@@ -529,6 +529,10 @@ def test_circuit_tracer_bad_files(tmp_path):
     (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(FileFormatError, match="layer_7.safetensors, which is not in .* never downloads"):
         saelab.load(tmp_path / "set")
+    config.update(model_kind="cross_layer_transcoder")
+    (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(FileFormatError, match="Gemma Scope 2's CLT layout"):
+        saelab.load(tmp_path / "set")
     (tmp_path / "set" / "config.yaml").write_text(yaml.safe_dump({"model_kind": "sparse_thing", **CT_HOOKS}))
     with pytest.raises(FileFormatError, match="model_kind 'sparse_thing'"):
         saelab.load(tmp_path / "set")

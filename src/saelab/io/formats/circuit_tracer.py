@@ -20,6 +20,7 @@ in the layout circuit-tracer's own `to_safetensors` (and its local cache) writes
   ReLU CLT (no thresholds) gets threshold 0, stored as the smallest positive float32 (saelab keeps
   log-thresholds), which differs from ReLU only for pre-activations below 1.2e-38. A folder without
   config.yaml takes circuit-tracer's defaults, `hook_resid_mid` -> `hook_mlp_out` (noted in provenance).
+  A CLT config listing per-layer files (Gemma Scope 2's CLT layout) is refused by name.
 
 Negative thresholds (which circuit-tracer's JumpReLU would let through) have no saelab form and are
 refused. The writers produce these layouts from saelab's ReLU/JumpReLU transcoders (BatchTopK and
@@ -220,6 +221,11 @@ def _provenance(cfg: dict[str, Any], defaulted: bool, dtype: torch.dtype) -> dic
 
 
 def _read_clt(folder: Path, cfg: dict[str, Any]) -> SAE:
+    if cfg.get("transcoders") is not None:
+        raise FileFormatError(
+            f"{folder / CONFIG} describes a CLT as listed per-layer files (Gemma Scope 2's CLT layout), which "
+            "saelab does not read; circuit-tracer's own CLT layout (W_enc_i / W_dec_i.safetensors) it does"
+        )
     layers = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _CLT_FILE.fullmatch(p.name)))
     if not layers or layers != list(range(len(layers))):
         raise FileFormatError(
