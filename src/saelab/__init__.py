@@ -7,7 +7,7 @@
     result = saelab.train_e2e({"architecture": "topk", "d_sae": 2048, "k": 32}, model, tok, texts, "model.layers.6")
     records = saelab.run({"sae": {...}, "source": {"type": "world", ...}}, out="runs/x")  # train, evaluate, save
     saelab.save(result.sae, "my_sae")      # SAELens v6 layout (saelab's own for crosscoders)
-    sae = saelab.load("my_sae")            # or a sparsify / dictionary_learning / Gemma Scope / Llama Scope folder
+    sae = saelab.load("my_sae")            # or a sparsify / dictionary_learning / Gemma Scope / Llama Scope / circuit-tracer folder
 
 Every trained SAE comes back ready: it takes raw activations (the input scale is folded in).
 """

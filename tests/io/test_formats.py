@@ -38,6 +38,9 @@ def assert_matches(ours: torch.Tensor, ref, what: str) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
     scale = ref.abs().max().clamp_min(1e-12)
     err = (ours - ref).abs().max() / scale
+    if os.environ.get("SAELAB_INTEROP_ERRORS"):  # where the measured errors go (docs/results/interop.md)
+        with open(os.environ["SAELAB_INTEROP_ERRORS"], "a") as log:
+            log.write(json.dumps({"check": what, "max_rel_error": float(err)}) + "\n")
     assert err <= 1e-5, f"{what}: max error {err:.3g} relative to the largest entry"
 
 
@@ -96,7 +99,7 @@ def test_sparsify_sae_matches_sparsify(tmp_path):
     round_trip(sae, x, tmp_path, "sparsify")
 
 
-def test_sparsify_root_folder_and_transcoders(tmp_path):
+def test_sparsify_root_folder_and_transcode_flag(tmp_path):
     coder = _sparsify_coder()
     coder.save_to_disk(tmp_path / "root" / "layers.1")
     assert saelab.load(tmp_path / "root").provenance["hook_name"] == "layers.1"  # one hookpoint: that one
@@ -105,10 +108,9 @@ def test_sparsify_root_folder_and_transcoders(tmp_path):
         saelab.load(tmp_path / "root")
     cfg_path = tmp_path / "root" / "layers.2" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["transcode"] = True
-    cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(FileFormatError, match="transcoder"):
-        saelab.load(tmp_path / "root" / "layers.2")
+    cfg["transcode"] = True  # the same tensors read as a transcoder of the module's input (tests in
+    cfg_path.write_text(json.dumps(cfg))  # test_transcoder_formats.py compare it with sparsify)
+    assert saelab.load(tmp_path / "root" / "layers.2").cfg.write_site == "layers.2"
 
 
 def test_saelab_topk_written_as_sparsify_loads_in_sparsify(tmp_path):
@@ -376,16 +378,16 @@ def test_gemma_scope_2_matches_numpy(tmp_path):
     assert torch.equal(again.encode(x), sae.encode(x)) and again.provenance["hook_name"] == "model.layers.2.output"
 
 
-def test_gemma_scope_2_transcoder_is_refused(tmp_path):
+def test_gemma_scope_2_transcoder_config_makes_a_transcoder(tmp_path):
     cfg = {
         "architecture": "jump_relu",
         "type": "transcoder",
         "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
         "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output",
     }
-    _write_gemma_scope_2(tmp_path / "tc", cfg)
-    with pytest.raises(FileFormatError, match="transcoder"):
-        saelab.load(tmp_path / "tc")
+    _write_gemma_scope_2(tmp_path / "tc", cfg)  # test_transcoder_formats.py checks its forward
+    sae = saelab.load(tmp_path / "tc")
+    assert (sae.cfg.site, sae.cfg.write_site) == (cfg["hf_hook_point_in"], cfg["hf_hook_point_out"])
 
 
 # -------------------------------------------------------------------------------------- Llama Scope
@@ -481,9 +483,8 @@ def test_llama_scope_topk_and_transcoder(tmp_path):
     pre = (np64(x) * s_in) @ np64(t["encoder.weight"]).T + np64(t["encoder.bias"])
     kth = np.sort(pre, axis=1)[:, -4][:, None]
     assert_matches(sae.encode(x), np.maximum(pre, 0) * (pre >= kth), "llama scope topk encode")
-    _write_llama_scope(tmp_path / "tc", hook_point_out="blocks.3.hook_mlp_out")
-    with pytest.raises(FileFormatError, match="transcoder"):
-        saelab.load(tmp_path / "tc")
+    _write_llama_scope(tmp_path / "tc", hook_point_out="blocks.3.hook_mlp_out")  # see test_transcoder_formats.py
+    assert saelab.load(tmp_path / "tc").cfg.write_site == "blocks.3.hook_mlp_out"
 
 
 # --------------------------------------------------------------------------------- every format: bad files
@@ -499,6 +500,16 @@ def _one_of_each(tmp_path: Path) -> dict[str, Path]:
     _write_gemma_scope_2(tmp_path / "gs2")
     _write_llama_scope(tmp_path / "ls")
     saelab.save(saelab.create({"architecture": "relu", "d_in": D_IN, "d_sae": D_SAE}), tmp_path / "saelens")
+    ct = tmp_path / "ct"  # a circuit-tracer cross-layer transcoder of one layer
+    ct.mkdir()
+    (ct / "config.yaml").write_text(
+        "model_kind: cross_layer_transcoder\nfeature_input_hook: a\nfeature_output_hook: b\n"
+    )
+    save_file(
+        {"W_enc_0": _randn(D_SAE, D_IN), "b_enc_0": _randn(D_SAE), "b_dec_0": _randn(D_IN)},
+        str(ct / "W_enc_0.safetensors"),
+    )
+    save_file({"W_dec_0": _randn(D_SAE, 1, D_IN)}, str(ct / "W_dec_0.safetensors"))
     crosscoder = {"architecture": "relu", "d_in": 2 * D_IN, "d_sae": D_SAE, "site": ["layers.0", "layers.1"]}
     saelab.save(saelab.create(crosscoder), tmp_path / "crosscoder")
     return {
@@ -509,6 +520,7 @@ def _one_of_each(tmp_path: Path) -> dict[str, Path]:
         "gemma_scope_2": tmp_path / "gs2" / "params.safetensors",
         "llama_scope": tmp_path / "ls" / "checkpoints" / "final.safetensors",
         "saelens": tmp_path / "saelens" / "sae_weights.safetensors",
+        "circuit_tracer": ct / "W_enc_0.safetensors",
     }
 
 

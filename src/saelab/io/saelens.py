@@ -125,7 +125,7 @@ def reads_several_sites(sae: SAE, refuse: bool = False) -> bool:
         raise ConfigError(
             f"this {sae.architecture} dictionary reads or writes several sites (a crosscoder or cross-layer "
             "transcoder), which the SAELens layout cannot describe; save it with saelab.save (saelab's "
-            "dictionary layout, see saelab.io.dictionary)"
+            "dictionary layout, see saelab.io.dictionary; saelab convert: --to saelab-dictionary)"
         )
     return several
 

@@ -13,6 +13,7 @@ from saelab.errors import ConfigError
 from saelab.io import dictionary
 from saelab.io import saelens as saelens_layout
 from saelab.io.formats import (  # noqa: F401  (each import registers its format)
+    circuit_tracer,
     dictionary_learning,
     gemma_scope_1,
     gemma_scope_2,

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from saelab.errors import ConfigError, FileFormatError
+from saelab.io.saelens_transcoders import PLACEHOLDER_IN, PLACEHOLDER_OUT
 from saelab.sae.base import SAE
 from saelab.sae.registry import get_class, make_config
 
@@ -36,6 +37,7 @@ class Format:
     detect: Callable[[Path], bool]
     read: Callable[[Path], SAE]
     write: Callable[[SAE, Path], Path] | None = None
+    reads_file: bool = False  # `read` gets a file path as given (one file of a folder picks what to load)
 
 
 _FORMATS: dict[str, Format] = {}
@@ -90,7 +92,7 @@ def read(path: str | Path, format: str | None = None) -> SAE:
     fmt = get_format(format) if format else detect(path)
     if not path.exists():
         raise FileFormatError(f"{path} does not exist; give the folder (or a file) of a saved {fmt.name} SAE")
-    return fmt.read(_folder(path))
+    return fmt.read(path if fmt.reads_file and path.is_file() else _folder(path))
 
 
 # ---------------------------------------------------------------------------- helpers for readers
@@ -142,6 +144,29 @@ def require_keys(tensors: dict[str, torch.Tensor], keys: list[str], path: Path, 
 def check_shape(t: torch.Tensor, shape: tuple[int, ...], key: str, path: Path, why: str) -> None:
     if tuple(t.shape) != tuple(shape):
         raise FileFormatError(f"{path}: '{key}' has shape {tuple(t.shape)} but {why} implies {tuple(shape)}")
+
+
+def check_thresholds(t: torch.Tensor, key: str, path: Path) -> None:
+    """JumpReLU thresholds must be finite and non-negative: saelab stores their logarithm, and a
+    negative threshold (which would let negative pre-activations through) has no saelab form."""
+    if not torch.isfinite(t).all() or bool((t < 0).any()):
+        raise FileFormatError(
+            f"{path}: '{key}' holds negative or non-finite JumpReLU thresholds (min {t.min().item():.4g}); "
+            "saelab reads thresholds >= 0 only"
+        )
+
+
+def transcoder_sites(hook_in: Any, hook_out: Any, path: Path) -> tuple[str, str, str | None]:
+    """(site, write_site, note) of a transcoder from the hooks its file names: placeholders
+    'input' -> 'output' (and a note saying so) for hooks it does not name."""
+    for name, hook in (("input", hook_in), ("output", hook_out)):
+        if hook is not None and (not isinstance(hook, str) or not hook.strip()):
+            raise FileFormatError(f"{path}: the {name} hook must be a non-empty string (got {hook!r:.60})")
+    if hook_in and hook_in == hook_out:
+        raise FileFormatError(f"{path}: a transcoder reads and writes the same hook {hook_in!r}; fix the output hook")
+    missing = [n for n, h in (("input", hook_in), ("output", hook_out)) if not h]
+    note = f"{path.name} names no {' or '.join(missing)} hook; the sites are placeholders" if missing else None
+    return hook_in or PLACEHOLDER_IN, hook_out or PLACEHOLDER_OUT, note
 
 
 def build(values: dict[str, Any], state: dict[str, torch.Tensor], path: Path, provenance: dict[str, Any]) -> SAE:

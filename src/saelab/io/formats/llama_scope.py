@@ -11,8 +11,15 @@ authors use in SAELens' loader). Folding everything into saelab's JumpReLU for r
     W_enc = s_in * encoder.weight^T     b_enc = encoder.bias        threshold = jump_relu_threshold * s_in
     W_dec = decoder.weight^T / s_out    b_dec = decoder.bias / s_out
 
-`act_fn: topk` files become saelab TopK with `top_k`. Transcoders (hook_point_in != hook_point_out)
-have no saelab class yet and are refused. Every factor is recorded in `provenance.folded_scaling`.
+`act_fn: topk` files become saelab TopK with `top_k`.
+
+A transcoder (`hook_point_in` != `hook_point_out`, e.g. `blocks.L.ln2.hook_normalized` ->
+`blocks.L.hook_mlp_out`) is folded by the same rules with its own two norms: its encoder and
+threshold take s_in (from `.in`, the input's norm) and its decoder and decoder bias 1/s_out (from
+`.out`, the output's norm), so it reads raw MLP inputs and writes raw MLP outputs; it becomes saelab's
+transcoder (`site` hook_point_in, `write_site` hook_point_out, a zero input bias).
+`apply_decoder_bias_to_pre_encoder` has no meaning for a transcoder (its decoder bias is in the
+output space) and is refused there. Every factor is recorded in `provenance.folded_scaling`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,15 @@ import torch
 
 from saelab.errors import FileFormatError
 from saelab.io.atomic import read_json
-from saelab.io.formats.base import Format, build, check_shape, read_safetensors, register_format, require_keys
+from saelab.io.formats.base import (
+    Format,
+    build,
+    check_shape,
+    read_safetensors,
+    register_format,
+    require_keys,
+    transcoder_sites,
+)
 from saelab.sae.base import SAE
 
 CONFIG = "hyperparams.json"
@@ -58,10 +73,7 @@ def _read(folder: Path) -> SAE:
     if not isinstance(hp, dict) or not isinstance(hp.get("d_model"), int) or not isinstance(hp.get("d_sae"), int):
         raise FileFormatError(f"{cfg_path} must be a JSON object with integer 'd_model' and 'd_sae'")
     hook_in, hook_out = hp.get("hook_point_in"), hp.get("hook_point_out", hp.get("hook_point_in"))
-    if hook_out != hook_in:
-        raise FileFormatError(
-            f"{cfg_path} describes a Llama Scope transcoder ({hook_in} -> {hook_out}); saelab reads Llama Scope SAEs only"
-        )
+    transcoder = hook_out != hook_in
     weights_path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights_path is None:
         raise FileFormatError(f"{folder} has {CONFIG} but no weights ({' or '.join(WEIGHT_FILES)})")
@@ -90,6 +102,11 @@ def _read(folder: Path) -> SAE:
             )
     s_in, s_out = _scales(hp, d_in, cfg_path)
     subtract = bool(hp.get("apply_decoder_bias_to_pre_encoder", False))
+    if subtract and transcoder:
+        raise FileFormatError(
+            f"{cfg_path}: apply_decoder_bias_to_pre_encoder on a transcoder ({hook_in} -> {hook_out}) would "
+            "subtract an output-space bias from the input; saelab refuses it"
+        )
     if subtract and not math.isclose(s_in, s_out, rel_tol=1e-6):
         raise FileFormatError(
             f"{cfg_path}: apply_decoder_bias_to_pre_encoder with different input and output norms has no saelab form"
@@ -117,13 +134,21 @@ def _read(folder: Path) -> SAE:
         "source_dtype": str(t["encoder.weight"].dtype).removeprefix("torch."),
         "folded_scaling": folded,
     }
+    if transcoder:
+        site, write_site, unnamed = transcoder_sites(hook_in, hook_out, cfg_path)
+        values.update(site=site, write_site=write_site, d_out=d_in)
+        state["b_in"] = torch.zeros(d_in)
+        provenance.update(kind="transcoder", hook_name=site, hook_name_out=write_site)
+        if unnamed:
+            provenance["unnamed_hooks"] = unnamed
     return build(values, state, folder, provenance)
 
 
 FORMAT = register_format(
     Format(
         name="llama_scope",
-        reads="hyperparams.json + checkpoints/final.safetensors: Llama Scope JumpReLU/TopK SAEs, dataset-norm folded",
+        reads="hyperparams.json + checkpoints/final.safetensors: Llama Scope JumpReLU/TopK SAEs and transcoders, "
+        "dataset norms folded",
         detect=_detect,
         read=_read,
     )
