@@ -53,6 +53,7 @@ def run_bench_toy(args: argparse.Namespace) -> int:
                 "l0",
                 "fvu",
                 "recovered_fraction",
+                "composites_recovered",
                 "mcc",
                 "shrinkage",
                 "absorption",
