@@ -82,12 +82,16 @@ def test_cli_runs_the_quick_benchmark(tmp_path, capsys):
             "topk",
             "--steps",
             "30",
+            "--multipliers",
+            "0.5",
+            "1",
             "--jobs",
             "1",
         ]
     )
     assert rc == 0
-    assert json.loads((tmp_path / "results.json").read_text())[0]["world"] == "independent"
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["world"], r["multiplier"]) for r in records] == [("independent", 0.5), ("independent", 1.0)]
     assert "recovered_fraction" in capsys.readouterr().out
 
 

@@ -101,7 +101,16 @@ def plot_pathologies(rows: list[dict], path: Path) -> None:
 
     from saelab.plotting import new_figure
 
-    metrics = ["shrinkage", "absorption", "hedging", "splitting", "merging", "recovered_fraction", "mcc"]
+    metrics = [
+        "shrinkage",
+        "absorption",
+        "hedging",
+        "splitting",
+        "merging",
+        "recovered_fraction",
+        "composites_recovered",
+        "mcc",
+    ]
     if not rows:
         return
     labels = [f"{r['world']}/{r['architecture']}" for r in rows]
@@ -163,11 +172,13 @@ def composite_section(rows: list[dict], references: list[dict]) -> tuple[str, st
             base = {r["architecture"]: r for r in refs}
             lines.append(
                 f"{w}: features recovered {mean('recovered_fraction'):.2f}, composites recovered "
-                f"{mean('composites_recovered'):.2f} (mean of {len(saes)} SAEs); random dictionary "
-                f"{base['(random dictionary)']['recovered_fraction']:.2f} / "
-                f"{base['(random dictionary)']['composites_recovered']:.2f}, composite dictionary "
-                f"{base['(composites dictionary)']['recovered_fraction']:.2f} / "
-                f"{base['(composites dictionary)']['composites_recovered']:.2f}."
+                f"{mean('composites_recovered'):.2f} (mean of {len(saes)} dictionaries); baselines (features / composites): "
+                + ", ".join(
+                    f"{name} dictionary {base[f'({name} dictionary)']['recovered_fraction']:.2f} / "
+                    f"{base[f'({name} dictionary)']['composites_recovered']:.2f}"
+                    for name in ("features", "composites", "random")
+                )
+                + "."
             )
     text = (
         "A composite is unit(parent + child), what a child latent decodes once it has absorbed its parent; "
@@ -219,7 +230,9 @@ def write_report(result, cfg, out: Path) -> None:
         (
             "Pathology table",
             "Default settings. shrinkage is gamma* (< 1: shrinks); absorption is "
-            "P(parent latent silent | child fires) with its baseline P(silent | parent alone); hedging is "
+            "P(parent latent silent | child fires) with its baseline P(silent | parent alone), where a latent that "
+            "absorbed a parent + child composite is never the parent's (a parent with only such latents is silent "
+            "everywhere: both 1); composites_recovered and absorbed_parents are explained below; hedging is "
             "the child direction's excess cosine in the parent latent; splitting and merging are fractions "
             "of true features.",
             rows,

@@ -316,7 +316,9 @@ class HedgingMetrics:
         return asdict(self)
 
 
-def hedging(sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]]) -> HedgingMetrics:
+def hedging(
+    sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]], threshold: float = 0.9
+) -> HedgingMetrics:
     """How much of a child direction leaks into its parent's latent (Chanin et al. 2025), beyond the
     overlap the true directions already have. MSE-driven, so strongest in narrow dictionaries. A
     parent matched to a latent that absorbs a pair (`absorbing_latents`) has no latent to hedge."""
@@ -324,7 +326,7 @@ def hedging(sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple
         raise ConfigError("hedging needs (parent, child) pairs; this world has no hierarchy")
     m = match_features(sae, directions)
     u, cos, match = m.directions, m.cosines, m.latents
-    absorber = absorbing_latents(sae, m, pairs)
+    absorber = absorbing_latents(sae, m, pairs, threshold)
     vals = []
     for p, ch in pairs:
         if match[p] >= 0 and absorber[match[p]] < 0:

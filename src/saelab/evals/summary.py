@@ -30,8 +30,9 @@ from saelab.toys.features import LinearWorld
 @dataclass
 class GroundTruthMetrics:
     """What a world's known features add: recovery, MCC, per-feature shrinkage, splitting and
-    merging; absorption, hedging and parent + child composites for a hierarchy; entities versus attributes for a bundle world;
-    encoder/output recovery for a transcoder world; per-category recovery for a crosscoder world."""
+    merging; absorption, hedging and parent + child composites for a hierarchy; entities versus
+    attributes for a bundle world; encoder/output recovery for a transcoder world; per-category
+    recovery for a crosscoder world."""
 
     recovery: RecoveryMetrics
     correlation: P.CorrelationMetrics
@@ -213,8 +214,8 @@ def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: fl
     )
     pairs = world.parent_child_pairs()
     if pairs:
-        gt.absorption = P.absorption(sae, data, match, pairs)
-        gt.hedging = P.hedging(sae, match, pairs)
+        gt.absorption = P.absorption(sae, data, match, pairs, threshold=threshold)
+        gt.hedging = P.hedging(sae, match, pairs, threshold)
         gt.composites = P.composite_recovery(sae, match, pairs, data, threshold)
     if getattr(world, "bundles", None) is not None:
         gt.bundle = P.bundle_decomposition(sae, world)
