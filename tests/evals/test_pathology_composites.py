@@ -102,5 +102,7 @@ def test_composites_need_a_hierarchy():
     sae = hand_built(world.directions, world.directions.t())
     with pytest.raises(saelab.errors.ConfigError, match="no hierarchy"):
         P.composite_recovery(sae, world.directions, [])
+    with pytest.raises(saelab.errors.ConfigError, match="no hierarchy"):
+        P.absorbing_latents(sae, world.directions, [])
     with pytest.raises(saelab.errors.ConfigError, match="kind 'independent'"):
         reference_dictionaries(world)

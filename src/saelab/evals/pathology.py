@@ -200,6 +200,8 @@ def absorbing_latents(
     asymmetry, which tells an absorbing child latent from a parent latent hedged towards its child
     (their decoders can look alike). A transcoder's encoder reads another space, so there only the
     decoder decides."""
+    if not pairs:
+        raise ConfigError("absorbing_latents needs (parent, child) pairs; this world has no hierarchy")
     m = match_features(sae, directions)
     dec = unit_rows(sae.W_dec.detach().float().cpu())
     comp_cos = composite_directions(m, pairs) @ dec.t()  # [P, M]
