@@ -150,10 +150,8 @@ def coactive_magnitudes(data: Collected, pairs: Sequence[tuple[int, int]]) -> to
 class CompositeRecovery:
     """Does the dictionary hold parent + child composites instead of the features themselves?"""
 
-    composites_recovered: float  # composites matched one-to-one (Hungarian) to a latent at decoder cos >= threshold
-    composites_recovered_weighted: (
-        float  # the same for composites at the data's co-active magnitudes (nan without data)
-    )
+    composites_recovered: float  # composites matched one-to-one (Hungarian) to a latent at cos >= threshold
+    composites_recovered_weighted: float  # the same at the data's co-active magnitudes (nan without data)
     mean_matched_cosine: float  # mean over composites of their match's cosine
     threshold: float
     pairs: int
@@ -229,9 +227,7 @@ class AbsorptionMetrics:
     pairs: int
     absorbing_latent_fraction: float = 0.0  # live latents that absorb a pair, over live latents
     absorbed_pair_fraction: float = 0.0  # pairs with a live absorbing latent
-    absorbed_parent_fraction: float = (
-        0.0  # parents living only in absorbing latents (none of their own at cos >= threshold)
-    )
+    absorbed_parent_fraction: float = 0.0  # parents only in absorbing latents (none of their own at threshold)
     per_pair_rate: list[float] = field(repr=False, default_factory=list)
 
     def as_dict(self) -> dict:
