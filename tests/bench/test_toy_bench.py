@@ -56,6 +56,12 @@ def test_benchmark_writes_results_report_and_plots(tmp_path):
     assert all("entity_recovered" in r for r in records if r["world"] == "bundle")
     md = (tmp_path / "report.md").read_text()
     assert "## Leaderboard: hierarchical" in md and "## Pathology table" in md and "## Choosing L0" in md
+    # features against parent + child composites, next to the hand-built reference dictionaries
+    assert "## Parent + child composites" in md and "hierarchical: features recovered " in md
+    assert "(composites dictionary)" in md and "(random dictionary)" in md and "(features dictionary)" in md
+    refs = json.loads((tmp_path / "references.json").read_text())
+    assert {r["dictionary"] for r in refs} == {"features", "composites", "random"}
+    assert {r["world"] for r in refs} == {"hierarchical"}  # the bundle world has no hierarchy
     assert "<table>" in (tmp_path / "report.html").read_text()
     for png in ("frontier_hierarchical.png", "frontier_bundle.png", "pathologies.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -76,12 +82,16 @@ def test_cli_runs_the_quick_benchmark(tmp_path, capsys):
             "topk",
             "--steps",
             "30",
+            "--multipliers",
+            "0.5",
+            "1",
             "--jobs",
             "1",
         ]
     )
     assert rc == 0
-    assert json.loads((tmp_path / "results.json").read_text())[0]["world"] == "independent"
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["world"], r["multiplier"]) for r in records] == [("independent", 0.5), ("independent", 1.0)]
     assert "recovered_fraction" in capsys.readouterr().out
 
 

@@ -6,6 +6,10 @@ decoder cos with the parent 0.70, child encoder cos -0.03: the encoder/decoder a
 the other 4 it found a different optimum whose parent latent carries half the child direction
 (hedging 0.5) and nothing is absorbed. The tied SAE absorbed on 1/7 seeds. So "L1 absorbs" holds
 on some seeds only and "tying reduces it" holds on average; the bounds say exactly that.
+Re-measured on 2026-12-01 (the same before and after latents were matched against parent + child
+composites): untied 5/7 seeds absorbed, each with one absorbing latent of four (the child's,
+decoding the composite) while the parent keeps a latent of its own; the other 2 hedge (0.48,
+0.50); tied 0/7, the absorbing-latent count 0 on every seed.
 Wrong L0 (Chanin & Garriga-Alonso 2025), TopK on the bench's correlated world (true L0 5.1):
 merged-feature fraction 1.0 at k = 3 vs 0.45-0.61 at k = 5, and the nth decoder projection
 (n = d_sae / 8) lowest at k = 5 among k in {3, 5, 12} on 3/3 seeds.
@@ -40,6 +44,12 @@ def test_l1_sae_absorbs_the_parent_and_tying_reduces_it():
         # leans towards the parent while its encoder does not (the asymmetry)
         assert r["parent_alone_miss_rate"] <= 0.05
         assert r["child_decoder_parent_cos"] >= 0.6 and r["child_encoder_parent_cos"] <= 0.1
+        # the child latent is the absorbing one; the parent still has a latent of its own
+        assert r["absorbed_pair_fraction"] == 1.0 and r["absorbed_parent_fraction"] == 0.0
+    # tying removes the asymmetry an absorbing latent needs
+    assert statistics.mean(r["absorbing_latent_fraction"] for r in tied) < statistics.mean(
+        r["absorbing_latent_fraction"] for r in untied
+    )
     # tying encoder to decoder reduces absorption on average
     assert statistics.mean(rate_t) < statistics.mean(rate_u), (rate_u, rate_t)
 

@@ -61,6 +61,12 @@ def test_the_record_equals_each_metric_computed_on_its_own():
         "absorption_baseline": ab.parent_alone_miss_rate,
         "child_decoder_parent_cos": ab.child_decoder_parent_cos,
         "hedging": P.hedging(sae, world.directions, pairs).hedging,
+        "absorbing_latents": ab.absorbing_latent_fraction,
+        "absorbed_parents": ab.absorbed_parent_fraction,
+        "composites_recovered": P.composite_recovery(sae, world.directions, pairs).composites_recovered,
+        "composites_recovered_weighted": P.composite_recovery(
+            sae, world.directions, pairs, batches
+        ).composites_recovered_weighted,
     }
     assert {k: record[k] for k in separate} == separate  # the same code on the same data: exactly equal
     assert record["density_histogram"]["counts"] == dens.histogram_counts
@@ -88,8 +94,10 @@ def test_one_encoding_pass_and_one_decoder_matching(monkeypatch):
     assert "absorption" in record and "hedging" in record
     assert encodes == [512] * len(batches)  # each held-out batch encoded once
     # one matching of true features to decoder rows, shared by recovery, shrinkage, absorption and
-    # hedging; the MCC's match is on activation correlations, by definition a separate one
-    assert matchings == [(world.n_features, sae.cfg.d_sae)] * 2
+    # hedging; the MCC's match is on activation correlations, by definition a separate one; parent +
+    # child composites get their own (unit and at the data's magnitudes)
+    pairs = len(world.parent_child_pairs())
+    assert matchings == [(world.n_features, sae.cfg.d_sae)] * 2 + [(pairs, sae.cfg.d_sae)] * 2
 
 
 def test_without_a_world_only_the_truth_free_metrics_are_reported():

@@ -17,6 +17,9 @@ def register(subparsers) -> None:
     t.add_argument("--architectures", nargs="+", help="Subset of architectures (default: every registered one).")
     t.add_argument("--steps", type=int, help="Training steps per SAE.")
     t.add_argument("--seeds", type=int, nargs="+", help="Seeds (default: 0).")
+    t.add_argument(
+        "--multipliers", type=float, nargs="+", help="Sparsity settings as multiples of the true L0 (default: 0.5 1 2)."
+    )
     t.add_argument("--jobs", type=int, default=0, help="Parallel single-thread processes (default: one per core).")
     t.add_argument("--no-tms", action="store_true", help="Skip the toy models of superposition section.")
     t.set_defaults(func=run_bench_toy)
@@ -34,6 +37,7 @@ def run_bench_toy(args: argparse.Namespace) -> int:
             "architectures": args.architectures,
             "steps": args.steps,
             "seeds": args.seeds,
+            "multipliers": args.multipliers,
             "jobs": args.jobs,
         }.items()
         if v is not None
@@ -53,6 +57,7 @@ def run_bench_toy(args: argparse.Namespace) -> int:
                 "l0",
                 "fvu",
                 "recovered_fraction",
+                "composites_recovered",
                 "mcc",
                 "shrinkage",
                 "absorption",

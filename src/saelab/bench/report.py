@@ -29,8 +29,11 @@ PATHOLOGY = [
     "l0",
     "shrinkage",
     "feature_magnitude_ratio",
+    "recovered_fraction",
+    "composites_recovered",
     "absorption",
     "absorption_baseline",
+    "absorbed_parents",
     "hedging",
     "splitting",
     "merging",
@@ -98,7 +101,16 @@ def plot_pathologies(rows: list[dict], path: Path) -> None:
 
     from saelab.plotting import new_figure
 
-    metrics = ["shrinkage", "absorption", "hedging", "splitting", "merging", "recovered_fraction", "mcc"]
+    metrics = [
+        "shrinkage",
+        "absorption",
+        "hedging",
+        "splitting",
+        "merging",
+        "recovered_fraction",
+        "composites_recovered",
+        "mcc",
+    ]
     if not rows:
         return
     labels = [f"{r['world']}/{r['architecture']}" for r in rows]
@@ -125,12 +137,68 @@ def plot_pathologies(rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
+COMPOSITES = [
+    "world",
+    "architecture",
+    "seeds",
+    "recovered_fraction",
+    "composites_recovered",
+    "absorbing_latents",
+    "absorbed_parents",
+    "absorption",
+    "absorption_baseline",
+]
+
+
+def composite_section(rows: list[dict], references: list[dict]) -> tuple[str, str, list[dict], list[str]] | None:
+    """Features against parent + child composites on each hierarchy world, the trained SAEs'
+    default settings followed by the hand-built reference dictionaries (averaged over seeds)."""
+    hier = sorted({r["world"] for r in references})
+    if not hier:
+        return None
+    table, lines = [], []
+    for w in hier:
+        saes = [r for r in rows if r["world"] == w and "composites_recovered" in r]
+        refs = default_rows(
+            [
+                {**r, "architecture": f"({r['dictionary']} dictionary)", "multiplier": 1.0, "setting": None}
+                for r in references
+                if r["world"] == w
+            ]
+        )
+        table += saes + refs
+        if saes:
+            mean = lambda key: sum(r[key] for r in saes) / len(saes)  # noqa: E731
+            base = {r["architecture"]: r for r in refs}
+            lines.append(
+                f"{w}: features recovered {mean('recovered_fraction'):.2f}, composites recovered "
+                f"{mean('composites_recovered'):.2f} (mean of {len(saes)} dictionaries); baselines (features / composites): "
+                + ", ".join(
+                    f"{name} dictionary {base[f'({name} dictionary)']['recovered_fraction']:.2f} / "
+                    f"{base[f'({name} dictionary)']['composites_recovered']:.2f}"
+                    for name in ("features", "composites", "random")
+                )
+                + "."
+            )
+    text = (
+        "A composite is unit(parent + child), what a child latent decodes once it has absorbed its parent; "
+        "composites recovered is the fraction matched one-to-one to a latent at decoder cosine >= 0.9, "
+        "as recovered_fraction is for features. absorbing_latents: live latents closer to a composite than "
+        "to any feature, whose encoder reads the child more than the parent; absorbed_parents: parents "
+        "with no latent of their own, only absorbing ones. Reference rows are hand-built: the true "
+        "features, the composites (encoder reading the child) and random unit rows.\n\n" + "\n".join(lines)
+    )
+    return "Parent + child composites", text, table, _columns(table, COMPOSITES)
+
+
 def write_report(result, cfg, out: Path) -> None:
     records = result.records
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", [{k: v for k, v in r.items() if k != "traceback"} for r in records])
     if result.tms is not None:
         write_json(out / "tms.json", result.tms)
+    if result.references:
+        write_json(out / "references.json", result.references)
     rows = default_rows(records)
     worlds = [w for w in cfg.worlds if any(r["world"] == w for r in records)]
     plots = []
@@ -162,13 +230,18 @@ def write_report(result, cfg, out: Path) -> None:
         (
             "Pathology table",
             "Default settings. shrinkage is gamma* (< 1: shrinks); absorption is "
-            "P(parent latent silent | child fires) with its baseline P(silent | parent alone); hedging is "
+            "P(parent latent silent | child fires) with its baseline P(silent | parent alone), where a latent that "
+            "absorbed a parent + child composite is never the parent's (a parent with only such latents is silent "
+            "everywhere: both 1); composites_recovered and absorbed_parents are explained below; hedging is "
             "the child direction's excess cosine in the parent latent; splitting and merging are fractions "
             "of true features.",
             rows,
             _columns(rows, PATHOLOGY),
         )
     )
+    composites = composite_section(rows, result.references)
+    if composites is not None:
+        sections.append(composites)
     l0_rows = [r for r in records if "error" not in r and get_class(r["architecture"]).sweep_kind == "count"]
     sections.append(
         (

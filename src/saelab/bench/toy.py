@@ -211,6 +211,44 @@ def plan(cfg: BenchConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- one run
+def held_out(world, seed: int, eval_tokens: int) -> list:
+    """The held-out batches every dictionary of a (world, seed) is measured on."""
+    gen = torch.Generator().manual_seed(1_000_033 + seed)
+    return [world.sample(1024, gen) for _ in range(max(1, eval_tokens // 1024))]
+
+
+REFERENCE_KEYS = [
+    "recovered_fraction",
+    "composites_recovered",
+    "absorbing_latents",
+    "absorbed_parents",
+    "absorption",
+    "absorption_baseline",
+    "hedging",
+]
+
+
+def reference_records(cfg: BenchConfig) -> list[dict]:
+    """The trivial baselines of the hierarchy columns: the hand-built true-feature, composite and
+    random dictionaries (`saelab.toys.absorption.reference_dictionaries`) on each hierarchy world
+    and seed, measured on the same held-out batches as the trained SAEs. No training, so cheap."""
+    from saelab.evals.summary import evaluate
+    from saelab.toys.absorption import reference_dictionaries
+    from saelab.toys.worlds import World
+
+    out = []
+    for seed in cfg.seeds:
+        for wname in cfg.worlds:
+            world = World(world_spec(wname, cfg.quick, seed))
+            if not world.parent_child_pairs():
+                continue
+            held = held_out(world, seed, cfg.eval_tokens)
+            for name, sae in reference_dictionaries(world, seed).items():
+                rec = evaluate(sae, held, world).as_dict()
+                out.append({"world": wname, "dictionary": name, "seed": seed, **{k: rec[k] for k in REFERENCE_KEYS}})
+    return out
+
+
 def run_one(job: dict) -> dict:
     """Train and measure one (world, architecture, setting); errors become a record, not a crash."""
     torch.set_num_threads(1)
@@ -235,9 +273,8 @@ def run_one(job: dict) -> dict:
         t0 = time.perf_counter()
         train(sae, ToySource(world, job["batch_size"], job["seed"]), job["train"])
         seconds = time.perf_counter() - t0
-        gen = torch.Generator().manual_seed(1_000_033 + job["seed"])
-        held_out = [world.sample(1024, gen) for _ in range(max(1, job["eval_tokens"] // 1024))]
-        return {**base, **evaluate(sae, held_out, world).as_dict(), "train_seconds": seconds}
+        held = held_out(world, job["seed"], job["eval_tokens"])
+        return {**base, **evaluate(sae, held, world).as_dict(), "train_seconds": seconds}
     except Exception as exc:  # a variant that cannot train on toy data must not stop the benchmark
         return {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
 
@@ -249,6 +286,7 @@ class BenchResult:
     wall_seconds: float
     out: Path | None = None
     tms: dict | None = field(default=None)
+    references: list[dict] = field(default_factory=list)  # reference_records: baselines of the hierarchy columns
 
 
 def run_toy_bench(cfg: BenchConfig | dict | None = None, out: str | Path | None = None, log=print) -> BenchResult:
@@ -276,10 +314,11 @@ def run_toy_bench(cfg: BenchConfig | dict | None = None, out: str | Path | None 
     run_jobs(run_one, jobs, workers, done)
     order = {(j["world"], j["sae"]["architecture"], j["multiplier"], j["seed"]): i for i, j in enumerate(jobs)}
     records.sort(key=lambda r: order[(r["world"], r["architecture"], r["multiplier"], r["seed"])])
+    references = reference_records(cfg)
     tms = None
     if cfg.tms:
         tms = _run_tms(out, log)
-    result = BenchResult(records, time.perf_counter() - t0, Path(out) if out else None, tms)
+    result = BenchResult(records, time.perf_counter() - t0, Path(out) if out else None, tms, references)
     if out is not None:
         from saelab.bench.report import write_report
 

@@ -5,7 +5,9 @@ one-to-one by the Hungarian algorithm on decoder cosines (`saelab.evals.core.mat
 one latent cannot stand for two features; pass that `Matching` in place of the directions to
 share it between metrics, and a `Collected` in place of batches to share one encoding pass. Where a metric asks whether a latent "carries" a feature on a token, it compares what
 the latent writes along the true direction, f * (d_latent . u), with the feature's true
-magnitude, so tiny leaky activations of L1 SAEs do not count as firing.
+magnitude, so tiny leaky activations of L1 SAEs do not count as firing. In a hierarchy, latents
+are also compared with parent + child composites, the direction a child latent decodes once it has
+absorbed its parent (`composite_recovery`, `absorbing_latents`).
 """
 
 from __future__ import annotations
@@ -121,17 +123,111 @@ def mean_correlation(sae: SAE, data: Collected | Iterable) -> CorrelationMetrics
     return CorrelationMetrics(mcc, match.tolist())
 
 
-# ---------------------------------------------------------------------------- absorption and hedging
+# ---------------------------------------------------------------------------- composites and absorption
+def composite_directions(
+    directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]], weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[P, d] unit parent + child directions, one per (parent, child): what a child latent that
+    absorbed its parent decodes. `weights` [P, 2] scales (parent, child) first (`coactive_magnitudes`)."""
+    u = directions.directions if isinstance(directions, Matching) else unit_rows(directions.detach().float().cpu())
+    idx = torch.tensor([list(pc) for pc in pairs], dtype=torch.long).reshape(-1, 2)
+    w = torch.ones(len(idx), 2) if weights is None else weights
+    return unit_rows(w[:, :1] * u[idx[:, 0]] + w[:, 1:] * u[idx[:, 1]])
+
+
+def coactive_magnitudes(data: Collected, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[P, 2] mean (parent, child) magnitudes on the tokens where both fire (1 where none do), so the
+    composite follows the world's own magnitudes when it scales parents and children differently."""
+    out = torch.ones(len(pairs), 2)
+    for k, (p, ch) in enumerate(pairs):
+        both = (data.features[:, p] > 0) & (data.features[:, ch] > 0)
+        if both.any():
+            out[k] = data.features[both][:, [p, ch]].mean(0)
+    return out
+
+
+@dataclass
+class CompositeRecovery:
+    """Does the dictionary hold parent + child composites instead of the features themselves?"""
+
+    composites_recovered: float  # composites matched one-to-one (Hungarian) to a latent at cos >= threshold
+    composites_recovered_weighted: float  # the same at the data's co-active magnitudes (nan without data)
+    mean_matched_cosine: float  # mean over composites of their match's cosine
+    threshold: float
+    pairs: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def composite_recovery(
+    sae: SAE,
+    directions: torch.Tensor | Matching,
+    pairs: Sequence[tuple[int, int]],
+    data: Collected | Iterable | None = None,
+    threshold: float = 0.9,
+) -> CompositeRecovery:
+    """The fraction of parent + child composites a latent points along, matched one-to-one as
+    `recovered_fraction` matches features, so one latent never counts for two composites. (With
+    near-orthogonal features, best-match gives the same count at 0.9: one latent can be within 0.9
+    of two composites only if they are at cos > 0.62, and siblings' composites are at 0.5.)"""
+    if not pairs:
+        raise ConfigError("composite_recovery needs (parent, child) pairs; this world has no hierarchy")
+    m = match_features(sae, directions)
+    dec = unit_rows(sae.W_dec.detach().float().cpu())
+
+    def recovered(comp: torch.Tensor) -> tuple[float, float]:
+        cos = comp @ dec.t()
+        match = match_latents(cos)
+        got = torch.tensor([float(cos[k, j]) if j >= 0 else -1.0 for k, j in enumerate(match.tolist())])
+        return float((got >= threshold).float().mean()), float(got.mean())
+
+    frac, mean_cos = recovered(composite_directions(m, pairs))
+    weighted = float("nan")
+    if data is not None:
+        weighted = recovered(composite_directions(m, pairs, coactive_magnitudes(_data(sae, data), pairs)))[0]
+    return CompositeRecovery(frac, weighted, mean_cos, threshold, len(pairs))
+
+
+def absorbing_latents(
+    sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]], threshold: float = 0.9
+) -> torch.Tensor:
+    """[d_sae] the pair index of each absorbing latent (-1 for the rest). A latent absorbs pair
+    (p, c) when its decoder is closer to that composite than to any true feature or other composite,
+    at cos >= threshold, and its encoder reads the child more than the parent: Chanin et al.'s
+    asymmetry, which tells an absorbing child latent from a parent latent hedged towards its child
+    (their decoders can look alike). A transcoder's encoder reads another space, so there only the
+    decoder decides."""
+    if not pairs:
+        raise ConfigError("absorbing_latents needs (parent, child) pairs; this world has no hierarchy")
+    m = match_features(sae, directions)
+    dec = unit_rows(sae.W_dec.detach().float().cpu())
+    comp_cos = composite_directions(m, pairs) @ dec.t()  # [P, M]
+    best_comp, k = comp_cos.max(0)
+    best_feature = m.cosines.max(0).values
+    absorbs = (best_comp >= threshold) & (best_comp > best_feature)
+    if not sae.cfg.is_transcoder:
+        enc = unit_rows(sae.W_enc.detach().float().cpu().t())  # [M, d]
+        idx = torch.tensor([list(pc) for pc in pairs], dtype=torch.long)[k]  # [M, 2] each latent's pair
+        u = m.directions
+        absorbs &= (enc * u[idx[:, 1]]).sum(-1) > (enc * u[idx[:, 0]]).sum(-1)
+    return torch.where(absorbs, k, torch.full_like(k, -1))
+
+
 @dataclass
 class AbsorptionMetrics:
-    """For parent/child pairs (child fires only when its parent fires)."""
+    """For parent/child pairs (child fires only when its parent fires). A latent that absorbs a pair
+    (`absorbing_latents`) is never taken for the parent's own latent: it is the child's."""
 
-    absorption_rate: float  # mean over pairs: P(parent latent silent | child fires)
-    parent_alone_miss_rate: float  # baseline: P(parent latent silent | parent fires without that child)
+    absorption_rate: float  # mean over pairs: P(parent's own latent silent | child fires)
+    parent_alone_miss_rate: float  # baseline: P(parent's own latent silent | parent fires without that child)
     child_decoder_parent_cos: float  # mean cos(child latent's decoder, parent direction)
     child_encoder_parent_cos: float  # mean cos(child latent's encoder, parent direction): asymmetry shows absorption
     absorbed_fraction: float  # mean share of the parent's magnitude written by the child latent when both fire
     pairs: int
+    absorbing_latent_fraction: float = 0.0  # live latents that absorb a pair, over live latents
+    absorbed_pair_fraction: float = 0.0  # pairs with a live absorbing latent
+    absorbed_parent_fraction: float = 0.0  # parents only in absorbing latents (none of their own at threshold)
     per_pair_rate: list[float] = field(repr=False, default_factory=list)
 
     def as_dict(self) -> dict:
@@ -145,9 +241,15 @@ def absorption(
     pairs: Sequence[tuple[int, int]],
     fire_fraction: float = 0.1,
     min_tokens: int = 5,
+    threshold: float = 0.9,
 ) -> AbsorptionMetrics:
     """Chanin et al.'s toy absorption: does the parent's latent stay silent when the child fires,
-    and does the child's latent carry the parent direction instead?"""
+    and does the child's latent carry the parent direction instead?
+
+    The one-to-one match can hand a parent a latent that is really a parent + child composite, which
+    is silent on the other children's tokens and on the parent alone, so it would read as a parent
+    latent that misses; instead a parent whose match absorbs a pair has no latent of its own (silent
+    everywhere), and a child's latent is the pair's absorbing latent when there is one."""
     if not pairs:
         raise ConfigError("absorption needs (parent, child) pairs; this world has no hierarchy")
     c = _data(sae, data)
@@ -155,28 +257,51 @@ def absorption(
     u, match = m.directions, m.latents
     enc = unit_rows(sae.W_enc.detach().float().cpu().t())
     dec = unit_rows(sae.W_dec.detach().float().cpu())
+    alive = c.alive
+    absorber = absorbing_latents(sae, m, pairs, threshold)
+    absorber[~alive] = -1
+    comp_cos = composite_directions(m, pairs) @ dec.t()  # [P, M]
     rates, alone, dcos, ecos, frac = [], [], [], [], []
-    for p, ch in pairs:
-        lp, lc = int(match[p]), int(match[ch])
-        if lp < 0 or lc < 0:
-            continue
+    for k, (p, ch) in enumerate(pairs):
+        lp = int(match[p]) if match[p] >= 0 and absorber[match[p]] < 0 else -1
+        mine = (absorber == k).nonzero().flatten()
+        lc = int(mine[comp_cos[k, mine].argmax()]) if len(mine) else int(match[ch])
         a_p, a_c = c.features[:, p], c.features[:, ch]
         child_on = (a_c > 0) & (a_p > 0)
         alone_on = (a_p > 0) & (a_c == 0)
         if int(child_on.sum()) < min_tokens:
             continue
-        contrib_p = _contribution(sae, c.latents, torch.tensor([lp]), u[p : p + 1])[:, 0]
-        contrib_c = _contribution(sae, c.latents, torch.tensor([lc]), u[p : p + 1])[:, 0]
+        contrib_p = (
+            _contribution(sae, c.latents, torch.tensor([lp]), u[p : p + 1])[:, 0] if lp >= 0 else torch.zeros_like(a_p)
+        )
         silent = contrib_p < fire_fraction * a_p
         rates.append(float(silent[child_on].float().mean()))
         if int(alone_on.sum()) >= min_tokens:
             alone.append(float(silent[alone_on].float().mean()))
-        dcos.append(float(dec[lc] @ u[p]))
-        ecos.append(float(enc[lc] @ u[p]))
-        frac.append(float(contrib_c[child_on].sum() / a_p[child_on].sum().clamp_min(1e-12)))
+        if lc >= 0:
+            contrib_c = _contribution(sae, c.latents, torch.tensor([lc]), u[p : p + 1])[:, 0]
+            dcos.append(float(dec[lc] @ u[p]))
+            ecos.append(float(enc[lc] @ u[p]))
+            frac.append(float(contrib_c[child_on].sum() / a_p[child_on].sum().clamp_min(1e-12)))
+    parents = sorted({p for p, _ in pairs})
+    own = (m.cosines >= threshold) & (absorber < 0)[None, :] & alive[None, :]  # [N, M] a latent of its own
+    pair_parent = torch.tensor([p for p, _ in pairs])
+    absorbed_pairs = torch.tensor([bool((absorber == k).any()) for k in range(len(pairs))])
+    lives_in_composites = [bool(absorbed_pairs[pair_parent == p].any()) and not bool(own[p].any()) for p in parents]
     nan = float("nan")
     mean = lambda v: float(np.mean(v)) if v else nan  # noqa: E731
-    return AbsorptionMetrics(mean(rates), mean(alone), mean(dcos), mean(ecos), mean(frac), len(rates), rates)
+    return AbsorptionMetrics(
+        mean(rates),
+        mean(alone),
+        mean(dcos),
+        mean(ecos),
+        mean(frac),
+        len(rates),
+        float((absorber >= 0).sum()) / max(int(alive.sum()), 1),
+        float(absorbed_pairs.float().mean()),
+        mean(lives_in_composites),
+        rates,
+    )
 
 
 @dataclass
@@ -189,16 +314,20 @@ class HedgingMetrics:
         return asdict(self)
 
 
-def hedging(sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]]) -> HedgingMetrics:
+def hedging(
+    sae: SAE, directions: torch.Tensor | Matching, pairs: Sequence[tuple[int, int]], threshold: float = 0.9
+) -> HedgingMetrics:
     """How much of a child direction leaks into its parent's latent (Chanin et al. 2025), beyond the
-    overlap the true directions already have. MSE-driven, so strongest in narrow dictionaries."""
+    overlap the true directions already have. MSE-driven, so strongest in narrow dictionaries. A
+    parent matched to a latent that absorbs a pair (`absorbing_latents`) has no latent to hedge."""
     if not pairs:
         raise ConfigError("hedging needs (parent, child) pairs; this world has no hierarchy")
     m = match_features(sae, directions)
     u, cos, match = m.directions, m.cosines, m.latents
+    absorber = absorbing_latents(sae, m, pairs, threshold)
     vals = []
     for p, ch in pairs:
-        if match[p] >= 0:
+        if match[p] >= 0 and absorber[match[p]] < 0:
             vals.append(float(cos[ch, match[p]] - u[ch] @ u[p]))
     return HedgingMetrics(
         float(np.mean(vals)) if vals else float("nan"), float(np.max(vals)) if vals else float("nan"), len(vals)

@@ -30,8 +30,9 @@ from saelab.toys.features import LinearWorld
 @dataclass
 class GroundTruthMetrics:
     """What a world's known features add: recovery, MCC, per-feature shrinkage, splitting and
-    merging; absorption and hedging for a hierarchy; entities versus attributes for a bundle world;
-    encoder/output recovery for a transcoder world; per-category recovery for a crosscoder world."""
+    merging; absorption, hedging and parent + child composites for a hierarchy; entities versus
+    attributes for a bundle world; encoder/output recovery for a transcoder world; per-category
+    recovery for a crosscoder world."""
 
     recovery: RecoveryMetrics
     correlation: P.CorrelationMetrics
@@ -40,6 +41,7 @@ class GroundTruthMetrics:
     merging: P.MergingMetrics
     absorption: P.AbsorptionMetrics | None = None
     hedging: P.HedgingMetrics | None = None
+    composites: P.CompositeRecovery | None = None
     bundle: P.BundleMetrics | None = None
     transcoder: TranscoderRecovery | None = None
     crosscoder: CrosscoderRecovery | None = None
@@ -62,7 +64,14 @@ class GroundTruthMetrics:
                 absorption=self.absorption.absorption_rate,
                 absorption_baseline=self.absorption.parent_alone_miss_rate,
                 child_decoder_parent_cos=self.absorption.child_decoder_parent_cos,
+                absorbing_latents=self.absorption.absorbing_latent_fraction,
+                absorbed_parents=self.absorption.absorbed_parent_fraction,
                 hedging=self.hedging.hedging,
+            )
+        if self.composites is not None:
+            out.update(
+                composites_recovered=self.composites.composites_recovered,
+                composites_recovered_weighted=self.composites.composites_recovered_weighted,
             )
         if self.bundle is not None:
             out.update(
@@ -205,8 +214,9 @@ def _ground_truth(sae: SAE, data: P.Collected, world: LinearWorld, threshold: fl
     )
     pairs = world.parent_child_pairs()
     if pairs:
-        gt.absorption = P.absorption(sae, data, match, pairs)
-        gt.hedging = P.hedging(sae, match, pairs)
+        gt.absorption = P.absorption(sae, data, match, pairs, threshold=threshold)
+        gt.hedging = P.hedging(sae, match, pairs, threshold)
+        gt.composites = P.composite_recovery(sae, match, pairs, data, threshold)
     if getattr(world, "bundles", None) is not None:
         gt.bundle = P.bundle_decomposition(sae, world)
     if sae.cfg.is_transcoder and hasattr(world, "output_directions"):  # a transcoder on a transcoder world

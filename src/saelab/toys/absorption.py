@@ -5,6 +5,9 @@ features 2 and 3 are independent. A 4-latent L1 SAE learns a child latent whose 
 the parent direction while the parent latent stays silent on child tokens. Tying the encoder to
 the decoder (W_enc = W_dec^T) removes the asymmetry that absorption needs. The tied SAE is a
 toy-only ablation, so it is not registered as an architecture.
+
+`reference_dictionaries` builds the trivial baselines of the hierarchy metrics by hand: the true
+features, the parent + child composites an absorbing SAE learns, and a random dictionary.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 
 import torch
 
-from saelab.sae.base import TrainOutput
+from saelab.errors import ConfigError
+from saelab.sae.base import SAE, TrainOutput
 from saelab.sae.relu import ReLUConfig, ReLUSAE
 
 ABSORPTION_WORLD: dict[str, Any] = {
@@ -80,3 +84,44 @@ def absorption_toy(
     pairs = world.parent_child_pairs()
     ab = absorption(sae, held_out, world.directions, pairs)
     return {**ab.as_dict(), "hedging": hedging(sae, world.directions, pairs).hedging}
+
+
+def hand_built(dec: torch.Tensor, enc: torch.Tensor) -> SAE:
+    """A ReLU SAE with decoder rows `dec` [M, d], encoder columns `enc` [d, M] and zero biases."""
+    from saelab.sae.registry import create
+
+    m, d = dec.shape
+    sae = create({"architecture": "relu", "d_in": d, "d_sae": m})
+    with torch.no_grad():
+        sae.W_dec.copy_(dec)
+        sae.W_enc.copy_(enc)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def reference_dictionaries(world, seed: int = 0) -> dict[str, SAE]:
+    """Dictionaries whose hierarchy scores are known by construction, for a world with parent/child pairs.
+
+    - `features`: one latent per true feature (encoder = decoder^T): features recovered 1, no absorption;
+    - `composites`: one latent per (parent, child), decoding unit(parent + child) and reading the
+      child (Chanin et al.'s absorbing solution): composites recovered 1, every parent absorbed;
+    - `random`: n_features random unit rows (encoder = decoder^T), the size the bench trains.
+    """
+    from saelab.evals.core import unit_rows
+    from saelab.evals.pathology import composite_directions
+
+    pairs = world.parent_child_pairs()
+    if not pairs:
+        raise ConfigError(f"reference dictionaries need a world with a hierarchy (got kind '{world.kind}')")
+    u = unit_rows(world.directions.float())
+    comp = composite_directions(u, pairs)
+    child = u[[c for _, c in pairs]]
+    reads_child = child / (comp * child).sum(-1, keepdim=True)  # writes the child's magnitude along it
+    gen = torch.Generator().manual_seed(seed)
+    rand = unit_rows(torch.randn(world.n_features, world.d_in, generator=gen))
+    return {
+        "features": hand_built(u, u.t()),
+        "composites": hand_built(comp, reads_child.t()),
+        "random": hand_built(rand, rand.t()),
+    }
