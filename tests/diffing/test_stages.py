@@ -90,6 +90,26 @@ def test_a_warm_start_never_resamples_dead_latents(trained):
     assert torch.equal(warm.sae.W_dec[:8], sae.W_dec[:8]) and torch.equal(warm.sae.b_enc[:8], sae.b_enc[:8])
 
 
+def test_a_killed_warm_start_resumes_to_the_same_weights(trained, tmp_path):
+    data, results = trained
+    r, warm = results["topk"], WarmStart(results["topk"].input_scale)
+    cfg = {"steps": 40, "checkpoint_every": 10, **FAST}
+    straight = train(copy.deepcopy(r.sae), data, cfg, tmp_path / "a", warm_start=warm)
+
+    def killed():
+        for i, batch in enumerate(data):
+            if i == 27:  # nothing is read before step 0 in a warm start, so batch 27 is step 27
+                raise KeyboardInterrupt
+            yield batch
+
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(r.sae), killed, cfg, tmp_path / "b", warm_start=warm)
+    resumed = train(copy.deepcopy(r.sae), data, cfg, tmp_path / "b", warm_start=warm)
+    assert resumed.steps == 40
+    for (name, a), b in zip(straight.sae.state_dict().items(), resumed.sae.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_warm_start_errors_name_the_problem(trained, tmp_path):
     data, results = trained
     r = results["relu"]
@@ -216,3 +236,67 @@ def test_stages_cli_writes_its_files(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "stagez": 1}))
     assert main(["diff", "stages", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o2")]) == 2
     assert "stagez" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the tiny pair
+@pytest.fixture(scope="module")
+def pair_setup(tmp_path_factory):
+    """The tiny pair (seed 0), saved, and its four model/data sources as `type: model` specs."""
+    from saelab.diffing.stages import model_sources
+    from saelab.models.pair import make_pair
+
+    pair = make_pair(0)
+    folders = pair.save(tmp_path_factory.mktemp("pair"))
+    data = {"base": {"texts": pair.texts(400, triggered=0.0, seed=1)}, "ft": {"texts": pair.texts(400, 0.3, seed=1)}}
+    common = {"batch_size": 256, "buffer_tokens": 4096, "repeat": True, "context_size": 32}
+    return pair, model_sources(folders, data, PAIR_HOOK, **common)
+
+
+PAIR_HOOK = "model.layers.1"
+
+
+def planted_latents(pair, sae) -> torch.Tensor:
+    """[d_sae] bool: latents firing >= 20 times on held-out fine-tune text (ft model), at least
+    half of them on planted positions (a trigger to the end of its document)."""
+    from saelab.models.source import Harvester
+    from saelab.models.text import keep_mask, special_ids
+
+    ids, mask = pair.encode(pair.texts(200, 0.3, seed=99))
+    planted = pair.planted_mask(ids)[keep_mask(ids, mask, special_ids(pair.tokenizer))]
+    acts = Harvester(pair.ft, pair.tokenizer, ["x"], PAIR_HOOK).harvest_rows(ids, mask)[PAIR_HOOK]
+    with torch.no_grad():
+        fires = sae.encode(acts) > 0
+    n = fires.sum(0)
+    return ((fires & planted[:, None]).sum(0) / n.clamp_min(1) >= 0.5) & (n >= 20)
+
+
+@pytest.mark.slow
+def test_on_the_tiny_pair_planted_latents_rotate_beyond_the_control_when_the_model_changes(pair_setup):
+    """D->F_via_D changes only the model, on data with the trigger: the latents that fire on the
+    planted positions in F_via_D must have turned to them there. Measured (benchmarks/stages.py,
+    d_sae 256, 600/300 steps, pair seeds 0-2): 69%, 36% and 26% of planted latents have decoder
+    cosines below the control's null, against 3-5% of the other latents; at these test sizes
+    (d_sae 128, 300/150 steps, pair seed 0, dictionary seeds 0 and 1): 9 planted latents each,
+    44% and 78% of them beyond the null (0.63, 0.79) against 0.9% and 3.6% of the others. Bound
+    per seed: the planted rate is at least 0.2 and at least 3x the others' rate plus 0.02."""
+    pair, sources = pair_setup
+    for seed in (0, 1):
+        r = train_stages(
+            {"architecture": "topk", "d_in": 64, "d_sae": 128, "k": 8}, sources, steps=300, stage_steps=150,
+            train=FAST, seed=seed,
+        )  # fmt: skip
+        cos = r.cosines("D", "F_via_D")["decoder"]
+        alive, null = r.alive("F_via_D"), r.null("decoder")
+        marked = planted_latents(pair, r.saes["F_via_D"]) & alive
+        others = ~marked & alive
+        rate, other = float((cos[marked] < null).float().mean()), float((cos[others] < null).float().mean())
+        print(f"seed {seed}: {int(marked.sum())} planted, beyond null {rate:.3f}; others {other:.3f}; null {null:.3f}")
+        assert int(marked.sum()) >= 3
+        assert rate >= 0.2 and rate >= 3 * other + 0.02
+    # top contexts of a model source are token windows of the fine-tune text, around planted tokens
+    from saelab.diffing.stages import top_contexts
+
+    top = [int(j) for j in marked.nonzero().flatten()[:3]]
+    found = top_contexts(r.saes["F_via_D"], sources["ft/ft"], top, top=3, rows=64)
+    assert all(len(found[j]) == 3 for j in top)
+    assert all(isinstance(c["text"], str) and c["value"] > 0 for j in top for c in found[j])

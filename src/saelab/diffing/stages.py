@@ -221,7 +221,8 @@ def train_stages(
 
     `sources` maps "base/base", "base/ft", "ft/base", "ft/ft" (model/data) to anything `train`
     takes: an ActivationSource, a source spec (a `source:` mapping), or an iterable of batches.
-    `train`: the training config of every stage (its `steps` and `seed` are set here). With
+    `train`: the training config of every stage (its `steps` and `seed` are set here); `seed` also
+    draws the initial dictionary when `sae_or_cfg` is a config without its own `seed`. With
     `out_dir`, each stage trains (and resumes) in out_dir/<stage>/ and its SAE is saved in
     out_dir/<stage>/sae. Every input is checked before anything trains.
     """
@@ -243,7 +244,7 @@ def train_stages(
         sae = copy.deepcopy(sae_or_cfg)
     elif isinstance(sae_or_cfg, Mapping):
         try:
-            sae = create(dict(sae_or_cfg))
+            sae = create({"seed": seed, **sae_or_cfg})  # its own `seed`, if set, draws the initial weights
         except ConfigError as exc:
             raise ConfigError(f"sae: {exc}") from None
     else:
@@ -263,13 +264,12 @@ def train_stages(
 
     results = {"S": train_one(sae, built["base/base"], stage_cfg(steps), folder("S"))}
     warm = WarmStart(dict(results["S"].site_scales) or results["S"].input_scale)
-    ft_start = built["ft/ft"].state_dict()
     for stage in ("control", "D", "M", "F_via_D", "F_via_M"):
         source = built[STAGE_SOURCE[stage]]
-        if stage == "F_via_M":
-            source.load_state_dict(ft_start)  # both F stages see the same batches
-        elif stage == "F_via_D":
+        if stage == "F_via_D":
             ft_start = source.state_dict()
+        elif stage == "F_via_M":
+            source.load_state_dict(ft_start)  # both F stages see the same batches
         parent = copy.deepcopy(results[STAGE_PARENT[stage]].sae)
         results[stage] = train_one(parent, source, stage_cfg(stage_steps), folder(stage), warm_start=warm)
     if out is not None:

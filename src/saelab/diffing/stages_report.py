@@ -117,7 +117,7 @@ def _ranked_rows(result: StagesResult, transition: str, top: int) -> list[dict[s
         shown = first.get("text") if "text" in first else (f"row {first['row']}" if "row" in first else "")
         if "peak_token" in first:
             shown = f"[{first['peak_token']}] {shown}"
-        rows.append({**row, "top context": shown})
+        rows.append({**row, "top context": " ".join(str(shown).split()).replace("|", "\\|")})  # one table cell
     return rows
 
 
