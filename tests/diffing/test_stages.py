@@ -144,10 +144,11 @@ def _feature_latents(result: StagesResult, stage: str, truth, categories: list[s
 def test_on_the_diff_world_changed_features_rotate_beyond_the_control_and_shared_ones_do_not():
     """Fine-tune-only features appear only with the fine-tuned model and its data, so the latent
     that writes one in F_via_D was something else in D: it must rotate on D->F_via_D. Measured
-    (seeds 0-2, these sizes): the latents of 5, 7 and 7 of the 8 fine-tune-only features lie
-    below the control's null (cosine ~0.93-0.95), and of 0 of the 16 shared features, while about
-    1.6% of the control's own latents do (its 1% quantile). Bounds per seed: at least half of the
-    fine-tune-only features' latents, at most 2 of the 16 shared ones; chance (any latent) is a few %."""
+    (seeds 0-2, these sizes): the latents of 5, 6 and 6 of the 8 fine-tune-only features lie
+    below the control's decoder null (0.93-0.95), and of 0 of the 16 shared features each seed,
+    while one control latent does (the 1% quantile of fewer than 100 latents is their minimum).
+    Bounds per seed: at least half of the fine-tune-only features' latents, at most 2 of the 16
+    shared ones; chance (any latent) is a few %."""
     from saelab.diffing.world import DiffWorld
 
     truth = DiffWorld(WORLD8)
@@ -274,8 +275,8 @@ def planted_latents(pair, sae) -> torch.Tensor:
 def test_on_the_tiny_pair_planted_latents_rotate_beyond_the_control_when_the_model_changes(pair_setup):
     """D->F_via_D changes only the model, on data with the trigger: the latents that fire on the
     planted positions in F_via_D must have turned to them there. Measured (benchmarks/stages.py,
-    d_sae 256, 600/300 steps, pair seeds 0-2): 69%, 36% and 26% of planted latents have decoder
-    cosines below the control's null, against 3-5% of the other latents; at these test sizes
+    d_sae 256, 600/300 steps, pair seeds 0-2): 69%, 60% and 44% of planted latents have decoder
+    cosines below the control's null, against 2-5% of the other latents; at these test sizes
     (d_sae 128, 300/150 steps, pair seed 0, dictionary seeds 0 and 1): 9 planted latents each,
     44% and 78% of them beyond the null (0.63, 0.79) against 0.9% and 3.6% of the others. Bound
     per seed: the planted rate is at least 0.2 and at least 3x the others' rate plus 0.02."""
