@@ -301,3 +301,24 @@ def test_on_the_tiny_pair_planted_latents_rotate_beyond_the_control_when_the_mod
     found = top_contexts(r.saes["F_via_D"], sources["ft/ft"], top, top=3, rows=64)
     assert all(len(found[j]) == 3 for j in top)
     assert all(isinstance(c["text"], str) and c["value"] > 0 for j in top for c in found[j])
+
+
+def test_the_config_shorthand_builds_the_four_model_sources():
+    from saelab.diffing.stages import parse_stages_config
+
+    base = {"sae": {"architecture": "topk", "d_in": 64, "d_sae": 32, "k": 4}, "steps": 10}
+    short = {"models": {"base": "runs/b", "ft": "runs/f"}, "data": {"base": "b.txt", "ft": "f.txt"}}
+    cfg = parse_stages_config({**base, **short, "hookpoint": "model.layers.1", "source": {"batch_size": 64}})
+    specs = cfg.stage_sources()
+    assert sorted(specs) == sorted(SOURCE_KEYS)
+    assert specs["ft/base"] == {
+        "type": "model", "model": "runs/f", "data": "b.txt", "hookpoint": "model.layers.1", "batch_size": 64,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"missing \['hookpoint'\]"):
+        parse_stages_config({**base, **short}).stage_sources()
+    with pytest.raises(ConfigError, match="not both"):
+        parse_stages_config({**base, **short, "hookpoint": "h", "sources": world_sources()}).stage_sources()
+    with pytest.raises(ConfigError, match=r"source\.model: set by the stage-wise shorthand"):
+        parse_stages_config({**base, **short, "hookpoint": "h", "source": {"model": "x"}}).stage_sources()
+    with pytest.raises(ConfigError, match="stage_steps"):
+        parse_stages_config({**base, "stage_steps": 0})
