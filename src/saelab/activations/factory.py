@@ -106,12 +106,20 @@ class DiffWorldSource(_Source):
 
     type: Literal["diff_world"] = "diff_world"
     world: dict[str, Any] = Field(default_factory=dict, description="DiffWorld settings (d, n_shared, ...).")
+    stage: Literal["base/base", "base/ft", "ft/base", "ft/ft"] | None = Field(
+        None,
+        description="model/data: one model's site on one data distribution, for stage-wise diffing (base data "
+        "never fires the fine-tune-only features); None: both sites.",
+    )
 
     def build(self):
-        from saelab.diffing.world import DiffWorld
+        from saelab.diffing.world import DiffWorld, StageWorld
         from saelab.toys.features import ToySource
 
-        return ToySource(DiffWorld(self.world), self.batch_size, self.seed)
+        world = DiffWorld(self.world)
+        if self.stage is not None:
+            world = StageWorld(world, *self.stage.split("/"))
+        return ToySource(world, self.batch_size, self.seed)
 
 
 _ONE_OR_SEVERAL = "give `hookpoint` (one site) or `hookpoints` (several), not both"

@@ -1,5 +1,6 @@
-"""Model diffing with dictionaries: crosscoder diffs (relative decoder norms, Latent Scaling) and
-a ground-truth two-model world to score them against."""
+"""Model diffing with dictionaries: crosscoder diffs (relative decoder norms, Latent Scaling),
+stage-wise diffs (latent rotations through data and model changes against a control) and a
+ground-truth two-model world to score them against."""
 
 from saelab.diffing.crosscoder import (
     CATEGORIES,
@@ -15,6 +16,7 @@ from saelab.diffing.crosscoder import (
     model_slots,
     relative_norms,
 )
+from saelab.diffing.stages import STAGE_DATA, StagesResult, train_stages
 
 __all__ = [
     "CATEGORIES",
@@ -29,4 +31,7 @@ __all__ = [
     "latent_scaling",
     "model_slots",
     "relative_norms",
+    "STAGE_DATA",
+    "StagesResult",
+    "train_stages",
 ]

@@ -169,6 +169,42 @@ class DiffWorld:
         return categorize(self.true_relative_norms, thresholds)
 
 
+class StageWorld:
+    """One model's site of a DiffWorld on one data distribution, for stage-wise diffing
+    (`saelab.diffing.stages`): `model` picks the part written (`base` or `ft`), `data` which
+    features fire. Base data never fires the fine-tune-only features (the fine-tune's new
+    concepts are absent from the base's data, as a planted trigger is); fine-tune data fires
+    every feature. So only the model changes rescaled and recombined features, and fine-tune-only
+    features appear only with both the fine-tuned model and its data.
+    """
+
+    def __init__(self, world: DiffWorld, model: str, data: str):
+        for name, value in (("model", model), ("data", data)):
+            if value not in DiffWorld.sites:
+                raise ConfigError(f"stage {name} must be 'base' or 'ft', not {value!r}")
+        self.world, self.model, self.data = world, model, data
+        self.cfg = world.cfg  # ToySource derives its stream from cfg.seed
+        fires = torch.ones(world.n_features)
+        if data == "base":
+            fires[[i for i, c in enumerate(world.categories) if c == "ft_only"]] = 0
+        self.fires = fires
+
+    @property
+    def d_in(self) -> int:
+        return self.world.cfg.d
+
+    @property
+    def categories(self) -> list[str]:
+        return self.world.categories
+
+    def sample(self, n: int, gen: torch.Generator) -> Batch:
+        f = self.world.sample(n, gen).features * self.fires
+        x = f @ self.world.parts[self.model]
+        if self.world.cfg.noise_std > 0:
+            x = x + self.world.cfg.noise_std * torch.randn(x.shape, generator=gen)
+        return Batch(x=x, features=f)
+
+
 @dataclass
 class DiffScore:
     """A crosscoder's diff categories scored against a DiffWorld's truth."""

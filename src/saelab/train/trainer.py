@@ -34,6 +34,7 @@ over ranks; everything that involves other ranks goes through `saelab.train.dist
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import json
 import math
@@ -247,6 +248,45 @@ class TrainResult:
     site_scales: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """Continue training an already trained (folded) dictionary on new data, as one stage of a
+    stage-wise model diff: nothing is initialised from the data (no b_dec, no `init_from_data`),
+    the input scale is `input_scale` (a number, or a mapping {site: scale} for a dictionary over
+    several sites, as `TrainResult.site_scales` gives it), not one estimated on the new data, so
+    every stage trains in the first stage's space and weights stay comparable across stages.
+
+    Latent identities stay fixed: dead latents are never resampled, and the sparsity coefficient
+    is at full strength from step 0 (its warm-up is for a dictionary trained from scratch). The
+    optimizer is a fresh Adam with the config's lr, warm-up and decay, so every stage that uses
+    one config is optimised identically. The returned SAE is the given one plus the folded change,
+    so a stage that changes nothing returns its input bit for bit.
+    """
+
+    input_scale: float | Mapping[str, float]
+
+    def scales(self, view: SiteView) -> dict[str, float]:
+        """{site: scale} for the sites `view` reads and writes ("" for the batch's own activations)."""
+        keys = list(dict.fromkeys(view.keys))
+        if not isinstance(self.input_scale, Mapping):
+            value = float(self.input_scale)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"warm_start.input_scale must be a positive number (got {self.input_scale!r})")
+            return dict.fromkeys(keys, value)
+        given = {str(k): float(v) for k, v in self.input_scale.items()}
+        if len(keys) == 1 and keys[0] not in given and len(given) == 1:
+            given = {keys[0]: next(iter(given.values()))}
+        missing = [k for k in keys if k not in given]
+        if missing:
+            raise ConfigError(
+                f"warm_start.input_scale has no scale for site(s) {missing}; give {{site: scale}} for {keys}"
+            )
+        bad = {k: given[k] for k in keys if not math.isfinite(given[k]) or given[k] <= 0}
+        if bad:
+            raise ConfigError(f"warm_start.input_scale must be positive for every site (got {bad})")
+        return {k: given[k] for k in keys}
+
+
 def next_checked_batch(source: ActivationSource, view: SiteView, device: str, where: str) -> Batch:
     """The source's next batch as a dictionary with `view` sees it (`Batch.view`), with `x` (and
     `target`) on `device` as float32, checked for shape and NaN/Inf; `where` names the position."""
@@ -380,8 +420,11 @@ class Member:
         dist: DataParallel,
         source_config: dict[str, Any] | None = None,
         objective: Any = None,
+        warm_start: WarmStart | None = None,
     ):
         self.name = name
+        self.warm_start = warm_start
+        self._warm_origin: tuple[dict, dict] | None = None  # (given weights, their unfold-fold round trip)
         self.objective = objective  # None: the SAE's own train_forward; else objective(sae, x, ctx)
         self.source_config = source_config
         self.cfg = cfg
@@ -404,10 +447,13 @@ class Member:
 
     def start(self, checkpoint: Path | None, init: DataInit | None, source: ActivationSource) -> None:
         """Resume from `checkpoint` (the source position too), or initialise from the data;
-        then open the metrics log and start the clocks."""
+        then open the metrics log and start the clocks. A warm start (`WarmStart`) takes the given
+        weights into the training space of its fixed scale instead of initialising anything."""
+        if self.warm_start is not None:
+            self._begin_warm_start()
         if checkpoint is not None:
             self._load(checkpoint, source)
-        else:
+        elif self.warm_start is None:
             with torch.no_grad():
                 if init.b_dec is not None:
                     self.sae.b_dec.copy_(init.b_dec)
@@ -430,6 +476,21 @@ class Member:
         self._start_time = time.perf_counter()
         self._window = (self._start_time, self.tokens)
         self.sae.train()
+
+    @torch.no_grad()
+    def _begin_warm_start(self) -> None:
+        """Unfold the given (raw-activation) weights into the space of the warm start's scales, and
+        keep them and their unfold-fold round trip: `result` returns given + (folded end - round
+        trip), which is the folded end exactly in real arithmetic, and the given weights bit for bit
+        when training changed nothing (a float32 round trip alone moves about 1 weight in 7 by an ulp)."""
+        view = SiteView.of(self.sae.cfg)
+        self.scales = self.dist.sync_from_main(self.sae, self.warm_start.scales(view))
+        s_in, s_out = view.factors(self.scales)
+        given = {k: v.detach().clone() for k, v in self.sae.state_dict().items()}
+        self.sae.fold_scales(1.0 / s_in, 1.0 / s_out)
+        round_trip = copy.deepcopy(self.sae)
+        round_trip.fold_scales(s_in, s_out)
+        self._warm_origin = (given, {k: v.detach().clone() for k, v in round_trip.state_dict().items()})
 
     @property
     def input_scale(self) -> float:
@@ -459,7 +520,7 @@ class Member:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.cfg, self.step)
         ctx = StepContext(
-            sparsity_scale=sparsity_factor(self.cfg, self.step),
+            sparsity_scale=self._sparsity_scale(self.step),
             dead_mask=self.stats.dead_mask().to(x.device),
             step=self.step,
             total_steps=self.cfg.steps,
@@ -488,12 +549,17 @@ class Member:
             self.revive(x, goal, out.x_hat)
         return out
 
+    def _sparsity_scale(self, step: int) -> float:
+        """The sparsity warm-up factor; a warm start is already sparse and keeps full strength."""
+        return 1.0 if self.warm_start is not None else sparsity_factor(self.cfg, step)
+
     def _revival_due(self, batch_tokens: int) -> bool:
         """Whether this step crosses a multiple of `revive_every_tokens` (a pure function of the
-        tokens seen, so a resumed run revives at the same steps), outside the final lr decay."""
+        tokens seen, so a resumed run revives at the same steps), outside the final lr decay.
+        Never in a warm start: resampling would change what a latent is between stages."""
         every = self.cfg.revive_every_tokens
         every = self.cfg.dead_after_tokens if every is None else every
-        if not every or not self.sae.revives_by_resampling:
+        if not every or not self.sae.revives_by_resampling or self.warm_start is not None:
             return False
         if self.step >= self.cfg.steps - int(self.cfg.steps * self.cfg.lr_decay_fraction):
             return False
@@ -528,7 +594,7 @@ class Member:
                 "step": self.step,
                 "tokens": self.tokens,
                 "lr": self.optimizer.param_groups[0]["lr"],
-                "sparsity_scale": sparsity_factor(self.cfg, self.step - 1),
+                "sparsity_scale": self._sparsity_scale(self.step - 1),
                 "losses": {k: float(v) for k, v in out.losses.items()},
                 "loss": float(out.loss),
                 "l0": out.mean_l0(),
@@ -554,6 +620,12 @@ class Member:
         self.sae.eval()
         self.sae.release_training_buffers()  # a trained SAE kept for analysis should not hold them
         self.sae.fold_scales(*SiteView.of(self.sae.cfg).factors(self.scales))
+        if self._warm_origin is not None:
+            with torch.no_grad():
+                given, round_trip = self._warm_origin
+                for key, value in self.sae.state_dict().items():
+                    if value.is_floating_point():
+                        value.copy_(given[key] + (value - round_trip[key]))
         return TrainResult(
             self.sae,
             self.input_scale,
@@ -584,6 +656,7 @@ class Member:
             "source_config": self.source_config,
             "revived_total": self.revived_total,
             "revived_since_record": self._revived_since_record,
+            "warm_start": self.scales if self.warm_start is not None else None,
         }
         path = ckpt.save(self.out_dir, self.step, state, self.sae, self.optimizer, self.stats, ranks=ranks)
         self.dist.barrier()
@@ -601,6 +674,14 @@ class Member:
         _check_same_config("training", saved["train_config"], self.cfg.model_dump(), path, ignore=_BOOKKEEPING)
         if saved.get("source_config") is not None or self.source_config is not None:
             _check_same_config("data source", saved.get("source_config") or {}, self.source_config or {}, path)
+        warm = self.scales if self.warm_start is not None else None
+        if saved.get("warm_start") != warm:
+            was = f"a warm start at scales {saved['warm_start']}" if saved.get("warm_start") else "a fresh start"
+            now = f"a warm start at scales {warm}" if warm else "a fresh start"
+            raise ConfigError(
+                f"checkpoint {path} was written by {was}, not {now} (warm_start); resume it the way it "
+                "was started or use a new --out folder"
+            )
         state = ckpt.load(path, self.sae, self.optimizer, self.stats, source, rank=self.dist.rank)
         self.step, self.tokens = state["step"], state["tokens"]
         self.revived_total = state.get("revived_total", 0)
@@ -664,10 +745,12 @@ class Trainer:
         out_dir: str | Path | None = None,
         source_config: dict[str, Any] | None = None,
         objective: Any = None,
+        warm_start: WarmStart | None = None,
     ):
         cfg = train_config if isinstance(train_config, TrainConfig) else TrainConfig.parse(train_config or {})
         single = isinstance(saes, SAE) or (isinstance(saes, Mapping) and "architecture" in saes)
-        self._setup(_members([saes] if single else saes, cfg), data, cfg, out_dir, single, source_config, objective)
+        members = _members([saes] if single else saes, cfg)
+        self._setup(members, data, cfg, out_dir, single, source_config, objective, warm_start)
 
     @classmethod
     def of_members(
@@ -678,16 +761,28 @@ class Trainer:
         out_dir: str | Path | None,
         source_config: dict[str, Any] | None = None,
         objective: Any = None,
+        warm_start: WarmStart | None = None,
     ) -> Trainer:
         """A run of members already named and configured (see `_members`)."""
         trainer = cls.__new__(cls)
-        trainer._setup(members, data, cfg, out_dir, False, source_config, objective)
+        trainer._setup(members, data, cfg, out_dir, False, source_config, objective, warm_start)
         return trainer
 
     def _setup(
-        self, members, data, cfg: TrainConfig, out_dir, single: bool, source_config=None, objective=None
+        self,
+        members,
+        data,
+        cfg: TrainConfig,
+        out_dir,
+        single: bool,
+        source_config=None,
+        objective=None,
+        warm_start=None,
     ) -> None:
         self.cfg, self.single = cfg, single
+        if warm_start is not None and not isinstance(warm_start, WarmStart):
+            raise ConfigError(f"warm_start must be a saelab.train.WarmStart, got {type(warm_start).__name__}")
+        self.warm_start = warm_start
         if (cfg.objective is None) != (objective is None):
             raise ConfigError(
                 "train.objective is 'e2e' but no model was given to run it: use saelab.train_e2e, or saelab train "
@@ -712,6 +807,8 @@ class Trainer:
             names = ", ".join(f"{name}: reads {v.read!r}, writes {v.write or v.read!r}" for name, v in views.items())
             raise ConfigError(f"every SAE in one run reads and writes the same sites, but theirs differ ({names})")
         self.view = next(iter(views.values()))
+        if warm_start is not None:
+            warm_start.scales(self.view)  # a missing or bad scale is named before anything runs
         self.dist = DataParallel()  # one rank unless a torch.distributed process group is running
         if objective is not None and self.dist.active:
             raise ConfigError("end-to-end training runs on one process; launch it without torchrun")
@@ -727,7 +824,7 @@ class Trainer:
         self.members: dict[str, Member] = {}
         for name, sae, member_cfg in members:
             folder = self.out_dir if self.single or self.out_dir is None else self.out_dir / name
-            self.members[name] = Member(name, sae, member_cfg, folder, self.dist, source_config, objective)
+            self.members[name] = Member(name, sae, member_cfg, folder, self.dist, source_config, objective, warm_start)
         self.step = 0
         self._saved_step: int | None = None  # the step of the newest checkpoint on disk, once known
         self._stop: int | None = None  # the signal that asked the loop to stop
@@ -848,7 +945,8 @@ class Trainer:
         if resume and self.out_dir is not None:  # rank 0 checks the files, every rank takes its answer
             step = self.dist.from_main(self._resumable_step() if self.dist.is_main else None)
         self._saved_step = step
-        init = data_init(self.source, self.view, self.cfg, self.dist) if step is None else None
+        fresh = step is None and self.warm_start is None
+        init = data_init(self.source, self.view, self.cfg, self.dist) if fresh else None
         process_rng = ckpt.rng_state()  # what each member would find if it ran alone now
         for member in self.members.values():
             ckpt.set_rng_state(*process_rng)
@@ -1145,19 +1243,25 @@ def train(
     out_dir: str | Path | None = None,
     source_config: dict[str, Any] | None = None,
     objective: Any = None,
+    warm_start: WarmStart | None = None,
 ) -> TrainResult:
     """Train (or, for a fitted baseline, fit) any registered architecture on any source or
     iterable of [B, d_in] tensors. The returned SAE takes raw activations (input scale folded in).
     `source_config` describes the data for the resume check (see `Trainer`); `objective` replaces
-    the SAE's own loss (an end-to-end objective, see `saelab.train.e2e`)."""
+    the SAE's own loss (an end-to-end objective, see `saelab.train.e2e`); `warm_start` continues
+    a trained SAE at a fixed input scale without initialising anything from the data (`WarmStart`)."""
     from saelab.sae.registry import create
 
     sae = sae_or_config if isinstance(sae_or_config, SAE) else create(sae_or_config)
     if sae.fitted:
         if objective is not None:
             raise ConfigError(f"'{sae.architecture}' is fitted in closed form; it cannot train end to end")
+        if warm_start is not None:
+            raise ConfigError(f"'{sae.architecture}' is fitted in closed form; it cannot be warm-started")
         return fit_dictionary(sae, data, train_config)
-    return Trainer(sae, data, train_config, out_dir, source_config, objective).fit()
+    if warm_start is not None and not isinstance(sae_or_config, SAE):
+        raise ConfigError("a warm start continues a trained SAE; pass the SAE itself, not a config")
+    return Trainer(sae, data, train_config, out_dir, source_config, objective, warm_start).fit()
 
 
 def train_many(
