@@ -82,21 +82,29 @@ def test_the_truth_dictionaries_score_as_they_must():
     assert att["decoder_cos_elephant"] == pytest.approx(3**-0.5, abs=1e-5)
 
 
-def test_with_a_label_a_dictionary_finds_the_elephant_in_every_seed():
-    """BatchTopK (k 2) on rows of the model with a label direction of norm 1: a latent whose decoder
-    is the elephant (cosine > 0.95) and whose firing picks out elephant rows better than any attribute."""
+def test_with_a_label_the_dictionary_has_an_elephant_latent_and_without_one_it_fires_loosely():
+    """An L1 dictionary (600 steps) on the model's rows, seeds 0-2. With a label of norm 1 it has a
+    latent along the elephant (cosine > 0.98) that picks out its rows (F1 > 0.93; measured
+    0.96-0.98) far better than the best attribute (the attribute dictionary: 0.18-0.55). Without
+    the label, where elephant is exactly grey + big + mammal, its best elephant latent fires on
+    other rows too: F1 at least 0.1 below the same seed's with the label (measured 0.65-0.78)."""
     for seed in range(3):
-        m = E.base_model({"label": True, "seed": seed}, seed=seed)
-        cfg = {"architecture": "batchtopk", "d_in": 48, "d_sae": 64, "k": 2}
-        train = {"steps": 600, "lr": 3e-3, "progress": False, "dead_after_tokens": 50_000, "seed": seed}
-        sae = saelab.train(cfg, E.source(m, "base", 256, seed), train).sae
-        b = E.rows(m, "base", 4096, seed)
-        ent = X.entity_latent(X.codes(sae, b.x), sae.W_dec.detach(), m, b)
-        fd, fc, _ = X.factor_dictionary(m, b.features)
-        n = len(m.attributes)
-        base = X.entity_latent(fc[:, :n], fd[:n], m, b)
-        assert ent["decoder_cos_elephant"] > 0.95, (seed, ent)
-        assert ent["f1"] > base["f1"] + 0.1, (seed, ent["f1"], base["f1"])
+        f1 = {}
+        for label in (True, False):
+            m = E.base_model({"label": label, "seed": seed}, seed=seed)
+            cfg = {"architecture": "relu", "d_in": 48, "d_sae": 64, "l1_coefficient": 1.0}
+            train = {"steps": 600, "lr": 3e-3, "progress": False, "dead_after_tokens": 50_000, "seed": seed}
+            sae = saelab.train(cfg, E.source(m, "base", 256, seed), train).sae
+            b = E.rows(m, "base", 4096, seed)
+            ent = X.entity_latent(X.codes(sae, b.x), sae.W_dec.detach(), m, b)
+            f1[label] = ent["f1"]
+            if label:
+                fd, fc, _ = X.factor_dictionary(m, b.features)
+                n = len(m.attributes)
+                base = X.entity_latent(fc[:, :n], fd[:n], m, b)
+                assert ent["decoder_cos_elephant"] > 0.98, (seed, ent)
+                assert ent["f1"] > 0.93 and ent["f1"] > base["f1"] + 0.3, (seed, ent["f1"], base["f1"])
+        assert f1[False] < f1[True] - 0.1, (seed, f1)
 
 
 def test_experiment_runs_end_to_end_and_writes_its_report(tmp_path):

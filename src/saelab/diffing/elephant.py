@@ -66,6 +66,10 @@ class ElephantExperiment(StrictModel):
     eval_rows: PositiveInt = Field(8192, description="Held-out rows per (model, data) pair.")
     top_latents: PositiveInt = Field(3, description="Latents per head in the shared-circuitry overlap.")
     entity_f1: float = Field(0.9, gt=0, le=1, description="F1 at or above which S has an elephant latent.")
+    min_fires: PositiveInt = Field(
+        500,
+        description="Control latents firing fewer training rows than this are left out of the null (rare ones rotate noisily).",
+    )
     finetune_steps: PositiveInt = Field(200, description="Gradient steps of the model's fine-tune.")
     world: dict[str, Any] = Field(default_factory=dict, description="Overrides of the world (ElephantSpec fields).")
 
@@ -243,7 +247,13 @@ def run_condition(cfg: ElephantExperiment, label: bool, arch: str, seed: int) ->
     }
     train = {"lr": cfg.lr, "progress": False, "dead_after_tokens": 50_000}
     res = train_stages(
-        cfg.sae_config(arch, spec.d), sources, steps=cfg.steps, stage_steps=cfg.stage_steps, train=train, seed=seed
+        cfg.sae_config(arch, spec.d),
+        sources,
+        steps=cfg.steps,
+        stage_steps=cfg.stage_steps,
+        train=train,
+        seed=seed,
+        min_fires=cfg.min_fires,
     )
     held = {(m, d): E.rows(models[m], d, cfg.eval_rows, seed) for m in models for d in ("base", "ft")}
 
@@ -294,10 +304,15 @@ def run_condition(cfg: ElephantExperiment, label: bool, arch: str, seed: int) ->
         "attribute_baseline": baseline,
         "stages": stages,
         "circuits": circuits,
-        "rotation": rotation(res, j),
+        "rotation": rotation(res, j)
+        | {"representation_cos": float(_cos(base.representations()[0], ft.representations()[0]))},
         "stage_null": res.as_dict(top=5)["null"],
         "stage_summary": res.summary(),
     }
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (_unit(a.detach()) * _unit(b.detach())).sum(-1)
 
 
 @torch.no_grad()
@@ -334,6 +349,8 @@ SUMMARY = {
     "cos_D_F_decoder": lambda r: r["rotation"]["D->F_via_D"]["decoder"],
     "rotated_S_M": lambda r: float(r["rotation"]["S->M"]["decoder_beyond_null"]),
     "rotated_D_F": lambda r: float(r["rotation"]["D->F_via_D"]["decoder_beyond_null"]),
+    "representation_cos": lambda r: r["rotation"]["representation_cos"],
+    "tracked_cos_F": lambda r: r["stages"]["F_via_D"]["tracked"]["decoder_cos_elephant"],
     "null_encoder": lambda r: r["rotation"]["null"]["encoder"],
     "null_decoder": lambda r: r["rotation"]["null"]["decoder"],
     "p_S_M_decoder": lambda r: r["rotation"]["S->M"]["decoder_control_fraction"],
@@ -396,6 +413,8 @@ ROTATION_TABLE = {
     "control null dec": "null_decoder",
     "p S→M dec": "p_S_M_decoder",
     "p D→F dec": "p_D_F_decoder",
+    "cos h_base·h_ft": "representation_cos",
+    "F latent cos h_ft": "tracked_cos_F",
     "seeds rotated S→M": "rotated_S_M",
     "seeds rotated D→F": "rotated_D_F",
     "tracked F1 in F": "tracked_f1_F",
@@ -517,8 +536,10 @@ def report_markdown(record: dict[str, Any]) -> str:
         "## How far does the elephant latent rotate?",
         "",
         "Cosine of S's elephant latent between stages (encoder and decoder); the control (S trained on, "
-        "nothing changed) gives the null (its 1% quantile) and the empirical p-value (the fraction of "
-        "control latents that rotated at least as much).",
+        "nothing changed) gives the null (the 1% quantile of its cosines over latents that fired at least "
+        f"{cfg['min_fires']} times) and the empirical p-value (the fraction of those control latents that rotated "
+        "at least as much). For scale: the cosine between the elephant's representation before and after the "
+        "fine-tune (h_base·h_ft), and the cosine of that latent's decoder in F with h_ft.",
         "",
         _md(_rows(s, ROTATION_TABLE)),
         "## Conclusion",
