@@ -341,6 +341,8 @@ SUMMARY = {
     "circuit_jaccard": lambda r: r["circuits"]["F_via_D"]["jaccard"],
     "factor_baseline_jaccard": lambda r: r["circuits"]["factor_baseline"]["jaccard"],
     "entity_baseline_jaccard": lambda r: r["circuits"]["entity_baseline"]["jaccard"],
+    "elephant_latent_shared": lambda r: float(r["circuits"]["F_via_D"]["elephant_latent_shared"]),
+    "circuit_attribute_latents": lambda r: _attribute_fraction(r["circuits"]["F_via_D"]),
     "mice_share_on_entity_latent": lambda r: r["circuits"]["F_via_D"][f"{E.OLD_FACT}_share_on_elephant_latent"],
     "zoo_share_on_entity_latent": lambda r: r["circuits"]["F_via_D"][f"{E.NEW_FACT}_share_on_elephant_latent"],
     "cos_S_M_encoder": lambda r: r["rotation"]["S->M"]["encoder"],
@@ -361,6 +363,12 @@ SUMMARY = {
     "mice_accuracy": lambda r: r["model"]["base_head_accuracy"][E.OLD_FACT],
     "zoo_accuracy": lambda r: r["model"]["ft_head_accuracy"][E.NEW_FACT],
 }
+
+
+def _attribute_fraction(circuit: dict[str, Any]) -> float:
+    """Of both heads' top latents, the fraction whose decoder is closest to an attribute direction."""
+    names = [n for h in circuit["heads"].values() for n in h["names"]]
+    return sum(n.startswith("attribute:") for n in names) / len(names)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -399,6 +407,8 @@ TABLE = {
 }
 CIRCUIT_TABLE = {
     "top-k Jaccard mice/zoo": "circuit_jaccard",
+    "seeds sharing the elephant latent": "elephant_latent_shared",
+    "attribute latents among top": "circuit_attribute_latents",
     "factor baseline": "factor_baseline_jaccard",
     "entity baseline": "entity_baseline_jaccard",
     "mice share on entity latent": "mice_share_on_entity_latent",
@@ -451,7 +461,9 @@ def conclusions(summary: list[dict], cfg: ElephantExperiment) -> list[str]:
             f"{_pm(c['entity_decoder_cos'])} with the elephant (the best latent for grey, big or mammal "
             f"{_pm(c['attribute_latent_cos'])}). On the fine-tuned dictionary, afraid_of_mice's and lives_in_zoo's "
             f"top-{cfg.top_latents} latents overlap with Jaccard {_pm(c['circuit_jaccard'])} (true factors "
-            f"{_pm(c['factor_baseline_jaccard'])}, one latent per entity {_pm(c['entity_baseline_jaccard'])}). "
+            f"{_pm(c['factor_baseline_jaccard'])}, one latent per entity {_pm(c['entity_baseline_jaccard'])}); "
+            f"the elephant latent is in both top sets in {round(c['elephant_latent_shared']['mean'] * n)} of {n} seeds "
+            f"and {c['circuit_attribute_latents']['mean']:.0%} of the top latents are attribute latents. "
             f"The elephant latent's decoder rotates beyond the control's null on S→M in {rot[0]} of {n} seeds "
             f"(cosine {_pm(c['cos_S_M_decoder'])}) and on D→F in {rot[1]} of {n} "
             f"({_pm(c['cos_D_F_decoder'])}; null {_pm(c['null_decoder'])})."
@@ -587,8 +599,7 @@ def report_html(record: dict[str, Any]) -> str:
 
 def run_elephant(cfg: ElephantExperiment | dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
     """Every condition and seed; writes results.json, report.md, report.html and the plot into `out`."""
-    from saelab.diffing.report import _finite_or_null
-    from saelab.io.atomic import ensure_folder, write_json, write_text
+    from saelab.io.atomic import ensure_folder
     from saelab.progress import bar
 
     cfg = cfg if isinstance(cfg, ElephantExperiment) else ElephantExperiment.parse(dict(cfg))
@@ -601,15 +612,19 @@ def run_elephant(cfg: ElephantExperiment | dict[str, Any], out: str | Path | Non
         for lab, arch, seed in plan:
             runs.append(run_condition(cfg, lab, arch, seed))
             progress.update(1)
-    summary = aggregate(runs)
-    record = {
-        "config": cfg.model_dump(),
-        "summary": summary,
-        "runs": runs,
-        "conclusions": conclusions(summary, cfg),
-        "wall_s": time.perf_counter() - t0,
-    }
-    record = _finite_or_null(record)
+    record = {"config": cfg.model_dump(), "runs": runs, "wall_s": time.perf_counter() - t0}
+    return write_outputs(record, folder)
+
+
+def write_outputs(record: dict[str, Any], folder: Path | None) -> dict[str, Any]:
+    """Summarise a record's runs (mean, sd over seeds), state the conclusions, and write
+    results.json, report.md, report.html and the plot into `folder` (when given)."""
+    from saelab.diffing.report import _finite_or_null
+    from saelab.io.atomic import write_json, write_text
+
+    cfg = ElephantExperiment.parse(dict(record["config"]))
+    summary = aggregate(record["runs"])
+    record = _finite_or_null(record | {"summary": summary, "conclusions": conclusions(summary, cfg)})
     if folder is not None:
         write_json(folder / "results.json", record)
         write_text(folder / "report.md", report_markdown(record))
