@@ -16,7 +16,7 @@ A row (a "token") holds a few entities: each fires independently with a Zipf-lik
 and x = sum_e m_e h(e) + Gaussian noise. `Batch.features` holds the m_e.
 
 The model's circuits are linear read-outs fitted by logistic regression on its own rows
-(`fit_head`), as a model would learn them: one per attribute (`is_grey`, ...) and
+(`fit_heads`), as a model would learn them: one per attribute (`is_grey`, ...) and
 `afraid_of_mice`, which fires when the elephant is there. The **fine-tune** (`finetune`) teaches
 a new fact that `n_zoo` entities have (`lives_in_zoo`, the elephant and two others): by gradient
 descent it learns a new direction z added to those entities' representations and a new head
