@@ -361,8 +361,8 @@ def top_contexts(
 
     For a one-model `type: model` source spec: the top token windows (text, tokens, values, peak
     position) from `rows` token rows of its text (`saelab.reading.contexts`). For any other
-    source (a spec, an ActivationSource or an iterable, read from its start): the indices of the
-    top-activating rows over its first `batches` batches, with their values.
+    source: the indices of the top-activating rows over `batches` batches, with their values (a
+    spec is built afresh, so rows count from its start; a source object is read from where it is).
     """
     if not latents:
         return {}
@@ -416,7 +416,6 @@ def _token_contexts(sae, spec: dict, latents: list[int], top: int, rows: int, wi
     return out
 
 
-@torch.no_grad()
 def _row_contexts(sae, source: Any, latents: list[int], top: int, batches: int) -> dict:
     from saelab.activations.base import as_source
     from saelab.activations.factory import parse_source
@@ -429,7 +428,8 @@ def _row_contexts(sae, source: Any, latents: list[int], top: int, batches: int) 
             batch = next(stream)
         except StopIteration:
             break
-        values.append(sae.encode(batch.x.float().to(sae.W_dec.device))[:, idx].cpu())
+        with torch.no_grad():
+            values.append(sae.encode(batch.x.float().to(sae.W_dec.device))[:, idx].cpu())
         offset += batch.x.shape[0]
     if not values:
         return {j: [] for j in latents}
@@ -443,11 +443,111 @@ def _row_contexts(sae, source: Any, latents: list[int], top: int, batches: int) 
 
 
 def add_contexts(
-    result: StagesResult, sources: Mapping[str, Any], *, kind: str = "decoder", top: int = 10, **kwargs
+    result: StagesResult, sources: Mapping[str, Any], *, kind: str = "decoder", top: int = 20, contexts: int = 5
 ) -> None:
-    """Top contexts of the ranked latents of every model and data transition, in the F stage its
-    path reaches, from that stage's data (sources["ft/ft"]); stored in `result.contexts`."""
+    """The `contexts` top contexts of the `top` ranked latents of every model and data transition,
+    in the F stage its path reaches, on that stage's data (sources["ft/ft"]); into `result.contexts`."""
     for name in (*MODEL_TRANSITIONS, *DATA_TRANSITIONS):
-        final = "F_via_M" if name in ("S->M", "M->F_via_M") else "F_via_D"
         latents = [r["latent"] for r in result.ranked(name, kind, top)]
-        result.contexts[name] = top_contexts(result.saes[final], sources["ft/ft"], latents, **kwargs)
+        result.contexts[name] = top_contexts(result.saes[final_stage(name)], sources["ft/ft"], latents, top=contexts)
+
+
+def final_stage(transition: str) -> str:
+    """The F stage a transition's path leads to (the control's: F_via_D)."""
+    return "F_via_M" if transition in ("S->M", "M->F_via_M") else "F_via_D"
+
+
+# ---------------------------------------------------------------------------- configs
+def model_sources(
+    models: Mapping[str, str], data: Mapping[str, Any], hookpoint: str, **common: Any
+) -> dict[str, dict[str, Any]]:
+    """The four `type: model` source specs of a base / fine-tuned pair: {"base/ft": {model:
+    models["base"], data: data["ft"], hookpoint, ...}, ...}; `common` adds settings to each
+    (batch_size, context_size, repeat, ...)."""
+    for name, value in (("models", models), ("data", data)):
+        if not isinstance(value, Mapping) or sorted(value) != ["base", "ft"]:
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise ConfigError(f"{name} must map exactly `base` and `ft` (got {got})")
+    if not isinstance(hookpoint, str) or not hookpoint:
+        raise ConfigError("hookpoint: give the module path both models are read at, e.g. model.layers.1")
+    for alias, text in data.items():
+        texts = text.get("texts") if isinstance(text, Mapping) else text
+        if isinstance(texts, (list, tuple)) and not texts:
+            raise ConfigError(f"data.{alias}: the text list is empty; give at least one document")
+    for key in ("type", "model", "models", "data", "hookpoint", "hookpoints"):
+        if key in common:
+            raise ConfigError(f"source.{key}: set by the stage-wise shorthand (models, data, hookpoint); remove it")
+    return {
+        f"{m}/{d}": {"type": "model", "model": models[m], "data": data[d], "hookpoint": hookpoint, **common}
+        for m, d in STAGE_DATA.values()
+    }
+
+
+def _stages_config_model():
+    from pydantic import Field, NonNegativeInt, PositiveInt
+
+    from saelab.config import StrictModel
+
+    class StagesConfig(StrictModel):
+        """`saelab diff stages CONFIG`: one dictionary fine-tuned through S, D, M, F and a control."""
+
+        sae: dict[str, Any] = Field(description="The dictionary config (architecture, d_in, d_sae, ...).")
+        train: dict[str, Any] = Field(default_factory=dict, description="Training settings of every stage.")
+        steps: PositiveInt = Field(description="Steps of S (from scratch on base model, base data).")
+        stage_steps: PositiveInt | None = Field(None, description="Steps of every later stage (default: steps).")
+        seed: int = Field(0, description="Training seed of every stage.")
+        null_quantile: float = Field(
+            NULL_QUANTILE, gt=0, lt=0.5, description="Quantile of control cosines used as the null."
+        )
+        min_fires: NonNegativeInt = Field(MIN_FIRES, description="Firings in the later stage for a latent to count.")
+        top: PositiveInt = Field(20, description="Ranked latents reported per transition.")
+        contexts: NonNegativeInt = Field(5, description="Top contexts per ranked latent (0: none).")
+        sources: dict[str, Any] | None = Field(None, description="{base/base, base/ft, ft/base, ft/ft: source spec}.")
+        models: dict[str, str] | None = Field(None, description="Shorthand: {base: PATH, ft: PATH}.")
+        data: dict[str, Any] | None = Field(None, description="Shorthand: {base: TEXT_SPEC, ft: TEXT_SPEC}.")
+        hookpoint: str | None = Field(None, description="Shorthand: the module path read in both models.")
+        source: dict[str, Any] = Field(
+            default_factory=dict, description="Shorthand: settings added to each model source."
+        )
+
+        def stage_sources(self) -> dict[str, Any]:
+            shorthand = {"models": self.models, "data": self.data, "hookpoint": self.hookpoint}
+            given = [k for k, v in shorthand.items() if v is not None]
+            if self.sources is not None:
+                if given or self.source:
+                    extra = given + (["source"] if self.source else [])
+                    raise ConfigError(f"give `sources` or the shorthand (models, data, hookpoint), not both ({extra})")
+                return self.sources
+            missing = [k for k, v in shorthand.items() if v is None]
+            if missing:
+                raise ConfigError(
+                    f"give `sources` (the four model/data source specs) or all of models, data and hookpoint "
+                    f"(missing {missing})"
+                )
+            return model_sources(self.models, self.data, self.hookpoint, **self.source)
+
+    return StagesConfig
+
+
+def parse_stages_config(values: Any) -> Any:
+    """A validated `saelab diff stages` config (unknown keys and bad values named)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a stages config must be a mapping, got {type(values).__name__}")
+    return _stages_config_model().parse(dict(values))
+
+
+def run_stages(config: Mapping[str, Any], out: str | Path, title: str = "Stage-wise model diff") -> StagesResult:
+    """Train every stage of `config` in out/stages/, read the ranked latents' top contexts and
+    write results.json, report.md, report.html and the plots into `out`."""
+    from saelab.diffing.stages_report import write_stages_report
+
+    cfg = parse_stages_config(config)
+    sources = cfg.stage_sources()
+    result = train_stages(
+        cfg.sae, sources, steps=cfg.steps, stage_steps=cfg.stage_steps, train=cfg.train, seed=cfg.seed,
+        out_dir=Path(out) / "stages", null_quantile=cfg.null_quantile, min_fires=cfg.min_fires,
+    )  # fmt: skip
+    if cfg.contexts:
+        add_contexts(result, sources, top=cfg.top, contexts=cfg.contexts)
+    write_stages_report(result, out, title, top=cfg.top)
+    return result
