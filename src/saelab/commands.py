@@ -132,7 +132,7 @@ def _yaml_loader():
 
 # ---------------------------------------------------------------------------- demo
 DEMO_SEEDS = 3
-DEMO_PARTS = 4  # training processes per seed: each trains its share of the SAEs on one stream
+DEMO_PARTS = 4  # sweeps per seed, each training its share of the SAEs on one stream (--quick: one)
 
 
 def demo_plan(
@@ -328,7 +328,7 @@ def demo_leaderboard(plan: dict[str, Any], rows: list[dict], records: list[dict]
         else "(none)\n",
         "## All runs\n",
         markdown_table(
-            records,
+            [{**r, **({"converged": "n/a", "fvu_change": ""} if r["converged"] is None else {})} for r in records],
             [
                 "run",
                 "seed",
@@ -368,7 +368,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     sweep = tuple(args.sweep) if args.sweep else None
     plan = demo_plan(args.steps, args.quick, args.seed, args.seeds, args.l0, sweep)
-    jobs = demo_jobs(plan, out)
+    jobs = demo_jobs(plan, out, 1 if args.quick else DEMO_PARTS)  # quick: start-up costs dominate
     workers = args.jobs or default_workers(len(jobs))
     world = plan["world"]
     print(
