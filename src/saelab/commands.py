@@ -397,7 +397,11 @@ def run_demo(args: argparse.Namespace) -> int:
     write_json(out / "results.json", rows)
     write_json(out / "sweep.json", records)
     plot_frontier(
-        _frontier_points(records), out / "frontier.png", "sparsity / fidelity frontier", true_l0=plan["target_l0"]
+        _frontier_points(records),
+        out / "frontier.png",
+        "sparsity / fidelity frontier",
+        true_l0=plan["target_l0"],
+        l0_label=f"matched L0 = {plan['target_l0']:g}",
     )
     write_text(out / "leaderboard.md", demo_leaderboard(plan, rows, records, wall))
     print()
