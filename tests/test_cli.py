@@ -13,22 +13,35 @@ REQUIRED = {"architecture", "l0", "fvu", "dead_fraction", "shrinkage", "recovere
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     return out
 
 
-def test_demo_writes_a_leaderboard_for_every_architecture(demo_dir):
-    records = json.loads((demo_dir / "results.json").read_text())
-    assert sorted(r["architecture"] for r in records) == saelab.list_architectures(one_stream=True)
-    for r in records:
+def test_demo_ranks_every_architecture_at_the_matched_l0_with_seed_spread(demo_dir):
+    rows = json.loads((demo_dir / "results.json").read_text())
+    assert sorted(r["architecture"] for r in rows) == saelab.list_architectures(one_stream=True)
+    target = rows[0]["target_l0"]
+    assert target == 3.0  # the quick world's true L0 (3.2), rounded
+    ranked = [r for r in rows if r["matched"]]
+    assert ranked and rows[: len(ranked)] == ranked  # matched rows come first
+    recovered = [r["recovered_fraction"] for r in ranked]
+    assert recovered == sorted(recovered, reverse=True)
+    for r in ranked:
         assert REQUIRED <= set(r)
+        assert r["n_seeds"] == 2 and len(r["per_seed"]) == 2 and "fvu_std" in r
+        assert all(abs(s["l0"] / target - 1) <= 0.1 for s in r["per_seed"])
+        assert r["method"] in ("k", "target_l0", "interpolated")
+    assert {r["method"] for r in rows if r["architecture"] in ("pca", "ica", "nmf")} == {"none"}
+    runs = json.loads((demo_dir / "sweep.json").read_text())
+    assert {r["seed"] for r in runs} == {0, 1} and all("converged" in r for r in runs)
     assert (demo_dir / "frontier.png").stat().st_size > 1000
     md = (demo_dir / "leaderboard.md").read_text()
+    assert "Leaderboard at L0 = 3" in md and " ± " in md and "Seeds [0, 1]" in md and "Converged" in md
     assert all(a in md for a in saelab.list_architectures(one_stream=True))
 
 
 def test_eval_reads_a_saved_sae_and_its_source(demo_dir, tmp_path, capsys):
-    sae_dir = next((demo_dir / "runs").iterdir()) / "sae"
+    sae_dir = json.loads((demo_dir / "sweep.json").read_text())[0]["path"]
     assert main(["eval", str(sae_dir), "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
     assert REQUIRED - {"dead_fraction"} <= set(record)

@@ -21,10 +21,12 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0,
 FVU_FLOOR = 1e-3  # dense baselines (PCA with L0 = d_in) reach ~1e-14 and would flatten the plot
 
 
-def plot_frontier(records: list[dict], path, title: str, true_l0: float | None = None) -> None:
+def plot_frontier(
+    records: list[dict], path, title: str, true_l0: float | None = None, l0_label: str = "true L0"
+) -> None:
     """FVU vs L0 and true features recovered vs L0, one line per architecture through its sweep
     (records are evaluation records with `architecture`, `l0`, `fvu` and, with ground truth,
-    `recovered_fraction`); `true_l0` marks the world's true L0."""
+    `recovered_fraction`); `true_l0` marks the world's true L0 (or the L0 `l0_label` names)."""
     from saelab.io.atomic import save_figure
 
     fig, axes = new_figure(ncols=2, size=(6.0, 4.5))
@@ -54,7 +56,7 @@ def plot_frontier(records: list[dict], path, title: str, true_l0: float | None =
     )
     for ax in axes[0]:
         if true_l0 is not None:
-            ax.axvline(true_l0, ls="--", c="grey", lw=1, label="true L0")
+            ax.axvline(true_l0, ls="--", c="grey", lw=1, label=l0_label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

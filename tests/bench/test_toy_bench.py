@@ -95,6 +95,30 @@ def test_cli_runs_the_quick_benchmark(tmp_path, capsys):
     assert "recovered_fraction" in capsys.readouterr().out
 
 
+def test_matched_mode_plans_and_reports_every_architecture_at_the_true_l0(tmp_path):
+    torch.set_num_threads(1)
+    cfg = BenchConfig.quick_config(
+        worlds=["independent"],
+        architectures=["topk", "jumprelu", "mdl"],
+        matched_l0=True,
+        multipliers=[0.25, 0.5, 1.0],
+        seeds=[0, 1],
+        steps=40,
+        eval_tokens=1024,
+        jobs=1,
+    )
+    jobs = plan(cfg)
+    target = round(jobs[0]["true_l0"])
+    assert {j["method"] for j in jobs if j["sae"]["architecture"] == "topk"} == {"k"}
+    assert all(j["sae"]["k"] == target for j in jobs if j["sae"]["architecture"] == "topk")
+    assert all(j["sae"]["target_l0"] == target for j in jobs if j["sae"]["architecture"] == "jumprelu")
+    assert sum(j["sae"]["architecture"] == "mdl" for j in jobs) == 3 * 2  # the sweep, on each seed
+    result = run_toy_bench(cfg, tmp_path, log=lambda *_: None)
+    assert all("converged" in r for r in result.records)
+    md = (tmp_path / "report.md").read_text()
+    assert f"Every architecture at L0 = {target}" in md and "recovered (mean ± std)" in md and "matched L0" in md
+
+
 def test_bad_bench_configs_name_the_field(capsys):
     with pytest.raises(ConfigError, match="unknown world"):
         BenchConfig.parse({"worlds": ["moon"]})

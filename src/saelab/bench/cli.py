@@ -21,13 +21,19 @@ def register(subparsers) -> None:
         "--multipliers", type=float, nargs="+", help="Sparsity settings as multiples of the true L0 (default: 0.5 1 2)."
     )
     t.add_argument("--jobs", type=int, default=0, help="Parallel single-thread processes (default: one per core).")
+    t.add_argument(
+        "--matched-l0",
+        action="store_true",
+        help="Compare every architecture at each world's true L0 (k, target_l0, or an interpolated sweep).",
+    )
+    t.add_argument("--l0", type=float, help="With --matched-l0: the L0 to compare at (default: the true L0, rounded).")
     t.add_argument("--no-tms", action="store_true", help="Skip the toy models of superposition section.")
     t.set_defaults(func=run_bench_toy)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
 def run_bench_toy(args: argparse.Namespace) -> int:
-    from saelab.bench.report import default_rows
+    from saelab.bench.report import default_rows, matched_table_rows
     from saelab.bench.toy import BenchConfig, run_toy_bench
 
     overrides = {
@@ -39,14 +45,20 @@ def run_bench_toy(args: argparse.Namespace) -> int:
             "seeds": args.seeds,
             "multipliers": args.multipliers,
             "jobs": args.jobs,
+            "l0": args.l0,
         }.items()
         if v is not None
     }
     if args.no_tms:
         overrides["tms"] = False
+    if args.matched_l0:
+        overrides["matched_l0"] = True
     cfg = BenchConfig.quick_config(**overrides) if args.quick else BenchConfig.parse(overrides)
     result = run_toy_bench(cfg, args.out)
-    rows = sorted(default_rows(result.records), key=lambda r: (r["world"], -r["recovered_fraction"]))
+    if cfg.matched_l0:  # matched rows first (ranked), per world
+        rows = sorted(matched_table_rows(result.records), key=lambda r: (r["world"], not r["matched"]))
+    else:
+        rows = sorted(default_rows(result.records), key=lambda r: (r["world"], -r["recovered_fraction"]))
     print()
     print(
         text_table(

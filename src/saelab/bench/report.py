@@ -74,6 +74,46 @@ def default_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+# Numbers a matched-L0 row averages over seeds (and interpolates along a sweep).
+MATCHED_METRICS = tuple(
+    dict.fromkeys(
+        m
+        for m in LEADERBOARD + PATHOLOGY + L0_CHOICE
+        if m not in ("world", "architecture", "setting", "multiplier", "true_l0")
+    )
+)
+
+
+def matched_table_rows(records: list[dict]) -> list[dict]:
+    """With matched_l0: one row per (world, architecture) at the matched L0, means over seeds,
+    ranked, with the spread of the headline metrics as `mean ± std` cells."""
+    from saelab.bench.matched import matched_rows, pm, rank
+
+    rows = rank(matched_rows(records, by=("world", "architecture"), metrics=MATCHED_METRICS))
+    for r in rows:
+        r["seeds"] = r["n_seeds"]
+        r["l0 (mean ± std)"] = pm(r, "l0", 2)
+        r["recovered (mean ± std)"] = pm(r, "recovered_fraction")
+        r["fvu (mean ± std)"] = pm(r, "fvu")
+        r["converged"] = f"{r['converged_seeds']}/{r['n_seeds']}"
+    return rows
+
+
+MATCHED_BOARD = [
+    "architecture",
+    "method",
+    "matched",
+    "l0 (mean ± std)",
+    "recovered (mean ± std)",
+    "fvu (mean ± std)",
+    "mcc",
+    "shrinkage",
+    "dead_fraction",
+    "converged",
+    "seeds",
+]
+
+
 def _columns(rows: list[dict], wanted: list[str]) -> list[str]:
     return [c for c in wanted if any(c in r for r in rows)]
 
@@ -199,7 +239,7 @@ def write_report(result, cfg, out: Path) -> None:
         write_json(out / "tms.json", result.tms)
     if result.references:
         write_json(out / "references.json", result.references)
-    rows = default_rows(records)
+    rows = matched_table_rows(records) if cfg.matched_l0 else default_rows(records)
     worlds = [w for w in cfg.worlds if any(r["world"] == w for r in records)]
     plots = []
     for w in worlds:
@@ -214,22 +254,30 @@ def write_report(result, cfg, out: Path) -> None:
 
     sections: list[tuple[str, str, list[dict], list[str]]] = []
     for w in worlds:
-        board = sorted((r for r in rows if r["world"] == w), key=lambda r: (-r["recovered_fraction"], r["fvu"]))
         spec = {**WORLDS[w][1 if cfg.quick else 0]}
-        true_l0 = board[0]["true_l0"] if board else float("nan")
-        sections.append(
-            (
-                f"Leaderboard: {w}",
-                f"World `{json.dumps(spec)}`, true L0 {true_l0:.2f}. "
-                "Default setting of each architecture, sorted by recovered fraction.",
-                board,
-                _columns(board, LEADERBOARD),
+        true_l0 = next((r["true_l0"] for r in records if r["world"] == w), float("nan"))
+        if cfg.matched_l0:
+            board = [r for r in rows if r["world"] == w]
+            target = board[0]["target_l0"] if board else float("nan")
+            text = (
+                f"World `{json.dumps(spec)}`, true L0 {true_l0:.2f}. Every architecture at L0 = {target:g} "
+                "(method: k, target_l0, or a sweep interpolated in log L0; matched: L0 within 10% or "
+                "bracketed on every seed), mean over seeds; matched rows first, by recovered fraction."
             )
-        )
+            columns = MATCHED_BOARD
+        else:
+            board = sorted((r for r in rows if r["world"] == w), key=lambda r: (-r["recovered_fraction"], r["fvu"]))
+            text = (
+                f"World `{json.dumps(spec)}`, true L0 {true_l0:.2f}. "
+                "Default setting of each architecture, sorted by recovered fraction."
+            )
+            columns = LEADERBOARD
+        sections.append((f"Leaderboard: {w}", text, board, _columns(board, columns)))
     sections.append(
         (
             "Pathology table",
-            "Default settings. shrinkage is gamma* (< 1: shrinks); absorption is "
+            ("At the matched L0 (means over seeds). " if cfg.matched_l0 else "Default settings. ")
+            + "shrinkage is gamma* (< 1: shrinks); absorption is "
             "P(parent latent silent | child fires) with its baseline P(silent | parent alone), where a latent that "
             "absorbed a parent + child composite is never the parent's (a parent with only such latents is silent "
             "everywhere: both 1); composites_recovered and absorbed_parents are explained below; hedging is "
@@ -265,7 +313,8 @@ def write_report(result, cfg, out: Path) -> None:
 
     header = (
         f"{len(records)} runs, {len(worlds)} worlds, {'quick' if cfg.quick else 'full'} mode, "
-        f"{cfg.steps} steps per SAE, seeds {cfg.seeds}; wall time {result.wall_seconds:.1f} s."
+        f"{cfg.steps} steps per SAE, seeds {cfg.seeds}, "
+        f"{'matched L0' if cfg.matched_l0 else 'default settings'}; wall time {result.wall_seconds:.1f} s."
     )
     md = ["# saelab bench toy\n", header + "\n"]
     for title, text, rs, cols in sections:

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from saelab.errors import ConfigError
 from saelab.parallel import run_jobs
@@ -114,7 +123,19 @@ class BenchConfig(BaseModel):
     architectures: list[str] | None = Field(
         None, description="Architectures (default: every registered one that trains on one activation stream)."
     )
-    multipliers: list[float] = Field([0.5, 1.0, 2.0], description="Sparsity sweep, as multiples of the true L0.")
+    multipliers: list[float] = Field(
+        [0.5, 1.0, 2.0],
+        description="Sparsity sweep, as multiples of the true L0; with matched_l0, the sweep of the "
+        "architectures that have neither k nor target_l0.",
+    )
+    matched_l0: bool = Field(
+        False,
+        description="Compare every architecture at one L0 (k, target_l0, or a sweep interpolated at it; "
+        "see saelab.bench.matched) instead of at its default setting.",
+    )
+    l0: PositiveFloat | None = Field(
+        None, description="With matched_l0: the L0 (default: each world's true L0, rounded)."
+    )
     steps: PositiveInt = Field(800, description="Training steps per SAE.")
     batch_size: PositiveInt = Field(512, description="Training batch size.")
     eval_tokens: PositiveInt = Field(4096, description="Held-out tokens for the metrics.")
@@ -166,6 +187,9 @@ def world_spec(name: str, quick: bool, seed: int) -> dict:
 
 
 def plan(cfg: BenchConfig) -> list[dict]:
+    """One job per (seed, world, architecture, sparsity setting): the sweep of `multipliers`, or
+    with `matched_l0` the settings that put each architecture at the matched L0."""
+    from saelab.bench.matched import matched_settings, target_from
     from saelab.sae.registry import get_class, list_architectures, sweep_setting
     from saelab.toys.worlds import World
 
@@ -177,16 +201,25 @@ def plan(cfg: BenchConfig) -> list[dict]:
         for wname in cfg.worlds:
             spec = world_spec(wname, cfg.quick, seed)
             world = World(spec)
+            target = target_from(world.expected_l0, cfg.l0)
             for arch in archs:
                 knob = get_class(arch).sweep_parameter
-                for m in cfg.multipliers if knob else [1.0]:
-                    sae = {
-                        "architecture": arch,
-                        "d_in": world.d_in,
-                        "d_sae": world.n_features,
-                        "seed": seed,
-                        **sweep_setting(arch, m, world.expected_l0),
-                    }
+                if cfg.matched_l0:
+                    method, settings = matched_settings(arch, target, cfg.multipliers)
+                    if method != "interpolated":
+                        points = [(1.0, settings[0])]  # multiplier 1: the one run of a single-run method
+                    elif get_class(arch).sweep_kind == "coefficient":
+                        points = list(zip(sorted(set(cfg.multipliers)), settings))
+                    else:  # a count at a non-integer target: k on either side of it
+                        points = [(s[knob] / target, s) for s in settings]
+                    extra = {"method": method, "target_l0": target}
+                else:
+                    points = [
+                        (m, sweep_setting(arch, m, world.expected_l0)) for m in (cfg.multipliers if knob else [1.0])
+                    ]
+                    extra = {}
+                for m, setting in points:
+                    sae = {"architecture": arch, "d_in": world.d_in, "d_sae": world.n_features, "seed": seed, **setting}
                     jobs.append(
                         {
                             "world": wname,
@@ -196,6 +229,7 @@ def plan(cfg: BenchConfig) -> list[dict]:
                             "multiplier": m,
                             "seed": seed,
                             "true_l0": world.expected_l0,
+                            **extra,
                             "train": {
                                 "steps": cfg.steps,
                                 "progress": False,
@@ -252,11 +286,12 @@ def reference_records(cfg: BenchConfig) -> list[dict]:
 def run_one(job: dict) -> dict:
     """Train and measure one (world, architecture, setting); errors become a record, not a crash."""
     torch.set_num_threads(1)
+    from saelab.bench.matched import convergence
     from saelab.evals.summary import evaluate
     from saelab.sae.registry import create
     from saelab.toys.features import ToySource
     from saelab.toys.worlds import World
-    from saelab.train.trainer import train
+    from saelab.train.trainer import TrainConfig, train
 
     base = {
         "world": job["world"],
@@ -266,15 +301,17 @@ def run_one(job: dict) -> dict:
         "multiplier": job["multiplier"],
         "seed": job["seed"],
         "true_l0": job["true_l0"],
+        **{k: job[k] for k in ("method", "target_l0") if k in job},
     }
     try:
         world = World(job["world_spec"])
         sae = create(job["sae"])
         t0 = time.perf_counter()
-        train(sae, ToySource(world, job["batch_size"], job["seed"]), job["train"])
+        result = train(sae, ToySource(world, job["batch_size"], job["seed"]), job["train"])
         seconds = time.perf_counter() - t0
+        conv = convergence(result.history, job["train"]["steps"], TrainConfig.parse(job["train"]).lr_decay_fraction)
         held = held_out(world, job["seed"], job["eval_tokens"])
-        return {**base, **evaluate(sae, held, world).as_dict(), "train_seconds": seconds}
+        return {**base, **evaluate(sae, held, world).as_dict(), "train_seconds": seconds, **conv}
     except Exception as exc:  # a variant that cannot train on toy data must not stop the benchmark
         return {**base, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
 

@@ -9,6 +9,7 @@ activations a, so metrics can compare an SAE with the truth. The kinds of world 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from typing import Any
 
@@ -24,7 +25,14 @@ def embed_directions(n: int, d: int, target_cos_sim: float, seed: int, steps: in
     With n <= d and target 0 the directions are exactly orthonormal. Otherwise gradient descent
     on the squared deviation of every off-diagonal cosine from the target (for n > d and target 0
     this is the frame potential, whose minimisers are tight frames: the least interference possible).
+    The result is a deterministic function of the arguments, computed once per process: a world is
+    built again for its held-out source and by every run of a sweep (seconds each at n = 256).
     """
+    return _embed_directions(int(n), int(d), float(target_cos_sim), int(seed), int(steps)).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _embed_directions(n: int, d: int, target_cos_sim: float, seed: int, steps: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, d, generator=gen, dtype=torch.float64)
     if n <= d and target_cos_sim == 0:
