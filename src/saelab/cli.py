@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "saelab.reading.cli",  # dashboard (reading latents)
     "saelab.reading.interp_cli",  # autointerp, patchscope
     "saelab.diffing.cli",  # diff (two-model crosscoders)
+    "saelab.models.finetune",  # finetune (a model pair with a planted trigger)
 ]
 
 
