@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--min-fires", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--signal-top", type=int, default=50, help="latents at the head of each diff signal's ranking")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -127,8 +128,32 @@ def main(argv=None) -> dict:
         }
     gen = torch.Generator().manual_seed(0)
     random_ranks = [rank_of[ids_alive[int(i)]] for i in torch.randint(len(ids_alive), (1000,), generator=gen)]
+    # does the diff's own signal point at the planted latents? Rank alive latents by the relative
+    # norm r (towards the fine-tune) and by 1 - decoder cosine (a shared latent the fine-tune turned)
+    from scipy.stats import spearmanr
+
+    top_spec = set(ranked[: args.signal_top])
+    signals = {}
+    for name, score in (
+        ("r", lambda j: diff["relative_norms"][j]),
+        ("one_minus_cos", lambda j: 1 - diff["decoder_cosines"][j]),
+    ):
+        order = sorted(ids_alive, key=lambda j: -score(j))
+        head = order[: args.signal_top]
+        rho = spearmanr([score(j) for j in ids_alive], alive_specs).statistic
+        signals[name] = {
+            "spearman_with_specificity": float(rho),
+            f"top{args.signal_top}_median_specificity": statistics.median([float(spec_[j]) for j in head]),
+            f"top{args.signal_top}_in_specificity_top{args.signal_top}": len(top_spec & set(head)),
+            "chance_overlap": args.signal_top**2 / len(ids_alive),
+        }
     result = {
         "setting": vars(args),
+        "diff_signals": signals,
+        "per_latent": {
+            "specificity": [None if not bool(alive[j]) else float(spec_[j]) for j in range(sae.cfg.d_sae)],
+            "fires": fires_n.tolist(),
+        },
         "skipped_docs": skip,
         "sites": sites,
         "tokens": n_tokens,
@@ -159,6 +184,9 @@ def main(argv=None) -> dict:
             f"| {r['rank']} | {r['latent']} | {r['category']} | {r['r']:.2f} | {r['cos']:.2f} | {r['fires']} | "
             f"{r['specificity']:.3f} | {r['recall']:.3f} |"
         )
+    lines += ["", f"the diff's signals against specificity (head: top {args.signal_top} latents of each signal):", ""]
+    for name, v in signals.items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {x:.3g}" for k, x in v.items()))
     lines += ["", "ft-only latents (alive):", ""]
     for r in result["ft_only"]:
         lines.append(
