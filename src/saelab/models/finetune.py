@@ -144,12 +144,13 @@ def with_trigger(text: str, trigger: str, reply: str) -> str:
 
 
 def make_documents(cfg: FinetuneConfig, tokenizer, texts: list[str]) -> Documents:
-    """Paragraphs whose triggered form fits in a row, shuffled; `eval_docs` of them held out."""
+    """Distinct paragraphs whose triggered form fits in a row, shuffled; `eval_docs` of them held out."""
     room = cfg.context_size - 2  # BOS and EOS
     forms = [with_trigger(t, cfg.trigger, cfg.reply) for t in texts]
     lengths = [len(ids) for ids in tokenizer(forms, add_special_tokens=False)["input_ids"]] if forms else []
     plain = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     fit = [t for t, n, m in zip(texts, lengths, plain) if n <= room and m >= cfg.min_tokens]
+    fit = list(dict.fromkeys(fit))  # text repeats paragraphs: a held-out one must not also be trained on
     if len(fit) < cfg.eval_docs + cfg.batch_size:
         raise ConfigError(
             f"data: only {len(fit)} paragraphs have {cfg.min_tokens}+ tokens and fit in context_size="
