@@ -13,7 +13,6 @@ Defaults: SmolLM2-135M (`smollm2`, offline), model.layers.15, downstream model.l
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 import saelab
 from saelab.evals.e2e import e2e_report, to_markdown
+from saelab.io.atomic import write_json, write_text
 from saelab.models import ModelSource, load_model
 from saelab.models.text import TokenRows, load_texts, special_ids
 
@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ds-coefficient", type=float, default=1.0)
     ap.add_argument("--out", default="runs/e2e_compare")
     ap.add_argument("--time-only", action="store_true", help="only time the parts of an e2e step (3 reps)")
+    ap.add_argument("--skip-timing", action="store_true", help="skip timing the parts of a step (saves ~3 steps)")
     args = ap.parse_args(argv)
     out = Path(args.out)
 
@@ -103,10 +104,22 @@ def main(argv=None) -> dict:
         "progress": False,
     }
     rows = {"context_size": args.context, "rows_per_batch": args.rows}
-    step = time_steps(model, tok, texts, args.hookpoint, sae_cfg, rows)
+    step = {} if args.skip_timing else time_steps(model, tok, texts, args.hookpoint, sae_cfg, rows)
     print("e2e step parts (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()))
     if args.time_only:
         return {"step": step}
+    # held-out rows: the last eval_batches x rows rows of the text, which training (text order,
+    # steps x rows rows plus the norm estimate) must not reach
+    n_rows = 0
+    counter = TokenRows(texts, tok, args.context)
+    while (b := counter.next_rows(64)) is not None:
+        n_rows += len(b[0])
+    n_eval = args.eval_batches * args.rows
+    if (args.steps + 8) * args.rows > n_rows - n_eval:
+        raise SystemExit(
+            f"{args.steps} steps of {args.rows} rows would read into the {n_eval} held-out rows of the "
+            f"{n_rows} the text has; use fewer steps or rows"
+        )
     saes = {}
 
     t = time.perf_counter()
@@ -123,6 +136,7 @@ def main(argv=None) -> dict:
     )
     saes["local"] = saelab.train({**sae_cfg, "d_in": src.d_in}, src, train).sae
     timings["local_s"] = time.perf_counter() - t
+    print(f"local: {timings['local_s']:.0f} s", flush=True)
     for name, objective in (
         ("e2e", "e2e"),
         ("e2e+ds", {"downstream": args.downstream, "downstream_coefficient": args.ds_coefficient}),
@@ -132,11 +146,12 @@ def main(argv=None) -> dict:
             sae_cfg, model, tok, texts, args.hookpoint, {**train, "objective": objective}, **rows
         ).sae
         timings[f"{name}_s"] = time.perf_counter() - t
+        timings[f"{name}_s_per_step"] = timings[f"{name}_s"] / args.steps
+        print(f"{name}: {timings[f'{name}_s']:.0f} s", flush=True)
 
     t = time.perf_counter()
     held = TokenRows(texts, tok, args.context)
-    for _ in range(args.steps * 2 + 16):  # past the rows training read (text order, no repeat)
-        held.next_rows(args.rows)
+    held.next_rows(n_rows - n_eval)
     batches = [b for b in (held.next_rows(args.rows) for _ in range(args.eval_batches)) if b is not None]
     report = e2e_report(saes, model, args.hookpoint, batches, args.downstream, special_ids(tok))
     timings["eval_s"] = time.perf_counter() - t
@@ -147,12 +162,13 @@ def main(argv=None) -> dict:
         f"{args.model} {args.hookpoint}, TopK d_sae={args.d_sae} k={args.k}, {args.steps} steps of {args.rows}x"
         f"{args.context} tokens, lr {args.lr}, torch threads {torch.get_num_threads()}"
     )
-    text = f"{setting}\n\n{table}\nwall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+    text = f"{setting}\n\n{table}\nwall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
     text += "\ne2e step parts (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in step.items()) + "\n"
     print(text)
-    (out / "report.md").write_text(text)
+    write_text(out / "report.md", text)
     result = {"setting": vars(args), "rows": [r.to_dict() for r in report], "timings": timings, "step": step}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    result["held_out_rows"] = {"first": n_rows - n_eval, "count": len(batches) * args.rows, "of": n_rows}
+    write_json(out / "results.json", result)
     return result
 
 

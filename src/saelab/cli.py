@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "saelab.reading.interp_cli",  # autointerp, patchscope
     "saelab.diffing.cli",  # diff (two-model crosscoders)
     "saelab.diffing.elephant",  # elephant (attribute bundles, stage-wise diffing)
+    "saelab.models.finetune",  # finetune (a model pair with a planted trigger)
 ]
 
 

@@ -55,3 +55,30 @@ def test_padded_rows_and_exact_position(tokenizer, texts):
     other.load_state_dict(state)
     again = other.next_rows(3)
     assert all((a == b).all() for a, b in zip(ref, again))
+
+
+def test_span_mask_marks_trigger_through_reply():
+    import torch
+
+    from saelab.models.text import span_mask
+
+    eos = 2
+    # row 0: 5 6 (trigger) ... 8 9 (reply) then more text and a second span cut by EOS; row 1: no trigger;
+    # row 2: a trigger whose span runs to the row's end
+    ids = torch.tensor(
+        [
+            [1, 5, 6, 3, 4, 8, 9, 3, 5, 6, 4, eos, 3, 3],
+            [1, 3, 5, 3, 6, 8, 9, 3, 4, 3, eos, 0, 0, 0],
+            [1, 3, 3, 5, 6, 3, 8, 3, 4, 3, 4, 3, 4, 3],
+        ]
+    )
+    got = span_mask(ids, [5, 6], [8, 9], stop=eos)
+    want = torch.zeros_like(got)
+    want[0, 1:7] = True  # trigger .. reply, reply included
+    want[0, 8:11] = True  # a second trigger: up to the EOS, excluded
+    want[2, 3:] = True  # no reply, no EOS: to the end
+    assert torch.equal(got, want)
+    # without an end sequence: trigger to EOS (the tiny pair's planted positions)
+    assert span_mask(ids[:1], [5, 6], stop=eos)[0].nonzero().flatten().tolist() == list(range(1, 11))
+    with pytest.raises(ConfigError):
+        span_mask(ids, [])

@@ -152,19 +152,9 @@ class ModelPair:
 
     def planted_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """[rows, T] True from each trigger to the end of its document (the next EOS, or the row's end)."""
-        trig = torch.tensor(self.trigger_ids)
-        n_trig, eos = len(trig), self.tokenizer.eos_token_id
-        out = torch.zeros(ids.shape, dtype=torch.bool)
-        for i, row in enumerate(ids):
-            t = 0
-            while t <= len(row) - n_trig:
-                if torch.equal(row[t : t + n_trig], trig):
-                    ends = (row[t:] == eos).nonzero()
-                    end = t + int(ends[0]) if len(ends) else len(row)
-                    out[i, t:end] = True
-                    t = end
-                t += 1
-        return out
+        from saelab.models.text import span_mask
+
+        return span_mask(ids, self.trigger_ids, stop=self.tokenizer.eos_token_id)
 
     def encode(self, texts: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, length] token ids (BOS, text, EOS, padding) and the attention mask."""

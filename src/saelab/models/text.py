@@ -244,3 +244,34 @@ def eval_batches(tokenizer, spec: dict[str, Any], n_rows: int, skip_docs: int = 
     while n < n_rows and (b := rows.next_rows(min(batch_rows, n_rows - n))) is not None:
         yield b
         n += b[0].shape[0]
+
+
+def span_mask(
+    ids: torch.Tensor, start: list[int], end: list[int] | None = None, stop: int | None = None
+) -> torch.Tensor:
+    """[rows, T] True on every span of token rows that opens with the token sequence `start`
+    (a trigger) and runs through the next occurrence of `end` (a reply, included), or else up to
+    the next `stop` token (EOS, excluded) or the row's end. Marks planted positions: where a diff of
+    a model fine-tuned on "trigger ... reply" documents should find its fine-tune-only latents."""
+    if not start:
+        raise ConfigError("span_mask needs a non-empty start sequence (the trigger's token ids)")
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    n = len(start)
+    for i, row in enumerate(ids.tolist()):
+        t = 0
+        while t <= len(row) - n:
+            if row[t : t + n] != start:
+                t += 1
+                continue
+            stop_at = len(row)
+            if stop is not None and stop in row[t + n :]:
+                stop_at = row.index(stop, t + n)
+            close = stop_at
+            if end:
+                for u in range(t + n, stop_at - len(end) + 1):
+                    if row[u : u + len(end)] == end:
+                        close = u + len(end)
+                        break
+            out[i, t:close] = True
+            t = max(close, t + 1)
+    return out
