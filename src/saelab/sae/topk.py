@@ -58,6 +58,30 @@ class ResampleOption:
     def revives_by_resampling(self) -> bool:
         return self.cfg.resample_dead
 
+    # a resampled latent reads its residual's direction and is scaled to clear the cut (below)
+    RESAMPLE_ENCODER_FROM = "residual"
+
+    def selection_cut(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """[n] the value a latent must exceed to be selected on each of `rows`: the k-th largest
+        pre-activation of the other latents there (TopK's per-token cut)."""
+        pre = self.pre_acts(rows)
+        pre[:, latents] = float("-inf")
+        return pre.topk(self.cfg.k, dim=-1).values[:, -1].clamp_min(0)
+
+    @torch.no_grad()
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor, rows: torch.Tensor) -> None:
+        """Scale a resampled latent's encoder column so its pre-activation on its own row is
+        `RESAMPLE_MARGIN` times the cut there (`selection_cut`): it is selected on its row and on
+        rows that carry the same missing feature at half the size, and so gets the
+        reconstruction's gradient at once. At Bricken et al.'s 0.2 of the alive encoder norm it
+        would rarely make the top k, and AuxK, which trains only latents counted dead, skips it
+        for the whole window after its revival: it would die again untrained."""
+        if scores_by_contribution(self):  # crosscoders select on norm-scaled codes: leave as drawn
+            return
+        cut = self.selection_cut(rows, latents)
+        factor = self.RESAMPLE_MARGIN * cut.clamp_min(1e-6) / preact_on_row.clamp_min(1e-12)
+        self.W_enc[:, latents] *= factor.to(self.W_enc.dtype)
+
 
 def scatter_topk(values: torch.Tensor, k: int, scores: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU of the entries of each row with the k largest `scores` (default: the values themselves),
@@ -83,9 +107,20 @@ def selection_scores(sae: SAE, pre: torch.Tensor) -> torch.Tensor:
     return pre * sae.decoder_norms().detach() if scores_by_contribution(sae) else pre
 
 
+def total_variance(v: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the rows of `v` from their mean (FVU's denominator)."""
+    return (v - v.mean(0)).pow(2).sum(-1).mean()
+
+
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Reconstruct the target's residual from the top-k_aux dead latents; zero when none are dead.
 
+    As in Gao et al., the term is the residual's *fraction of variance unexplained* (its squared
+    error over the residual's variance) times alpha, beside a main loss that is the target's:
+    here the main loss is the unnormalised squared error, so the AuxK FVU is multiplied by the
+    target's variance, i.e. the plain squared error on the residual weighted by 1/FVU. Unweighted,
+    the term shrinks with the residual as training goes on and its gradient on the latents that
+    are half alive (selected now and then, trained by AuxK in between) vanishes.
     Only the dead columns of `pre` are searched and only the chosen entries get a gradient: through
     `pre`'s own graph when it has one, else through the sparse encoder backward.
     """
@@ -98,9 +133,12 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
     local = pre.detach().index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False).indices
     sel = Selection(dead_cols[local], None, pre.shape[0], pre.shape[1])
     values = sel.gather(pre) if pre.requires_grad else sae.preacts_with_grad(pre, x, sel)
-    residual = (ctx.target_for(x) - x_hat).detach()  # what the live latents left of the target
+    target = ctx.target_for(x).detach()
+    residual = target - x_hat.detach()  # what the live latents left of the target
     scale = min(n_dead / sae.cfg.effective_k_aux, 1.0)  # few dead latents: a proportionally smaller term
-    return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
+    weight = total_variance(target) / total_variance(residual).clamp_min(1e-12)
+    error = mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
+    return sae.cfg.aux_coefficient * scale * weight * error
 
 
 def selected_latents(
@@ -189,13 +227,12 @@ class BatchTopKSAE(ResampleOption, SAE):
         # Global inference threshold; negative means "not yet estimated" (inference is then plain ReLU).
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    @torch.no_grad()
-    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
-        """With a threshold estimated, a resampled latent's pre-activation on its own row is set to
-        1.5 times it, so it clears the batch's top-B*k cut there (the obstacle AuxK's small
-        reconstructions of the residual rarely get over)."""
-        if self.threshold > 0 and not scores_by_contribution(self):
-            self.W_enc[:, latents] *= (1.5 * self.threshold / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
+    def selection_cut(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The inference threshold once estimated (the batch's top-B*k cut follows it), else
+        TopK's per-row cut."""
+        if self.threshold > 0:
+            return self.threshold.expand(rows.shape[0])
+        return super().selection_cut(rows, latents)
 
     def select(self, pre: torch.Tensor) -> Selection:
         """The top B*k pre-activations of the batch (by `selection_scores`)."""
