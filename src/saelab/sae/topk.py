@@ -7,7 +7,10 @@ threshold; it is saved as one. Both use AuxK: the top k_aux *dead* latents recon
 residual x - x_hat, so dead latents get a gradient. On top of it they resample dead latents
 (`resample_dead`, see `SAE.resample`): AuxK's gradient reaches only dead latents with positive
 pre-activations, and the small values it trains rarely clear BatchTopK's batch-wide cut, so on
-toy worlds it alone leaves a third of the latents dead (benchmarks/revival.py).
+toy worlds it alone leaves a third of the latents dead (benchmarks/revival.py). A resampled latent
+is placed to clear the cut it competes against (`ResampleOption.after_resample`), because a
+revived latent is not counted dead for a window and so gets no AuxK: unselected, it would get no
+gradient at all (docs/results/revival.md).
 """
 
 from __future__ import annotations
@@ -107,20 +110,12 @@ def selection_scores(sae: SAE, pre: torch.Tensor) -> torch.Tensor:
     return pre * sae.decoder_norms().detach() if scores_by_contribution(sae) else pre
 
 
-def total_variance(v: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance of the rows of `v` from their mean (FVU's denominator)."""
-    return (v - v.mean(0)).pow(2).sum(-1).mean()
-
-
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Reconstruct the target's residual from the top-k_aux dead latents; zero when none are dead.
 
-    As in Gao et al., the term is the residual's *fraction of variance unexplained* (its squared
-    error over the residual's variance) times alpha, beside a main loss that is the target's:
-    here the main loss is the unnormalised squared error, so the AuxK FVU is multiplied by the
-    target's variance, i.e. the plain squared error on the residual weighted by 1/FVU. Unweighted,
-    the term shrinks with the residual as training goes on and its gradient on the latents that
-    are half alive (selected now and then, trained by AuxK in between) vanishes.
+    The squared error is not normalised by the residual's variance as in Gao et al.: a
+    per-batch normaliser differs between data-parallel shards and the combined batch, and the
+    latents AuxK trains get no other gradient, so under Adam its scale barely moves them.
     Only the dead columns of `pre` are searched and only the chosen entries get a gradient: through
     `pre`'s own graph when it has one, else through the sparse encoder backward.
     """
@@ -133,12 +128,9 @@ def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
     local = pre.detach().index_select(1, dead_cols).topk(k_aux, dim=-1, sorted=False).indices
     sel = Selection(dead_cols[local], None, pre.shape[0], pre.shape[1])
     values = sel.gather(pre) if pre.requires_grad else sae.preacts_with_grad(pre, x, sel)
-    target = ctx.target_for(x).detach()
-    residual = target - x_hat.detach()  # what the live latents left of the target
+    residual = (ctx.target_for(x) - x_hat).detach()  # what the live latents left of the target
     scale = min(n_dead / sae.cfg.effective_k_aux, 1.0)  # few dead latents: a proportionally smaller term
-    weight = total_variance(target) / total_variance(residual).clamp_min(1e-12)
-    error = mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
-    return sae.cfg.aux_coefficient * scale * weight * error
+    return sae.cfg.aux_coefficient * scale * mse_per_token(sparse_decode(sel, torch.relu(values), sae.W_dec), residual)
 
 
 def selected_latents(
