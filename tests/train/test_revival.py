@@ -208,3 +208,56 @@ def test_a_checkpoint_from_before_the_new_settings_is_refused_clearly(tmp_path):
     old = {k: v for k, v in state["train_config"].items() if k != "dead_below_relative"}
     with pytest.raises(ConfigError, match="older saelab.*dead_below_relative"):
         _check_same_config("training", old, state["train_config"], tmp_path)
+
+
+def trained_briefly(arch: str, seed: int, steps: int = 60):
+    """A dictionary as wide as WORLD's feature count after `steps` steps, its trainer's input scale
+    and the world (seeded, like the SAE, by `seed`)."""
+    torch.manual_seed(seed)
+    world = World({**WORLD, "seed": seed})
+    extra = {} if arch == "jumprelu" else {"k": 3}
+    trainer = Trainer(
+        saelab.create(small_config(arch, d_in=16, d_sae=32, seed=seed, **extra)),
+        ToySource(world, batch_size=256, seed=seed),
+        TRAIN,
+    )
+    trainer.start(resume=False)
+    member = next(iter(trainer.members.values()))
+    for _ in range(steps):
+        trainer.step_all()
+    return member.sae, member.input_scale, world
+
+
+def selected(sae, x: torch.Tensor) -> torch.Tensor:
+    """[B, d_sae] bool: which latents the training step would select (BatchTopK: the batch's top B*k)."""
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        return (sae.batch_topk(pre) if hasattr(sae, "batch_topk") else sae.activation(pre)) > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_a_resampled_latent_fires_where_the_missing_feature_is(arch):
+    # The reconstruction is made to miss feature 0 exactly, so resampling draws rows carrying it
+    # and gives latent 7 its direction as decoder row. The revived latent must be selected by the
+    # next training step on most held-out rows carrying the feature (its encoder along the
+    # residual, scaled to clear the cut twice over: it then fires wherever the feature's
+    # magnitude is above half its row's; magnitudes are 1 +- 0.2) and rarely elsewhere.
+    # Along the row's whole input, as Bricken et al. draw it, it fires only near that row; at
+    # their 0.2 of the alive encoder norm, a TopK-family latent is not selected at all.
+    recall, false_rate = [], []
+    for seed in range(3):
+        sae, scale, world = trained_briefly(arch, seed)
+        batch = next(ToySource(world, batch_size=1024, seed=100 + seed))
+        x = batch.x * scale
+        missing = batch.features[:, :1] * world.directions[0] * scale
+        sae.resample(torch.tensor([7]), x, x, x - missing)
+        test = next(ToySource(world, batch_size=2048, seed=200 + seed))
+        fired = selected(sae, test.x * scale)[:, 7]
+        has = test.features[:, 0] > 0
+        recall.append(float(fired[has].float().mean()))
+        false_rate.append(float(fired[~has].float().mean()))
+    # 0.08 x 2048 = 160 rows carry the feature per seed, so a recall's standard error is below
+    # 0.04; measured 0.72-0.92 over these seeds and architectures (false rate at most 0.06), and
+    # 0.00-0.09 with the encoder along the input (Bricken et al.'s draw).
+    assert min(recall) >= 0.6, recall
+    assert max(false_rate) <= 0.1, false_rate

@@ -427,6 +427,18 @@ class SAE(torch.nn.Module):
 
     # Encoder norm of a resampled latent, relative to the mean alive latent's (Bricken et al. 2023).
     RESAMPLE_ENCODER_SCALE: ClassVar[float] = 0.2
+    # The direction of a resampled latent's encoder column: the drawn row's input (Bricken et al.
+    # 2023), or its residual, i.e. the new decoder row (W_enc = W_dec^T, as Gao et al. initialise),
+    # for architectures whose `after_resample` sets the pre-activation on the row to clear a
+    # selection cut: a residual is mostly the features the live latents missed, so such a latent
+    # fires on every row carrying them, where one along the whole input fires only near its row.
+    RESAMPLE_ENCODER_FROM: ClassVar[Literal["input", "residual"]] = "input"
+    # Where `after_resample` scales a latent to clear a cut (the TopK family's selection, JumpReLU's
+    # threshold): its pre-activation on its own row, relative to that cut. Drawn rows are the worst
+    # reconstructed, where the missing feature is large; at 2 the latent fires wherever the feature
+    # is over half that size (on a toy world, 80-90% of the rows carrying it after a revival, and
+    # 1-6% of the others), where 1.5 reached 55-80% and 3 fired on 4-14% of the others.
+    RESAMPLE_MARGIN: ClassVar[float] = 2.0
 
     @torch.no_grad()
     def resample(self, latents: torch.Tensor, x: torch.Tensor, target: torch.Tensor, x_hat: torch.Tensor) -> None:
@@ -435,10 +447,12 @@ class SAE(torch.nn.Module):
         Rows of the batch are drawn with probability proportional to their squared loss squared;
         each latent's decoder row becomes its row's residual `target - x_hat` (the output space,
         so a transcoder's d_out is respected), at unit norm (or the mean alive row norm with free
-        rows), and its encoder column the row's encoder input `x - input_b_dec` (the input space),
-        at `RESAMPLE_ENCODER_SCALE` times the mean alive encoder norm, with a zero bias, so it
-        starts small and must earn its place. `after_resample` sets what else a latent owns.
-        Uses torch's global RNG (seeded and checkpointed by the trainer).
+        rows), and its encoder column the row's encoder input `x - input_b_dec` (the input space;
+        or the residual's direction, see `RESAMPLE_ENCODER_FROM`, where the residual lives in the
+        input space and points within about 73 degrees of the input), at `RESAMPLE_ENCODER_SCALE`
+        times the mean alive encoder norm, with a zero bias, so it starts small and must earn its
+        place. `after_resample` sets what else a latent owns. Uses torch's global RNG (seeded and
+        checkpointed by the trainer).
         """
         n = latents.numel()
         resid = target - x_hat
@@ -450,20 +464,26 @@ class SAE(torch.nn.Module):
         alive[latents] = False
         r = resid[rows]
         r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if self.cfg.decoder_norm != "unit" and alive.any():
-            r = r * self.W_dec[alive].norm(dim=1).mean()
         u = x[rows] - (self.input_b_dec if self.input_b_dec is not None else 0)
         u_norm = u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        direction = u / u_norm
+        if self.RESAMPLE_ENCODER_FROM == "residual" and r.shape == u.shape:
+            cos = (r * direction).sum(1, keepdim=True)
+            direction = torch.where(cos > 0.3, r, direction)
+        if self.cfg.decoder_norm != "unit" and alive.any():
+            r = r * self.W_dec[alive].norm(dim=1).mean()
         enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else self.W_enc.new_tensor(1.0)
         scale = self.RESAMPLE_ENCODER_SCALE * enc_norm
         self.W_dec[latents] = r.to(self.W_dec.dtype)
-        self.W_enc[:, latents] = (u / u_norm * scale).t().to(self.W_enc.dtype)
+        self.W_enc[:, latents] = (direction * scale).t().to(self.W_enc.dtype)
         self.encoder_bias()[latents] = 0.0
-        self.after_resample(latents, (scale * u_norm.squeeze(1)).to(self.W_enc.dtype))
+        preact_on_row = scale * (direction * u).sum(1)
+        self.after_resample(latents, preact_on_row.to(self.W_enc.dtype), x[rows])
 
-    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor, rows: torch.Tensor) -> None:
         """Set a resampled latent's own parameters (thresholds, gates); `preact_on_row` is its new
-        pre-activation on the row it was drawn towards. Default: nothing."""
+        pre-activation on the row it was drawn towards, `rows` those rows (encoder inputs, as the
+        batch gave them). Default: nothing."""
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

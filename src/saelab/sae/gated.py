@@ -59,7 +59,7 @@ class GatedSAE(TargetL0, SAE):
         return super().latent_parameters() + [(self.b_mag, 0), (self.r_mag, 0)]
 
     @torch.no_grad()
-    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor, rows: torch.Tensor) -> None:
         """The magnitude path starts as the gate's (W_mag = W_gate, same zero bias)."""
         self.b_mag[latents] = 0.0
         self.r_mag[latents] = 0.0

@@ -113,6 +113,7 @@ class JumpReLUSAE(TargetL0, SAE):
     crosscodes = True
     resamples_dead = True
     coefficient_field = "l0_coefficient"
+    RESAMPLE_ENCODER_FROM = "residual"  # then scaled to clear the threshold (`after_resample`)
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -131,15 +132,16 @@ class JumpReLUSAE(TargetL0, SAE):
         self.log_threshold.add_(0.5 * math.log(factor))
 
     @torch.no_grad()
-    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
-        """A resampled latent takes the median alive threshold, and its encoder column is rescaled
-        so its pre-activation on its own row is 1.5 times that: it fires there and on rows within
-        about 48 degrees of it, not on everything (a low threshold would make it dense, and with
-        `target_l0` the L0 jump would drive the coefficient up and every threshold with it)."""
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor, rows: torch.Tensor) -> None:
+        """A resampled latent takes the median alive threshold, and its encoder column (along its
+        row's residual) is rescaled so its pre-activation on its own row is `RESAMPLE_MARGIN` times
+        that: it fires where the feature its row missed is at least half as large, not on
+        everything (a low threshold would make it dense, and with `target_l0` the L0 jump would
+        drive the coefficient up and every threshold with it)."""
         alive = torch.ones_like(self.log_threshold, dtype=torch.bool)
         alive[latents] = False
         theta = self.threshold[alive].median() if alive.any() else self.threshold.new_tensor(1.0)
-        self.W_enc[:, latents] *= (1.5 * theta / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
+        self.W_enc[:, latents] *= (self.RESAMPLE_MARGIN * theta / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
         self.log_threshold[latents] = theta.log()
 
     @property

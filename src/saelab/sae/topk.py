@@ -7,7 +7,10 @@ threshold; it is saved as one. Both use AuxK: the top k_aux *dead* latents recon
 residual x - x_hat, so dead latents get a gradient. On top of it they resample dead latents
 (`resample_dead`, see `SAE.resample`): AuxK's gradient reaches only dead latents with positive
 pre-activations, and the small values it trains rarely clear BatchTopK's batch-wide cut, so on
-toy worlds it alone leaves a third of the latents dead (benchmarks/revival.py).
+toy worlds it alone leaves a third of the latents dead (benchmarks/revival.py). A resampled latent
+is placed to clear the cut it competes against (`ResampleOption.after_resample`), because a
+revived latent is not counted dead for a window and so gets no AuxK: unselected, it would get no
+gradient at all (docs/results/revival.md).
 """
 
 from __future__ import annotations
@@ -58,6 +61,30 @@ class ResampleOption:
     def revives_by_resampling(self) -> bool:
         return self.cfg.resample_dead
 
+    # a resampled latent reads its residual's direction and is scaled to clear the cut (below)
+    RESAMPLE_ENCODER_FROM = "residual"
+
+    def selection_cut(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """[n] the value a latent must exceed to be selected on each of `rows`: the k-th largest
+        pre-activation of the other latents there (TopK's per-token cut)."""
+        pre = self.pre_acts(rows)
+        pre[:, latents] = float("-inf")
+        return pre.topk(self.cfg.k, dim=-1).values[:, -1].clamp_min(0)
+
+    @torch.no_grad()
+    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor, rows: torch.Tensor) -> None:
+        """Scale a resampled latent's encoder column so its pre-activation on its own row is
+        `RESAMPLE_MARGIN` times the cut there (`selection_cut`): it is selected on its row and on
+        rows that carry the same missing feature at half the size, and so gets the
+        reconstruction's gradient at once. At Bricken et al.'s 0.2 of the alive encoder norm it
+        would rarely make the top k, and AuxK, which trains only latents counted dead, skips it
+        for the whole window after its revival: it would die again untrained."""
+        if scores_by_contribution(self):  # crosscoders select on norm-scaled codes: leave as drawn
+            return
+        cut = self.selection_cut(rows, latents)
+        factor = self.RESAMPLE_MARGIN * cut.clamp_min(1e-6) / preact_on_row.clamp_min(1e-12)
+        self.W_enc[:, latents] *= factor.to(self.W_enc.dtype)
+
 
 def scatter_topk(values: torch.Tensor, k: int, scores: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU of the entries of each row with the k largest `scores` (default: the values themselves),
@@ -86,6 +113,9 @@ def selection_scores(sae: SAE, pre: torch.Tensor) -> torch.Tensor:
 def auxk_loss(sae: SAE, pre: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Reconstruct the target's residual from the top-k_aux dead latents; zero when none are dead.
 
+    The squared error is not normalised by the residual's variance as in Gao et al.: a
+    per-batch normaliser differs between data-parallel shards and the combined batch, and the
+    latents AuxK trains get no other gradient, so under Adam its scale barely moves them.
     Only the dead columns of `pre` are searched and only the chosen entries get a gradient: through
     `pre`'s own graph when it has one, else through the sparse encoder backward.
     """
@@ -189,13 +219,12 @@ class BatchTopKSAE(ResampleOption, SAE):
         # Global inference threshold; negative means "not yet estimated" (inference is then plain ReLU).
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    @torch.no_grad()
-    def after_resample(self, latents: torch.Tensor, preact_on_row: torch.Tensor) -> None:
-        """With a threshold estimated, a resampled latent's pre-activation on its own row is set to
-        1.5 times it, so it clears the batch's top-B*k cut there (the obstacle AuxK's small
-        reconstructions of the residual rarely get over)."""
-        if self.threshold > 0 and not scores_by_contribution(self):
-            self.W_enc[:, latents] *= (1.5 * self.threshold / preact_on_row.clamp_min(1e-12)).to(self.W_enc.dtype)
+    def selection_cut(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The inference threshold once estimated (the batch's top-B*k cut follows it), else
+        TopK's per-row cut."""
+        if self.threshold > 0:
+            return self.threshold.expand(rows.shape[0])
+        return super().selection_cut(rows, latents)
 
     def select(self, pre: torch.Tensor) -> Selection:
         """The top B*k pre-activations of the batch (by `selection_scores`)."""
