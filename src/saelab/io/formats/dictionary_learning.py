@@ -179,6 +179,8 @@ def _code_normalization(tensors: dict[str, torch.Tensor], trainer: dict[str, Any
 
 
 def _read_crosscoder(folder: Path, path: Path, tensors: dict[str, torch.Tensor], trainer: dict, name: str) -> SAE:
+    """A saelab crosscoder over the layers' concatenation (see the module docstring); the normaliser
+    is folded in float64 so the float32 result matches the library's two-step computation."""
     require_keys(tensors, sorted(_CROSSCODERS[name]), path, name)
     t = {k: v.double() for k, v in tensors.items() if v.is_floating_point()}
     W = t["encoder.weight"]
