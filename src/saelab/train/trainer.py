@@ -99,7 +99,7 @@ class TrainConfig(StrictModel):
         None,
         description="Tokens between revivals of dead latents by resampling, for architectures that "
         "resample (the threshold families; TopK-style ones use AuxK every step instead). None: "
-        "dead_after_tokens; 0: never. No revival during the final learning-rate decay.",
+        "dead_after_tokens; 0: never. No revival in the last quarter of the final learning-rate decay.",
     )
     dense_threshold: float = Field(0.1, gt=0, le=1, description="A latent is dense above this firing frequency.")
     log_every: PositiveInt = Field(50, description="Steps between metrics-log records.")
@@ -151,6 +151,10 @@ def device_problem(device: str) -> str | None:
     if parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         return f"{device!r} was asked for but MPS is not available here; use 'cpu'"
     return None
+
+
+# Revival stops for the last this-fraction of the final learning-rate decay (the last 5% of steps by default).
+REVIVAL_STOPS_IN_DECAY = 0.25
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -555,13 +559,15 @@ class Member:
 
     def _revival_due(self, batch_tokens: int) -> bool:
         """Whether this step crosses a multiple of `revive_every_tokens` (a pure function of the
-        tokens seen, so a resumed run revives at the same steps), outside the final lr decay.
+        tokens seen, so a resumed run revives at the same steps), until the last quarter of the
+        final lr decay: latents revived early in the decay still have steps to learn, and those
+        that die in it would otherwise stay dead (measured in docs/results/revival.md).
         Never in a warm start: resampling would change what a latent is between stages."""
         every = self.cfg.revive_every_tokens
         every = self.cfg.dead_after_tokens if every is None else every
         if not every or not self.sae.revives_by_resampling or self.warm_start is not None:
             return False
-        if self.step >= self.cfg.steps - int(self.cfg.steps * self.cfg.lr_decay_fraction):
+        if self.step >= self.cfg.steps - int(self.cfg.steps * self.cfg.lr_decay_fraction * REVIVAL_STOPS_IN_DECAY):
             return False
         before = self.tokens
         return (before + batch_tokens) // every > before // every
