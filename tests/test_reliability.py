@@ -441,3 +441,37 @@ def test_a_nan_stop_says_truthfully_what_checkpoint_is_left(every, note, tmp_pat
     )
     with pytest.raises(saelab.errors.NonFiniteError, match=note):
         trainer.fit()
+
+
+def _spawned_workers() -> set[int]:
+    """Pids of live multiprocessing spawn workers (their command line runs `spawn_main`)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads worker processes from /proc")
+def test_a_terminated_parent_takes_its_parallel_workers_with_it():
+    """`saelab demo` and `saelab bench` run jobs in a process pool; SIGTERM to the command must not
+    leave workers training on after it."""
+    before = _spawned_workers()
+    script = "import time\nfrom saelab.parallel import run_jobs\nrun_jobs(time.sleep, [120, 120], 2, print)\n"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 60
+    while len(_spawned_workers() - before) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "the workers never started"
+        time.sleep(0.2)
+    workers = _spawned_workers() - before
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 15
+    while workers & _spawned_workers():
+        assert time.monotonic() < deadline, f"workers {sorted(workers & _spawned_workers())} outlived their parent"
+        time.sleep(0.2)
