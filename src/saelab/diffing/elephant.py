@@ -479,35 +479,27 @@ def plot(summary: list[dict], path: Path) -> None:
     names = [f"{c['architecture']}\nlabel {'on' if c['label'] else 'off'}" for c in summary]
     x = range(len(summary))
     width = 0.27
+
+    def bars(ax, series: tuple[tuple[str, str], ...]) -> None:
+        """One bar per condition for each (summary key, legend label), with its seed spread."""
+        for i, (key, lab) in enumerate(series):
+            ax.bar(
+                [v + (i - 1) * width for v in x],
+                [c[key]["mean"] for c in summary],
+                width,
+                yerr=[c[key]["sd"] for c in summary],
+                label=lab,
+                capsize=3,
+            )
+        ax.set_xticks(list(x), names, fontsize=8)
+
     ax = axes[0][0]
-    for i, (key, lab) in enumerate(
-        (("entity_f1", "F1"), ("entity_precision", "precision"), ("baseline_f1", "attribute dict. F1"))
-    ):
-        ax.bar(
-            [v + (i - 1) * width for v in x],
-            [c[key]["mean"] for c in summary],
-            width,
-            yerr=[c[key]["sd"] for c in summary],
-            label=lab,
-            capsize=3,
-        )
-    ax.set_xticks(list(x), names, fontsize=8)
+    bars(ax, (("entity_f1", "F1"), ("entity_precision", "precision"), ("baseline_f1", "attribute dict. F1")))
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("elephant latent of S (mean ± sd over seeds)")
     ax.legend(fontsize=8)
     ax = axes[0][1]
-    for i, (key, lab) in enumerate(
-        (("cos_S_M_decoder", "S→M"), ("cos_D_F_decoder", "D→F"), ("null_decoder", "control null"))
-    ):
-        ax.bar(
-            [v + (i - 1) * width for v in x],
-            [c[key]["mean"] for c in summary],
-            width,
-            yerr=[c[key]["sd"] for c in summary],
-            label=lab,
-            capsize=3,
-        )
-    ax.set_xticks(list(x), names, fontsize=8)
+    bars(ax, (("cos_S_M_decoder", "S→M"), ("cos_D_F_decoder", "D→F"), ("null_decoder", "control null")))
     ax.set_ylabel("decoder cosine of the elephant latent")
     lo = min(c[k]["min"] for c in summary for k in ("cos_S_M_decoder", "cos_D_F_decoder", "null_decoder"))
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)

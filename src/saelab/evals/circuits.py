@@ -106,17 +106,10 @@ def relative_norm_category(
             f"thresholds must satisfy 0 <= a_max <= shared_range[0] <= shared_range[1] <= b_min <= 1 "
             f"(got a_max={a_max}, shared_range={shared_range}, b_min={b_min})"
         )
-    out = []
-    for v in r.tolist():
-        if v < a_max:
-            out.append("a_only")
-        elif v > b_min:
-            out.append("b_only")
-        elif lo <= v <= hi:
-            out.append("shared")
-        else:
-            out.append("other")
-    return out
+    from saelab.diffing.crosscoder import Thresholds, categorize
+
+    names = {"base_only": "a_only", "ft_only": "b_only"}  # the diff's categories under this world's names
+    return [names.get(c, c) for c in categorize(r, Thresholds(a_max, b_min, (lo, hi)))]
 
 
 def relative_decoder_norms(sae: Any, d_a: int) -> torch.Tensor:
