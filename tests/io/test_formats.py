@@ -31,6 +31,20 @@ def reference_library(name: str):
     return pytest.importorskip(name)
 
 
+def run_reference(python: Path, script: str, *args, env: dict[str, str] | None = None) -> str:
+    """Run `script` (a file beside this one) with a reference library's own interpreter, one
+    thread; it must succeed. Returns its stdout."""
+    done = subprocess.run(
+        [str(python), "-W", "ignore", str(Path(__file__).with_name(script)), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def assert_matches(ours: torch.Tensor, ref, what: str) -> None:
     """Equal within 1e-5 relative to the largest entry of the reference."""
     ref = torch.as_tensor(np.asarray(ref), dtype=torch.float64)
@@ -265,16 +279,7 @@ def test_dictionary_learning_matches_the_library(tmp_path):
         _write_dl(folder, folder.name)
     x = inputs(256)
     np.save(tmp_path / "x.npy", x.numpy())
-    script = Path(__file__).with_name("dictionary_learning_reference.py")
-    done = subprocess.run(
-        [str(DL_PYTHON), "-W", "ignore", str(script), str(tmp_path / "x.npy"), str(tmp_path / "ref.npz")]
-        + [str(f) for f in folders],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_reference(DL_PYTHON, "dictionary_learning_reference.py", tmp_path / "x.npy", tmp_path / "ref.npz", *folders)
     with np.load(tmp_path / "ref.npz") as ref:
         for folder in folders:
             sae = saelab.load(folder)

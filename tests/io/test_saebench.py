@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import saelab
 from saelab.errors import ConfigError
 from saelab.io.saebench import for_saebench
 from tests.conftest import small_config
+from tests.io.test_formats import run_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 SAEBENCH_PYTHON = Path(os.environ.get("SAELAB_SAEBENCH_PYTHON", "/tmp/saebench-venv/bin/python"))
@@ -74,13 +74,10 @@ def test_hook_name_comes_from_the_loaded_file(tmp_path):
 def test_saebench_core_eval_accepts_a_saelab_sae(arch):
     if not SAEBENCH_PYTHON.exists():
         pytest.skip(f"no sae-bench environment at {SAEBENCH_PYTHON} (see this file's docstring to make one)")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    script = Path(__file__).with_name("saebench_core_eval.py")
-    done = subprocess.run(
-        [str(SAEBENCH_PYTHON), "-W", "ignore", str(script), arch], capture_output=True, text=True, env=env, timeout=600
+    stdout = run_reference(
+        SAEBENCH_PYTHON, "saebench_core_eval.py", arch, env={"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(stdout.strip().splitlines()[-1])
     m = out["metrics"]
     assert set(m) >= {"model_behavior_preservation", "reconstruction_quality", "shrinkage", "sparsity"}
     assert out["n_feature_metrics"] >= 5  # per-latent density and weight-based metrics came back

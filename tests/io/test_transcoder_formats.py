@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import saelab
 from saelab.cli import main
 from saelab.errors import FileFormatError
 from saelab.io import formats
-from tests.io.test_formats import assert_matches, fired_fraction, np64, reference_library
+from tests.io.test_formats import assert_matches, fired_fraction, np64, reference_library, run_reference
 
 D_IN, D_OUT, D_SAE = 5, 7, 15
 
@@ -580,16 +579,13 @@ def test_circuit_tracer_matches_the_library(tmp_path):
     x = _layer_inputs()
     np.save(tmp_path / "x.npy", x.numpy())
     folders = ["set_jump_skip", "set_relu", "clt_jump", "clt_relu", "clt_saelab", "set_saelab"]
-    script = Path(__file__).with_name("circuit_tracer_reference.py")
-    done = subprocess.run(
-        [str(CT_PYTHON), "-W", "ignore", str(script), str(tmp_path / "x.npy"), str(tmp_path / "ref.npz")]
-        + [str(tmp_path / f) for f in folders],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_reference(
+        CT_PYTHON,
+        "circuit_tracer_reference.py",
+        tmp_path / "x.npy",
+        tmp_path / "ref.npz",
+        *(tmp_path / f for f in folders),
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     with np.load(tmp_path / "ref.npz") as ref:
         for name in folders:
             f_ref, y_ref = ref[f"{name}/f"], ref[f"{name}/y"]
