@@ -46,12 +46,6 @@ METRICS = (
 )
 
 
-def takes_target_l0(cls: type) -> bool:
-    """Whether an architecture trains to `target_l0`: the rule `TargetL0.init_target_l0` applies
-    (the field exists and the class itself names the coefficient its loss uses)."""
-    return "target_l0" in cls.Config.model_fields and "coefficient_field" in vars(cls)
-
-
 def target_from(true_l0: float, l0: float | None = None) -> float:
     """The L0 every architecture is compared at: `l0` when given, else the true L0 rounded (at least 1)."""
     if l0 is not None:
@@ -68,6 +62,7 @@ def matched_settings(
     of "k", "target_l0", "interpolated" or "none" (see the module docstring). `sweep` holds the
     multipliers of the default coefficient's inverse (>1: more active latents) for "interpolated"."""
     from saelab.sae.registry import get_class, sweep_setting
+    from saelab.sae.target_l0 import TargetL0
 
     cls = get_class(architecture)
     knob = cls.sweep_parameter
@@ -77,7 +72,7 @@ def matched_settings(
         if float(target).is_integer():
             return "k", [{knob: int(target)}]
         return "interpolated", [{knob: math.floor(target)}, {knob: math.ceil(target)}] if target > 1 else [{knob: 1}]
-    if takes_target_l0(cls):
+    if issubclass(cls, TargetL0) and cls.trains_to_target_l0():
         return "target_l0", [{"target_l0": float(target)}]
     if not sweep or any(m <= 0 for m in sweep):
         raise ConfigError(f"the sweep multipliers must be positive numbers (got {list(sweep)})")

@@ -30,11 +30,16 @@ class TargetL0:
 
     coefficient_field: str = ""  # the config field holding the (starting) coefficient
 
+    @classmethod
+    def trains_to_target_l0(cls) -> bool:
+        """Whether the class takes a `target_l0`: a subclass with its own loss (p-annealing, MDL)
+        must declare `coefficient_field` itself; else a target is refused, not ignored."""
+        return "coefficient_field" in vars(cls) and "target_l0" in cls.Config.model_fields
+
     def init_target_l0(self) -> None:
-        """Call from `__init__`. A subclass with its own loss (p-annealing, MDL) must declare
-        `coefficient_field` itself to take a target; else a target is refused, not ignored."""
+        """Call from `__init__` (see `trains_to_target_l0`)."""
         if self.cfg.target_l0 is not None:
-            if "coefficient_field" not in vars(type(self)):
+            if not self.trains_to_target_l0():
                 raise ConfigError(
                     f"architecture '{self.architecture}' cannot train to a target_l0 (its loss does not use "
                     f"{self.coefficient_field}); drop target_l0"
